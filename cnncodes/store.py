@@ -1,0 +1,651 @@
+"""The HDF5 cache of CNN codes: schema, fingerprints, writing, verified reading, listing, locking.
+
+This module never imports torch: reading codes, a cache hit and training stay fast.
+
+Schema (version 1) of one cache file, for one dataset and one extraction spec::
+
+    /                      attrs: format="cnncodes", schema_version, fingerprint, spec_json,
+                                  manifest_hash, dataset_root, created, updated, versions_json,
+                                  n_rows, rows_sha256
+    /paths      (N,)  str  relative image path (the identity of a row)
+    /labels     (N,)  int64
+    /class_names (K,) str
+    /split      (N,)  str  "train" / "val" / "test" / ""
+    /status     (N,)  str  "ok" or "error"
+    /message    (N,)  str  why a row failed, or a note ("CMYK converted to RGB")
+    /file_size  (N,)  int64, /file_mtime_ns (N,) int64   to notice changed images
+    /codes/<key> (N, D) float16 (or float32), chunked, compressed; attrs: alias, node, stage,
+                 pool, dim, map_shape, fingerprint, sha256 (of the array's bytes)
+
+``<key>`` is the layer alias (``fc7``) for the default pooling (global average, or a
+vector layer), else ``alias@pool`` (``conv5@max``, ``conv5@avg2x2``, ``conv5@none``).
+Rows are in the canonical order of the manifest (sorted relative paths); failed rows
+hold NaN codes.
+
+A file only ever appears complete: it is written under a temporary name and renamed.
+An extraction in progress lives in ``<file>.partial/`` (see :mod:`cnncodes.extract`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from .errors import CacheCorruptError, CacheError, CacheIncompleteError, CacheLockedError, UsageError
+from .fileio import atomic_path
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Codes",
+    "CacheInfo",
+    "LayerRecord",
+    "canonical_json",
+    "fingerprint_of",
+    "layer_key",
+    "parse_pool",
+    "write_cache",
+    "read_info",
+    "load_codes",
+    "list_caches",
+    "partial_dir",
+    "partial_progress",
+    "CacheLock",
+]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+FORMAT = "cnncodes"
+ROW_FIELDS = ("paths", "labels", "split", "status", "message", "file_size", "file_mtime_ns")
+_STR_FIELDS = ("paths", "split", "status", "message")
+
+
+def canonical_json(obj) -> str:
+    """JSON with sorted keys and no whitespace: the input of every fingerprint."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def fingerprint_of(obj) -> str:
+    """sha256 hex of the canonical JSON of ``obj``."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+def parse_pool(pool: str) -> tuple[str, int]:
+    """Split ``"avg"``, ``"max"``, ``"none"``, ``"avg2x2"``, ``"max3x3"`` into (mode, grid).
+
+    Raises
+    ------
+    UsageError
+        For anything else.
+    """
+    p = pool.strip().lower()
+    for mode in ("avg", "max"):
+        if p == mode:
+            return mode, 1
+        if p.startswith(mode):
+            rest = p[len(mode):]
+            a, _, b = rest.partition("x")
+            if a.isdigit() and a == b and int(a) >= 1:
+                return mode, int(a)
+    if p == "none":
+        return "none", 0
+    raise UsageError(f"Unknown pooling {pool!r}. Use avg, max, none, or a grid such as avg2x2 / max3x3.")
+
+
+def layer_key(alias: str, pool: str, kind: str = "map") -> str:
+    """The name of a layer's dataset under ``/codes``."""
+    if kind == "vector" or pool == "avg":
+        return alias
+    return f"{alias}@{pool}"
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """What was extracted for one layer: enough to know whether codes are comparable."""
+
+    key: str
+    alias: str
+    node: str
+    stage: str
+    pool: str
+    dim: int
+    map_shape: tuple[int, ...] = ()
+    fingerprint: str = ""
+
+    def to_dict(self) -> dict:
+        return {
+            "key": self.key, "alias": self.alias, "node": self.node, "stage": self.stage, "pool": self.pool,
+            "dim": int(self.dim), "map_shape": [int(v) for v in self.map_shape], "fingerprint": self.fingerprint,
+        }
+
+    @classmethod
+    def from_attrs(cls, key: str, attrs: Mapping) -> "LayerRecord":
+        return cls(
+            key=key, alias=str(attrs["alias"]), node=str(attrs["node"]), stage=str(attrs["stage"]),
+            pool=str(attrs["pool"]), dim=int(attrs["dim"]), map_shape=tuple(int(v) for v in attrs["map_shape"]),
+            fingerprint=str(attrs["fingerprint"]),
+        )
+
+
+@dataclass
+class CacheInfo:
+    """What a finished cache file holds (no codes read)."""
+
+    path: Path
+    fingerprint: str
+    spec: dict
+    layers: dict[str, LayerRecord]
+    n_rows: int
+    n_failed: int
+    manifest_hash: str
+    dataset_root: str
+    created: str
+    updated: str
+    size_bytes: int
+    rows_sha256: str
+    versions: dict = field(default_factory=dict)
+
+    @property
+    def backbone(self) -> str:
+        return str(self.spec.get("backbone", "?"))
+
+
+@dataclass
+class Codes:
+    """Codes of one or more layers (concatenated column-wise) with each row's identity.
+
+    Attributes
+    ----------
+    X : ndarray of shape (n_rows, n_features)
+        The codes; NaN in rows whose image failed to decode.
+    labels : ndarray of int64
+    paths, splits, status, messages : ndarray of str (object)
+    class_names : list of str
+    layers : list of str
+        The keys read, in column order.
+    records : dict
+        The :class:`LayerRecord` of each key.
+    spec : dict
+        The extraction spec stored in the file.
+    fingerprint : str
+        The file's extraction fingerprint.
+    """
+
+    X: np.ndarray
+    labels: np.ndarray
+    paths: np.ndarray
+    splits: np.ndarray
+    status: np.ndarray
+    messages: np.ndarray
+    class_names: list[str]
+    layers: list[str]
+    records: dict[str, LayerRecord]
+    spec: dict
+    fingerprint: str
+    path: Path
+
+    @property
+    def ok(self) -> np.ndarray:
+        """Boolean mask of the rows whose image decoded."""
+        return self.status == "ok"
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _compression_kwargs(compression: str) -> dict:
+    if compression == "gzip":
+        return {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+    if compression == "lzf":
+        return {"compression": "lzf", "shuffle": True}
+    if compression == "zstd":
+        try:
+            import hdf5plugin
+        except ImportError as e:
+            raise UsageError("--compression zstd needs the package hdf5plugin: pip install hdf5plugin") from e
+        return dict(hdf5plugin.Zstd(clevel=3), shuffle=True)
+    if compression == "none":
+        return {}
+    raise UsageError(f"Unknown compression {compression!r}: use gzip, lzf, zstd or none")
+
+
+def _rows_sha256(rows: Mapping[str, np.ndarray], class_names: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for name in ROW_FIELDS:
+        arr = rows[name]
+        if name in _STR_FIELDS:
+            h.update(canonical_json([str(v) for v in arr]).encode())
+        else:
+            h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
+    h.update(canonical_json(list(class_names)).encode())
+    return h.hexdigest()
+
+
+def write_cache(
+    path: str | os.PathLike,
+    *,
+    spec: dict,
+    fingerprint: str,
+    manifest_hash: str,
+    dataset_root: str,
+    class_names: Sequence[str],
+    rows: Mapping[str, np.ndarray],
+    layers: Mapping[str, tuple[LayerRecord, Iterable[np.ndarray]]],
+    dtype: str = "float16",
+    compression: str = "gzip",
+    created: str | None = None,
+    versions: dict | None = None,
+) -> CacheInfo:
+    """Write a complete cache file atomically.
+
+    Parameters
+    ----------
+    rows : mapping
+        The row table: every name in ``ROW_FIELDS``, each an array of length N.
+    layers : mapping
+        ``key -> (record, blocks)`` where ``blocks`` yields row blocks (2-D arrays)
+        whose concatenation, in order, is the (N, dim) code matrix. Blocks are
+        streamed to disk, so memory stays flat.
+
+    Returns
+    -------
+    CacheInfo
+
+    Raises
+    ------
+    CacheError
+        If a block has the wrong shape or count (nothing is written then).
+    OSError
+        If the disk is full; the previous file, if any, is untouched.
+    """
+    import h5py
+
+    n = len(rows["paths"])
+    for name in ROW_FIELDS:
+        if len(rows[name]) != n:
+            raise CacheError(f"row field {name!r} has {len(rows[name])} entries, expected {n}")
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    comp = _compression_kwargs(compression)
+    str_dt = h5py.string_dtype("utf-8")
+    rows_sha = _rows_sha256(rows, class_names)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            for name in ROW_FIELDS:
+                if name in _STR_FIELDS:
+                    f.create_dataset(name, data=np.asarray([str(v) for v in rows[name]], dtype=object), dtype=str_dt)
+                else:
+                    f.create_dataset(name, data=np.asarray(rows[name], dtype=np.int64))
+            f.create_dataset("class_names", data=np.asarray(list(class_names), dtype=object), dtype=str_dt)
+            g = f.create_group("codes")
+            for key, (rec, blocks) in layers.items():
+                dim = int(rec.dim)
+                chunk_rows = max(1, min(n, (1 << 20) // max(1, dim * np.dtype(dtype).itemsize)))
+                ds = g.create_dataset(key, shape=(n, dim), dtype=dtype, chunks=(chunk_rows, dim) if n else None, **comp)
+                h = hashlib.sha256()
+                start = 0
+                for block in blocks:
+                    block = np.ascontiguousarray(block, dtype=dtype)
+                    if block.ndim != 2 or block.shape[1] != dim or start + len(block) > n:
+                        raise CacheError(f"layer {key!r}: block of shape {block.shape} does not fit ({n}, {dim})")
+                    ds[start:start + len(block)] = block
+                    h.update(block.tobytes())
+                    start += len(block)
+                if start != n:
+                    raise CacheError(f"layer {key!r}: {start} rows written, expected {n}")
+                for k, v in rec.to_dict().items():
+                    if k != "key":
+                        ds.attrs[k] = v if not isinstance(v, list) else np.asarray(v, dtype=np.int64)
+                ds.attrs["sha256"] = h.hexdigest()
+            f.attrs.update({
+                "format": FORMAT,
+                "schema_version": SCHEMA_VERSION,
+                "fingerprint": fingerprint,
+                "spec_json": canonical_json(spec),
+                "manifest_hash": manifest_hash,
+                "dataset_root": dataset_root,
+                "created": created or now,
+                "updated": now,
+                "versions_json": canonical_json(versions or {}),
+                "n_rows": n,
+                "rows_sha256": rows_sha,
+            })
+    return read_info(path)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def partial_dir(path: str | os.PathLike) -> Path:
+    """The work folder of an unfinished extraction into ``path``."""
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
+
+
+def partial_progress(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(images done, images planned) of an unfinished extraction, or None if there is none."""
+    pdir = partial_dir(path)
+    try:
+        plan = json.loads((pdir / "plan.json").read_text())
+    except (OSError, ValueError):
+        return (0, 0) if pdir.is_dir() else None
+    done = 0
+    for p in pdir.glob("shard-*.npz"):
+        try:
+            done += int(p.name.split("-")[2])
+        except (IndexError, ValueError):
+            continue
+    return done, int(plan.get("n_todo", 0))
+
+
+def _open(path: Path):
+    import h5py
+
+    if not path.exists():
+        prog = partial_progress(path)
+        if prog is not None:
+            done, todo = prog
+            raise CacheIncompleteError(
+                f"The extraction into {path} has not finished ({done}/{todo} images done). "
+                f"Re-run the same extract command to resume it."
+            )
+        raise CacheError(f"No cache file at {path}. Create one with: python scripts/extract.py DATA --model NAME --layers L")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise CacheCorruptError(
+            f"{path} is not a readable HDF5 file ({e}). Delete it and extract again."
+        ) from e
+    if f.attrs.get("format") != FORMAT:
+        f.close()
+        raise CacheError(f"{path} is an HDF5 file but not a cnncodes cache (no format attribute)")
+    if int(f.attrs.get("schema_version", -1)) != SCHEMA_VERSION:
+        v = f.attrs.get("schema_version")
+        f.close()
+        raise CacheError(f"{path} has schema version {v}; this cnncodes reads version {SCHEMA_VERSION}")
+    return f
+
+
+def _info_from_open(f, path: Path) -> CacheInfo:
+    layers = {k: LayerRecord.from_attrs(k, ds.attrs) for k, ds in f["codes"].items()}
+    status = f["status"].asstr()[:]
+    return CacheInfo(
+        path=path,
+        fingerprint=str(f.attrs["fingerprint"]),
+        spec=json.loads(f.attrs["spec_json"]),
+        layers=layers,
+        n_rows=int(f.attrs["n_rows"]),
+        n_failed=int(np.sum(status != "ok")),
+        manifest_hash=str(f.attrs["manifest_hash"]),
+        dataset_root=str(f.attrs["dataset_root"]),
+        created=str(f.attrs["created"]),
+        updated=str(f.attrs["updated"]),
+        size_bytes=path.stat().st_size,
+        rows_sha256=str(f.attrs["rows_sha256"]),
+        versions=json.loads(f.attrs["versions_json"]),
+    )
+
+
+def read_info(path: str | os.PathLike) -> CacheInfo:
+    """Read a cache's metadata (no codes).
+
+    Raises
+    ------
+    CacheIncompleteError
+        If only an unfinished extraction exists at ``path``.
+    CacheCorruptError
+        If the file is not readable HDF5.
+    CacheError
+        If it is not a cnncodes cache.
+    """
+    path = Path(path)
+    with _open(path) as f:
+        return _info_from_open(f, path)
+
+
+def read_rows(path: str | os.PathLike, *, verify: bool = True) -> dict[str, np.ndarray]:
+    """The row table of a cache (paths, labels, split, status, message, file_size, file_mtime_ns)."""
+    path = Path(path)
+    with _open(path) as f:
+        rows, _ = _read_rows(f, path, verify)
+    return rows
+
+
+def _read_rows(f, path: Path, verify: bool) -> tuple[dict[str, np.ndarray], list[str]]:
+    rows = {}
+    for name in ROW_FIELDS:
+        rows[name] = f[name].asstr()[:] if name in _STR_FIELDS else f[name][:]
+    class_names = [str(c) for c in f["class_names"].asstr()[:]]
+    if verify and _rows_sha256(rows, class_names) != str(f.attrs["rows_sha256"]):
+        raise CacheCorruptError(
+            f"The row table of {path} (paths, labels, splits) changed after it was written: its sha256 "
+            f"does not match. Do not use it; delete the file and extract again."
+        )
+    return rows, class_names
+
+
+def load_codes(
+    path: str | os.PathLike,
+    layers: str | Sequence[str],
+    *,
+    dtype=np.float32,
+    verify: bool = True,
+) -> Codes:
+    """Read the codes of one or more layers with every row's identity.
+
+    Parameters
+    ----------
+    path : path-like
+        A cache file written by :func:`cnncodes.extract`.
+    layers : str or list of str
+        Layer keys (``"fc7"``, ``"conv5@max"``); several are concatenated column-wise.
+    dtype : numpy dtype
+        Type of the returned matrix (codes are stored as float16 by default).
+    verify : bool
+        Check each layer's sha256 and the row table's before returning.
+
+    Returns
+    -------
+    Codes
+
+    Raises
+    ------
+    CacheIncompleteError
+        The extraction has not finished: resume it first.
+    CacheCorruptError
+        The file's bytes changed after it was written.
+    UsageError
+        A layer that the cache does not hold.
+    """
+    path = Path(path)
+    keys = [layers] if isinstance(layers, str) else list(layers)
+    if not keys:
+        raise UsageError("Name at least one layer to load")
+    try:  # readers of zstd-compressed files need the plugin registered
+        import hdf5plugin  # noqa: F401
+    except ImportError:
+        pass
+    with _open(path) as f:
+        have = list(f["codes"].keys())
+        missing = [k for k in keys if k not in have]
+        if missing:
+            raise UsageError(
+                f"{path} holds no layer {', '.join(repr(m) for m in missing)}. It holds: {', '.join(have) or 'none'}. "
+                f"Extract it with: python scripts/extract.py DATA --model {json.loads(f.attrs['spec_json']).get('backbone')}"
+                f" --layers {' '.join(missing)}"
+            )
+        rows, class_names = _read_rows(f, path, verify)
+        mats, records = [], {}
+        for k in keys:
+            ds = f["codes"][k]
+            raw = ds[...]
+            if verify and hashlib.sha256(np.ascontiguousarray(raw).tobytes()).hexdigest() != ds.attrs["sha256"]:
+                raise CacheCorruptError(
+                    f"The codes of layer {k!r} in {path} changed after they were written (sha256 mismatch). "
+                    f"Do not use them; delete the file and extract again."
+                )
+            mats.append(raw.astype(dtype, copy=False))
+            records[k] = LayerRecord.from_attrs(k, ds.attrs)
+        spec = json.loads(f.attrs["spec_json"])
+        fp = str(f.attrs["fingerprint"])
+    X = mats[0] if len(mats) == 1 else np.concatenate(mats, axis=1)
+    return Codes(
+        X=X, labels=rows["labels"].astype(np.int64), paths=rows["paths"], splits=rows["split"], status=rows["status"],
+        messages=rows["message"], class_names=class_names, layers=keys, records=records, spec=spec, fingerprint=fp,
+        path=path,
+    )
+
+
+def iter_layer_blocks(path: str | os.PathLike, key: str, index: np.ndarray, block: int = 4096) -> Iterator[np.ndarray]:
+    """Yield the rows ``index`` (in that order) of layer ``key``, ``block`` rows at a time."""
+    with _open(Path(path)) as f:
+        ds = f["codes"][key]
+        for s in range(0, len(index), block):
+            idx = np.asarray(index[s:s + block])
+            if len(idx) == 0:
+                continue
+            order = np.argsort(idx, kind="stable")
+            sorted_idx = idx[order]
+            uniq, inv = np.unique(sorted_idx, return_inverse=True)
+            data = ds[uniq][inv]  # h5py fancy indexing needs increasing indices
+            out = np.empty_like(data)
+            out[order] = data
+            yield out
+
+
+def list_caches(folder: str | os.PathLike) -> list[dict]:
+    """Describe every cache under ``folder``: finished files and unfinished extractions.
+
+    Returns
+    -------
+    list of dict
+        Keys: path, status ("complete", "partial", "unreadable"), dataset, backbone,
+        layers, rows, failed, size_bytes, updated, progress.
+    """
+    folder = Path(folder)
+    out = []
+    if not folder.is_dir():
+        return out
+    for p in sorted(folder.glob("*.h5")):
+        try:
+            info = read_info(p)
+            out.append({
+                "path": str(p), "status": "complete", "dataset": info.dataset_root, "backbone": info.backbone,
+                "layers": list(info.layers), "rows": info.n_rows, "failed": info.n_failed,
+                "size_bytes": info.size_bytes, "updated": info.updated,
+                "progress": "", "dtype": info.spec.get("dtype", ""),
+            })
+        except CacheError as e:
+            out.append({"path": str(p), "status": "unreadable", "dataset": "", "backbone": "", "layers": [],
+                        "rows": 0, "failed": 0, "size_bytes": p.stat().st_size, "updated": "", "progress": str(e),
+                        "dtype": ""})
+    for pdir in sorted(folder.glob("*.h5.partial")):
+        target = pdir.with_name(pdir.name[: -len(".partial")])
+        done, todo = partial_progress(target) or (0, 0)
+        try:
+            plan = json.loads((pdir / "plan.json").read_text())
+        except (OSError, ValueError):
+            plan = {}
+        spec = plan.get("spec", {})
+        out.append({
+            "path": str(target), "status": "partial", "dataset": plan.get("dataset_root", ""),
+            "backbone": spec.get("backbone", ""), "layers": [r["key"] for r in plan.get("layers", [])],
+            "rows": plan.get("n_rows", 0), "failed": 0, "size_bytes": sum(q.stat().st_size for q in pdir.iterdir()),
+            "updated": plan.get("created", ""), "progress": f"{done}/{todo} images", "dtype": spec.get("dtype", ""),
+        })
+    return out
+
+
+# --------------------------------------------------------------------------- locking
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class CacheLock:
+    """One writer per cache: an ``O_EXCL`` lock file holding the writer's pid and host.
+
+    A lock left by a killed process on this host is detected (its pid is gone) and
+    broken with a warning; a live holder makes :meth:`acquire` raise at once.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.target = Path(path)
+        self.path = self.target.with_name(self.target.name + ".lock")
+        self.held = False
+
+    def holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> "CacheLock":
+        """Take the lock.
+
+        Raises
+        ------
+        CacheLockedError
+            If a live process holds it.
+        """
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                h = self.holder()
+                if h is None:
+                    continue  # released between our open and read
+                same_host = h.get("host") == me["host"]
+                if h and same_host and not _pid_alive(int(h.get("pid", -1))):
+                    log.warning("Breaking a stale lock on %s left by pid %s (no longer running)", self.target, h.get("pid"))
+                    try:
+                        self.path.unlink()
+                    except FileNotFoundError:
+                        pass
+                    continue
+                raise CacheLockedError(
+                    f"{self.target} is being written by pid {h.get('pid', '?')} on host {h.get('host', '?')} "
+                    f"since {h.get('started', '?')}. Wait for it to finish. If that process is gone (another host, "
+                    f"or a crashed machine), delete {self.path} and run again."
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+                f.flush()
+                os.fsync(f.fileno())
+            self.held = True
+            return self
+        raise CacheLockedError(f"Could not take the lock {self.path}; try again")
+
+    def release(self) -> None:
+        if self.held:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+            self.held = False
+
+    def __enter__(self) -> "CacheLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

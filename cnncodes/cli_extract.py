@@ -1,0 +1,146 @@
+"""Command line of ``scripts/extract.py``: argument parsing and reporting around :func:`cnncodes.extract.extract`.
+
+Heavy imports (torch) happen only when a forward pass is needed, so ``--help``,
+``--list``, ``--list-layers`` and a cache hit stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from .errors import CnnCodesError, UsageError
+
+DESCRIPTION = """Extract CNN codes (activations of chosen layers of a pretrained CNN) for a labelled
+image folder or CSV list into an HDF5 cache. Re-running the same command is a cache hit;
+new images and new layers are added without recomputing the rest; an interrupted run resumes."""
+
+EPILOG = """examples:
+  python scripts/extract.py ../shared/datasets/flowers5 --model alexnet --layers fc6 fc7
+  python scripts/extract.py DATA --model efficientnet_lite0 --layers block4.linear head pool
+  python scripts/extract.py --model alexnet --list-layers
+  python scripts/extract.py --list
+
+exit status: 0 ok, 1 run error, 2 usage error. The cache path is the last line of stdout."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="extract.py", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", nargs="?", help="image folder (DATA/<class>/<image>, optional train/val/test) or CSV path,label[,split]")
+    p.add_argument("--model", "-m", help="backbone name (see --list-models)")
+    p.add_argument("--layers", "-l", nargs="+", default=None, help="layer aliases (see --list-layers)")
+    p.add_argument("--weights", default="default", help="default (ImageNet), none (random init), or a state-dict file")
+    p.add_argument("--pool", default="avg", help="pooling of conv-map layers: avg, max, none")
+    p.add_argument("--grid", type=int, default=1, help="spatial grid of the pooling, e.g. 2 for 2x2 (default 1)")
+    p.add_argument("--out", "-o", default=None, help="cache folder (default artifacts/codes)")
+    p.add_argument("--name", default=None, help="dataset name in the file name (default: the folder's name)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--batch-size", "-b", type=int, default=64)
+    p.add_argument("--workers", "-j", type=int, default=None, help="image decoding processes (default: by device)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage type of codes")
+    p.add_argument("--compression", default="gzip", choices=["gzip", "lzf", "zstd", "none"])
+    p.add_argument("--no-draft", action="store_true", help="decode big JPEGs at full size (no DCT downscale)")
+    p.add_argument("--error-budget", type=float, default=0.05, help="fraction of images allowed to fail (default 0.05)")
+    p.add_argument("--overwrite", action="store_true", help="discard an unfinished extraction with another spec")
+    p.add_argument("--list", action="store_true", help="list the caches in --out and exit")
+    p.add_argument("--list-layers", action="store_true", help="list the layers of --model and exit")
+    p.add_argument("--list-models", action="store_true", help="list the backbones and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", "-q", action="store_true", help="only errors on stderr")
+    return p
+
+
+def _fmt_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _print_caches(folder: str) -> None:
+    from .store import list_caches
+
+    rows = list_caches(folder)
+    if not rows:
+        print(f"no caches in {folder}")
+        return
+    print(f"{'status':<10} {'dataset':<22} {'backbone':<18} {'rows':>6} {'size':>9} {'updated':<20} layers / path")
+    for r in rows:
+        ds = r["dataset"].rstrip("/").split("/")[-1] if r["dataset"] else "?"
+        st = r["status"] if r["status"] != "partial" else f"partial {r['progress']}"
+        print(f"{st:<10} {ds:<22} {r['backbone']:<18} {r['rows']:>6} {_fmt_size(r['size_bytes']):>9} "
+              f"{r['updated'][:19]:<20} {' '.join(r['layers'])}\n{'':<10} {r['path']}")
+
+
+def _print_layers(model: str) -> None:
+    from .backbones import get_backbone
+
+    spec = get_backbone(model)
+    pre = spec.preprocessing
+    print(f"{spec.name}: {spec.description}")
+    print(f"input: resize {pre.resize}, centre crop {pre.crop}, {pre.interpolation}, mean {pre.mean}, std {pre.std}")
+    print(f"{'layer':<16} {'module':<16} {'stage':<8} {'kind':<7} description")
+    for ld in spec.layers.values():
+        kind = ld.kind if not ld.fixed_pool else f"{ld.fixed_pool}-pool"
+        print(f"{ld.alias:<16} {ld.node:<16} {ld.stage:<8} {kind:<7} {ld.description}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s" if args.quiet else "%(message)s", stream=sys.stderr)
+    from .extract import DEFAULT_OUT
+
+    out = args.out or DEFAULT_OUT
+    try:
+        if args.list_models:
+            from .backbones import get_backbone, list_backbones
+
+            for name in list_backbones():
+                print(f"{name:<20} {get_backbone(name).description}")
+            return 0
+        if args.list:
+            _print_caches(out)
+            return 0
+        if args.list_layers:
+            if not args.model:
+                raise UsageError("--list-layers needs --model NAME")
+            _print_layers(args.model)
+            return 0
+        missing = [n for n, v in (("DATA", args.data), ("--model", args.model), ("--layers", args.layers)) if not v]
+        if missing:
+            raise UsageError(f"missing {', '.join(missing)}. Usage: extract.py DATA --model NAME --layers L1 [L2 ...]")
+        if args.grid < 1:
+            raise UsageError(f"--grid must be >= 1, got {args.grid}")
+        pool = args.pool if args.grid == 1 or args.pool == "none" else f"{args.pool}{args.grid}x{args.grid}"
+        from .extract import extract
+
+        res = extract(
+            args.data, args.model, args.layers, weights=args.weights, pool=pool, out=out, device=args.device,
+            batch_size=args.batch_size, workers=args.workers, dtype=args.dtype, precision=args.precision,
+            draft=not args.no_draft, compression=args.compression, error_budget=args.error_budget,
+            overwrite=args.overwrite, name=args.name, progress=not (args.no_progress or args.quiet),
+        )
+    except UsageError as e:
+        print(f"extract.py: error: {e}", file=sys.stderr)
+        return 2
+    except CnnCodesError as e:
+        print(f"extract.py: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("extract.py: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    if res.skipped:
+        print(f"{len(res.skipped)} image(s) skipped (status 'error', NaN codes):", file=sys.stderr)
+        for p, m in res.skipped[:10]:
+            print(f"  {m}", file=sys.stderr)
+    print(f"layers: {' '.join(res.keys)}  rows: {res.info.n_rows}", file=sys.stderr)
+    print(res.path)
+    return 0

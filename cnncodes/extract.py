@@ -1,0 +1,1054 @@
+"""Extract CNN codes into a crash-safe, incremental HDF5 cache.
+
+The flow of :func:`extract`:
+
+1. **Plan.** List the images (folder or CSV), resolve the backbone, weights and layers,
+   and compute the extraction fingerprint. The cache file is named after the dataset and
+   the fingerprint, so the same command finds the same file.
+2. **Hit, append or extend.** If the file exists, rows whose image is unchanged (same
+   path, size, mtime, label, split) keep their codes; new or changed images, and layers
+   the file does not hold yet, are the only work. No work is a *cache hit*: no forward
+   pass, no torch import.
+3. **Run.** The work is cut into batches with fixed boundaries. Each finished batch is
+   written as a shard file ``<cache>.partial/shard-...npz`` (temporary name, fsync,
+   rename; its sha256 is in its name). A killed run leaves finished shards behind; the
+   same command resumes from them and recomputes only the missing batches, so the
+   result equals a clean run (bitwise on CPU with the same batch size).
+4. **Consolidate.** Old codes and shards are streamed, in the manifest's order, into a
+   new HDF5 file written under a temporary name and renamed over the old one. Only then
+   is the ``.partial`` folder removed.
+
+Bad images are recorded (status ``error``, a message, NaN codes), never replaced by a
+neighbour; above ``error_budget`` the run stops, keeping its shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import queue
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from . import store
+from .backbones import BackboneSpec, LayerDef, ResolvedWeights, get_backbone, resolve_weights
+from .errors import (
+    CacheCorruptError,
+    CacheMismatchError,
+    CnnCodesError,
+    DatasetError,
+    ErrorBudgetExceeded,
+    ExtractionWriteError,
+    UsageError,
+)
+from .fileio import atomic_write_bytes, atomic_write_text
+from .images import Manifest, load_image, read_csv_list, scan_folder
+
+__all__ = ["ExtractConfig", "ExtractResult", "extract", "extract_images", "plan_layers", "DEFAULT_OUT"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUT = "artifacts/codes"
+_SHARD_RE = re.compile(r"^shard-(\d+)_(\d+)-(\d+)-([0-9a-f]{16})\.npz$")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything that defines a cache: two equal configs give the same codes.
+
+    Parameters
+    ----------
+    model : str
+        Registered backbone name (``alexnet``, ``efficientnet_lite0``...).
+    layers : tuple of str
+        Layer aliases (``fc7``, ``conv5``...).
+    weights : str
+        ``"default"`` (ImageNet), ``"none"`` (random init, seed 0) or a state-dict path.
+    pool : str
+        Pooling of conv-map layers: ``avg``, ``max``, ``none`` or a grid (``avg2x2``).
+    dtype : str
+        Storage type of codes: ``float16`` or ``float32``.
+    precision : str
+        ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32``, ``bf16`` or ``fp16``.
+    draft : bool
+        Allow JPEG downscale-on-decode for big photos.
+    """
+
+    model: str
+    layers: tuple[str, ...]
+    weights: str = "default"
+    pool: str = "avg"
+    dtype: str = "float16"
+    precision: str = "auto"
+    draft: bool = True
+
+
+@dataclass
+class ExtractResult:
+    """What :func:`extract` did.
+
+    Attributes
+    ----------
+    path : Path
+        The cache file.
+    info : store.CacheInfo
+    keys : list of str
+        The dataset names under ``/codes`` of the requested layers (pass them to ``load_codes``).
+    hit : bool
+        True when nothing had to be computed.
+    n_computed : int
+        Images run through the network in this call.
+    n_reused : int
+        Rows whose codes came from the existing cache.
+    resumed_from : int
+        Images already done by an interrupted run that this call resumed.
+    n_failed : int
+    seconds : float
+    """
+
+    path: Path
+    info: store.CacheInfo
+    keys: list[str]
+    hit: bool
+    n_computed: int = 0
+    n_reused: int = 0
+    resumed_from: int = 0
+    n_failed: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        if self.hit:
+            return f"cache hit: {self.info.n_rows} images, layers {', '.join(self.keys)} in {self.path} ({self.seconds:.2f} s)"
+        rate = self.n_computed / self.seconds if self.seconds > 0 else float("nan")
+        parts = [f"{self.n_computed} images in {self.seconds:.1f} s ({rate:.1f} img/s)"]
+        if self.n_reused:
+            parts.append(f"{self.n_reused} reused")
+        if self.resumed_from:
+            parts.append(f"resumed after {self.resumed_from}")
+        if self.n_failed:
+            parts.append(f"{self.n_failed} failed")
+        return f"extracted {', '.join(parts)}; codes in {self.path}"
+
+
+def _versions() -> dict:
+    out = {}
+    for pkg in ("torch", "torchvision", "timm", "numpy", "h5py", "pillow"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    from . import __version__
+
+    out["cnncodes"] = __version__
+    return out
+
+
+def _major(v: str | None) -> str | None:
+    if v is None:
+        return None
+    parts = v.split("+")[0].split(".")
+    return parts[0] if parts[0] != "0" else ".".join(parts[:2])
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    if precision == "auto":
+        return "bf16" if device == "cuda" else "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise UsageError(f"Unknown precision {precision!r}: use auto, fp32, bf16 or fp16")
+    if precision == "fp16" and device != "cuda":
+        raise UsageError("--precision fp16 needs --device cuda; use fp32 or bf16 on the CPU")
+    return precision
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``.
+
+    Raises
+    ------
+    UsageError
+        ``cuda`` asked for on a machine without one.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"Unknown device {device!r}: use auto, cpu or cuda")
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "cuda":
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA GPU here; use --device cpu or auto")
+    return "cpu"
+
+
+def _base_spec(spec: BackboneSpec, weights: ResolvedWeights, dtype: str, precision: str, draft: bool) -> dict:
+    if dtype not in ("float16", "float32"):
+        raise UsageError(f"Unknown dtype {dtype!r}: use float16 or float32")
+    pre = spec.preprocessing.to_dict()
+    pre["draft"] = bool(draft)
+    v = _versions()
+    return {
+        "backbone": spec.name,
+        "arch_args": spec.arch_args,
+        "weights": {"kind": weights.kind, "identity": weights.identity, "sha256": weights.sha256},
+        "preprocessing": pre,
+        "dtype": dtype,
+        "precision": precision,
+        "library_majors": {k: _major(v[k]) for k in ("torch", "torchvision", "timm")},
+        "schema_version": store.SCHEMA_VERSION,
+    }
+
+
+def plan_layers(spec: BackboneSpec, aliases: Sequence[str], pool: str, base_fp: str) -> list[tuple[LayerDef, str, str, str]]:
+    """Resolve aliases into (LayerDef, pooling, key, layer fingerprint), checked up front.
+
+    Raises
+    ------
+    UnknownLayerError
+        With a "did you mean" hint.
+    UsageError
+        For a bad pooling or a duplicate layer.
+    """
+    store.parse_pool(pool)
+    out, seen = [], set()
+    for alias in aliases:
+        ld = spec.layer(alias)
+        p = ld.fixed_pool or ("avg" if ld.kind == "vector" else pool)
+        key = store.layer_key(ld.alias, p, "vector" if ld.fixed_pool else ld.kind)
+        if key in seen:
+            continue
+        seen.add(key)
+        fp = store.fingerprint_of({"base": base_fp, "alias": ld.alias, "node": ld.node, "stage": ld.stage, "pool": p})
+        out.append((ld, p, key, fp))
+    if not out:
+        raise UsageError(f"Name at least one layer. Known for {spec.name}: {', '.join(spec.layers)}")
+    return out
+
+
+def _load_manifest(data: str | os.PathLike) -> Manifest:
+    p = Path(data)
+    if p.is_file() and p.suffix.lower() in (".csv", ".txt"):
+        return read_csv_list(p)
+    if p.is_file():
+        raise DatasetError(f"{p} is a file; give an image folder (DATA/<class>/<image>) or a CSV list (path,label[,split])")
+    return scan_folder(p)
+
+
+def _cache_path(out: Path, manifest: Manifest, spec_name: str, base_fp: str, name: str | None) -> Path:
+    stem = name or Path(manifest.root).name or "data"
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem)
+    tag = hashlib.sha256(f"{base_fp}|{manifest.root}|{manifest.source}".encode()).hexdigest()[:10]
+    return out / f"{stem}-{spec_name}-{tag}.h5"
+
+
+# --------------------------------------------------------------------------- model runner
+
+
+class _Runner:
+    """A model with forward hooks that pool the requested layers, on one device."""
+
+    def __init__(self, spec: BackboneSpec, weights: ResolvedWeights, layers, device: str, precision: str):
+        import torch
+
+        from .backbones import build_model
+
+        self.torch = torch
+        self.device = device
+        self.precision = precision
+        self.model = build_model(spec, weights).to(device)
+        if device == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        pre = spec.preprocessing
+        self.mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
+        self.crop = pre.crop
+        modules = dict(self.model.named_modules())
+        self.layers = layers
+        self.outputs: dict[str, object] = {}
+        self.map_shapes: dict[str, tuple[int, ...]] = {}
+        self._handles = []
+        by_node: dict[str, list] = {}
+        for ld, pool, key, _fp in layers:
+            if ld.node not in modules:
+                raise CnnCodesError(f"internal: backbone {spec.name} has no module {ld.node!r} for layer {ld.alias!r}")
+            by_node.setdefault(ld.node, []).append((key, pool, ld))
+        self._by_node = by_node
+        for node, items in by_node.items():
+            self._handles.append(modules[node].register_forward_hook(self._make_hook(items)))
+        self.activate([key for _ld, _p, key, _fp in layers])
+
+    def activate(self, keys: Sequence[str]) -> None:
+        """Capture only ``keys``; the forward pass stops once they are all captured."""
+        self.active = set(keys)
+        self._needed = sum(1 for items in self._by_node.values() if any(k in self.active for k, _p, _l in items))
+
+    class _Stop(Exception):
+        pass
+
+    def _make_hook(self, items):
+        torch = self.torch
+        F = torch.nn.functional
+
+        def hook(_module, _inp, out):
+            items_on = [it for it in items if it[0] in self.active]
+            if not items_on:
+                return None
+            for key, pool, ld in items_on:
+                t = out
+                if t.dim() == 4:
+                    self.map_shapes[key] = tuple(t.shape[1:])
+                    mode, grid = store.parse_pool(pool)
+                    if mode == "none":
+                        t = t.flatten(1)
+                    elif grid == 1:
+                        t = t.float().mean((2, 3)) if mode == "avg" else t.amax((2, 3))
+                    else:
+                        fn = F.adaptive_avg_pool2d if mode == "avg" else F.adaptive_max_pool2d
+                        t = fn(t.float(), grid).flatten(1)
+                else:
+                    t = t.flatten(1)
+                # a copy, so that no later in-place op can touch it
+                self.outputs[key] = t.float().clone()
+            self._fired += 1
+            if self._fired == self._needed:
+                raise _Runner._Stop  # the rest of the network is not needed
+
+        return hook
+
+    def __call__(self, batch_u8) -> dict[str, np.ndarray]:
+        """Run a uint8 (B, 3, H, W) batch; return {key: float32 (B, dim)}."""
+        torch = self.torch
+        x = batch_u8.to(self.device, non_blocking=True)
+        if self.device == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = (x.float().div_(255.0) - self.mean) / self.std
+        self.outputs = {}
+        self._fired = 0
+        ctx = contextlib.nullcontext()
+        if self.precision in ("bf16", "fp16"):
+            dt = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            ctx = torch.autocast(device_type=self.device, dtype=dt)
+        with torch.inference_mode(), ctx:
+            try:
+                self.model(x)
+            except _Runner._Stop:
+                pass
+        missing = [key for key in self.active if key not in self.outputs]
+        if missing:
+            raise CnnCodesError(f"internal: no output captured for {missing}")
+        return {k: v.cpu().numpy() for k, v in self.outputs.items()}
+
+
+class _ImageDataset:
+    """Decodes and resizes one image to a uint8 CHW tensor; failures become a status, not an exception."""
+
+    def __init__(self, paths: Sequence[str], pre, draft: bool):
+        self.paths = list(paths)
+        self.pre = pre
+        self.draft = pre.resize if draft else None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        import torch
+        import torchvision.transforms.functional as TF
+        from torchvision.transforms import InterpolationMode
+
+        pre = self.pre
+        try:
+            img, note = load_image(self.paths[i], draft=self.draft)
+            img = TF.resize(img, pre.resize, interpolation=InterpolationMode(pre.interpolation), antialias=True)
+            img = TF.center_crop(img, pre.crop)
+            arr = np.asarray(img, dtype=np.uint8)
+            t = torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+            return i, t, "ok", note
+        except CnnCodesError as e:
+            msg = str(e)
+        except Exception as e:  # noqa: BLE001 - any decoder/resizer failure is this row's status
+            msg = f"{self.paths[i]}: {type(e).__name__}: {e}"
+        return i, torch.zeros(3, pre.crop, pre.crop, dtype=torch.uint8), "error", msg
+
+
+def _collate(items):
+    import torch
+
+    idx = [it[0] for it in items]
+    return idx, torch.stack([it[1] for it in items]), [it[2] for it in items], [it[3] for it in items]
+
+
+def _default_workers(device: str) -> int:
+    n = os.cpu_count() or 1
+    return min(8, n) if device == "cuda" else max(1, min(4, n))
+
+
+def _loader(paths, pre, draft, batches: list[list[int]], workers: int, device: str):
+    import torch
+    from torch.utils.data import DataLoader
+
+    ds = _ImageDataset(paths, pre, draft)
+    kw = {}
+    if workers > 0:
+        kw = {"prefetch_factor": 4, "persistent_workers": False}
+    return DataLoader(ds, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
+                      pin_memory=(device == "cuda" and torch.cuda.is_available()), **kw)
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def _shard_name(job: int, batch: int, n: int, digest: str) -> str:
+    return f"shard-{job}_{batch:06d}-{n}-{digest[:16]}.npz"
+
+
+def _write_shard(pdir: Path, job: int, batch: int, rows: np.ndarray, status, messages, codes: dict) -> Path:
+    buf = io.BytesIO()
+    arrays = {"rows": np.asarray(rows, dtype=np.int64), "status": np.asarray(status, dtype=str),
+              "message": np.asarray(messages, dtype=str)}
+    for k, v in codes.items():
+        arrays[f"codes/{k}"] = v
+    np.savez(buf, **arrays)
+    data = buf.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    path = pdir / _shard_name(job, batch, len(rows), digest)
+    atomic_write_bytes(path, data)
+    return path
+
+
+def _read_shard(path: Path) -> dict[str, np.ndarray]:
+    m = _SHARD_RE.match(path.name)
+    data = path.read_bytes()
+    if m is None or hashlib.sha256(data).hexdigest()[:16] != m.group(4):
+        raise CacheCorruptError(f"shard {path} changed after it was written (sha256 mismatch)")
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _scan_shards(pdir: Path) -> dict[tuple[int, int], Path]:
+    """Finished shards by (job, batch); shards whose bytes changed are deleted (recomputed)."""
+    found = {}
+    for p in pdir.glob("shard-*.npz"):
+        m = _SHARD_RE.match(p.name)
+        if m is None:
+            continue
+        data = p.read_bytes()
+        if hashlib.sha256(data).hexdigest()[:16] != m.group(4):
+            log.warning("Shard %s is corrupt (sha256 mismatch); it will be recomputed", p.name)
+            p.unlink()
+            continue
+        found[(int(m.group(1)), int(m.group(2)))] = p
+    return found
+
+
+class _ShardWriter:
+    """Writes shards on a background thread so that the forward pass never waits for the disk."""
+
+    def __init__(self, pdir: Path, pause_at: int | None):
+        self.pdir = pdir
+        self.q: queue.Queue = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+        self.pause_at = pause_at
+        self.written = 0
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self):
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                _write_shard(self.pdir, *item)
+                self.written += 1
+                if self.pause_at is not None and self.written == self.pause_at:
+                    # test hook: a test kills the process while it waits here
+                    print(f"CNNCODES_PAUSED {self.written}", flush=True)
+                    time.sleep(3600)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                self.error = e
+
+    def put(self, item) -> None:
+        self.check()
+        self.q.put(item)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.t.join()
+        self.check()
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def extract(
+    data: str | os.PathLike,
+    model: str,
+    layers: Sequence[str] | str,
+    *,
+    weights: str = "default",
+    pool: str = "avg",
+    out: str | os.PathLike = DEFAULT_OUT,
+    device: str = "auto",
+    batch_size: int = 64,
+    workers: int | None = None,
+    dtype: str = "float16",
+    precision: str = "auto",
+    draft: bool = True,
+    compression: str = "gzip",
+    error_budget: float = 0.05,
+    overwrite: bool = False,
+    name: str | None = None,
+    progress: bool = False,
+) -> ExtractResult:
+    """Extract the codes of ``layers`` of ``model`` for every image of ``data`` into an HDF5 cache.
+
+    Parameters
+    ----------
+    data : path-like
+        An image folder (``DATA/<class>/<image>``, optionally under ``train/``, ``val/``,
+        ``test/``) or a CSV list with a ``path,label[,split]`` header.
+    model : str
+        A registered backbone (:func:`cnncodes.list_backbones`).
+    layers : str or list of str
+        Layer aliases (``fc7``, ``conv5``...); all are computed in one forward pass.
+    weights : str
+        ``default`` (ImageNet), ``none`` (random init, seed 0) or a state-dict path.
+    pool : str
+        ``avg`` (default), ``max``, ``none`` or a grid such as ``avg2x2`` for conv maps.
+    out : path-like
+        Folder of cache files.
+    device : str
+        ``auto``, ``cpu`` or ``cuda``.
+    batch_size, workers : int
+        Images per forward pass; decoding processes (default: by device and cores).
+    dtype : str
+        ``float16`` (default) or ``float32`` storage.
+    precision : str
+        ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``.
+    compression : str
+        ``gzip`` (default, readable by plain h5py), ``lzf``, ``zstd`` (needs hdf5plugin), ``none``.
+    error_budget : float
+        Fraction of images allowed to fail before the run stops.
+    overwrite : bool
+        Discard an unfinished extraction whose spec differs, and an existing file.
+    progress : bool
+        Show a progress bar (tqdm).
+
+    Returns
+    -------
+    ExtractResult
+
+    Raises
+    ------
+    UsageError, DatasetError, UnknownBackboneError, UnknownLayerError
+        Bad arguments, checked before any work.
+    WeightsUnavailableError
+        Default weights neither on disk nor downloadable.
+    CacheLockedError
+        Another process is writing this cache.
+    CacheMismatchError
+        An unfinished extraction with another spec or image list (use ``overwrite``).
+    ErrorBudgetExceeded
+        Too many images failed; finished shards are kept.
+    ExtractionWriteError
+        The disk is full or not writable; finished shards are kept.
+    """
+    t0 = time.perf_counter()
+    if isinstance(layers, str):
+        layers = [layers]
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if not 0 <= error_budget <= 1:
+        raise UsageError(f"--error-budget must be a fraction in [0, 1], got {error_budget}")
+    store._compression_kwargs(compression)  # validate early
+    spec = get_backbone(model)
+    # validate layers and pooling before touching the data or the weights
+    plan_layers(spec, layers, pool, "")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"Unknown device {device!r}: use auto, cpu or cuda")
+    manifest = _load_manifest(data)
+    wts = resolve_weights(spec, weights)
+    # The precision is part of the fingerprint and "auto" depends on the device. A cache hit
+    # must not import torch (seconds), so the device is first guessed from /dev; if work is
+    # needed, torch decides and the plan is redone if the guess was wrong.
+    dev = _probe_device() if device == "auto" else device
+    prec = resolve_precision(precision, dev)
+    base = _base_spec(spec, wts, dtype, prec, draft)
+    base_fp = store.fingerprint_of(base)
+    lplan = plan_layers(spec, layers, pool, base_fp)
+    keys = [key for _ld, _p, key, _fp in lplan]
+    out = Path(out)
+    path = _cache_path(out, manifest, spec.name, base_fp, name)
+    n = len(manifest.rows)
+
+    # ---- what exists already
+    old_info = None
+    if path.exists() and overwrite:
+        log.info("--overwrite: ignoring the existing cache %s", path)
+    elif path.exists():
+        old_info = store.read_info(path)
+        if old_info.fingerprint != base_fp:
+            raise CacheMismatchError(f"{path} holds another spec (fingerprint {old_info.fingerprint[:12]}); use --overwrite")
+    old_rows = store.read_rows(path) if old_info is not None else None
+    reuse_idx = np.full(n, -1, dtype=np.int64)  # row in the old file, or -1
+    if old_rows is not None:
+        pos = {p: i for i, p in enumerate(old_rows["paths"])}
+        for j, r in enumerate(manifest.rows):
+            i = pos.get(r.relpath)
+            if i is not None and old_rows["file_size"][i] == r.size and old_rows["file_mtime_ns"][i] == r.mtime_ns:
+                reuse_idx[j] = i
+    old_layers = {} if old_info is None else {k: rec for k, rec in old_info.layers.items()}
+    new_keys = [key for key in keys if key not in old_layers or old_layers[key].fingerprint != _fp_of(lplan, key)]
+    # layers of the final file: the old ones (still valid) plus the requested ones
+    final = list(lplan) + [_plan_from_record(spec, rec, base_fp) for k, rec in old_layers.items() if k not in keys]
+    final = [f for f in final if f is not None]
+    all_keys = [f[2] for f in final]
+    fresh = np.flatnonzero(reuse_idx < 0)
+    reused = np.flatnonzero(reuse_idx >= 0)
+    jobs: list[tuple[np.ndarray, list[str]]] = []
+    if len(fresh):
+        jobs.append((fresh, all_keys))
+    if new_keys and len(reused):
+        jobs.append((reused, new_keys))
+    dropped = 0 if old_rows is None else len(old_rows["paths"]) - len(reused)
+
+    if not jobs and old_info is not None and dropped == 0 and n == old_info.n_rows and _same_rows(old_rows, manifest):
+        res = ExtractResult(path, old_info, keys, hit=True, n_reused=n, n_failed=old_info.n_failed,
+                            seconds=time.perf_counter() - t0)
+        log.info("%s", res.summary())
+        return res
+    if device != "cpu":
+        real = resolve_device(device)
+        if real != dev:
+            return extract(data, model, layers, weights=weights, pool=pool, out=out, device=real,
+                           batch_size=batch_size, workers=workers, dtype=dtype, precision=precision, draft=draft,
+                           compression=compression, error_budget=error_budget, overwrite=overwrite, name=name,
+                           progress=progress)
+
+    plan = {
+        "spec": base,
+        "fingerprint": base_fp,
+        "layers": [{"key": k, "alias": ld.alias, "node": ld.node, "stage": ld.stage, "pool": p, "fingerprint": fp}
+                   for ld, p, k, fp in final],
+        "manifest_hash": manifest.digest(),
+        "manifest_state": store.fingerprint_of([(r.relpath, r.size, r.mtime_ns) for r in manifest.rows]),
+        "dataset_root": manifest.root,
+        "n_rows": n,
+        "n_todo": int(sum(len(r) for r, _ in jobs)),
+        "jobs": [{"rows": int(len(r)), "keys": ks} for r, ks in jobs],
+        "batch_size": int(batch_size),
+        "old_file": None if old_info is None else {"updated": old_info.updated, "rows_sha256": old_info.rows_sha256},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "weights_path": wts.path,
+        "fresh_job": 0 if len(fresh) else None,
+    }
+
+    with store.CacheLock(path):
+        pdir = store.partial_dir(path)
+        resumed_from = 0
+        if pdir.exists():
+            try:
+                old_plan = json.loads((pdir / "plan.json").read_text())
+            except (OSError, ValueError):
+                old_plan = None
+            if old_plan is not None:
+                diff = _plan_diff(old_plan, plan)
+                if diff and not overwrite:
+                    raise CacheMismatchError(
+                        f"An unfinished extraction into {path} was started with a different "
+                        f"{', '.join(diff)}. Re-run it with the same arguments to resume it, or pass "
+                        f"--overwrite to discard its work and start this one."
+                    )
+                if diff:
+                    log.warning("--overwrite: discarding an unfinished extraction (different %s)", ", ".join(diff))
+                    shutil.rmtree(pdir)
+                elif old_plan["batch_size"] != batch_size:
+                    log.info("Resuming with the batch size of the interrupted run (%d)", old_plan["batch_size"])
+                    batch_size = int(old_plan["batch_size"])
+                    plan["batch_size"] = batch_size
+        try:
+            pdir.mkdir(parents=True, exist_ok=True)
+            if not (pdir / "plan.json").exists():
+                atomic_write_text(pdir / "plan.json", json.dumps(plan, indent=1))
+        except OSError as e:
+            raise ExtractionWriteError(f"Cannot write to {pdir}: {e}. Free space or fix permissions and run again.") from e
+        done = _scan_shards(pdir)
+        batches = {ji: [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)] for ji, (rows, _) in enumerate(jobs)}
+        resumed_from = sum(len(batches[j][b]) for (j, b) in done if j in batches and b < len(batches[j]))
+        if resumed_from:
+            log.warning("Resuming an interrupted extraction into %s: %d of %d images already done",
+                        path, resumed_from, plan["n_todo"])
+        n_failed_prev = 0
+        for (j, b), p in done.items():
+            n_failed_prev += int(np.sum(_read_shard(p)["status"] != "ok"))
+
+        runner = None
+        n_computed = 0
+        n_failed = n_failed_prev
+        first_failures: list[tuple[str, str]] = []
+        budget = int(math.floor(error_budget * max(1, plan["n_todo"])))
+        for ji, (rows, ks) in enumerate(jobs):
+            todo = [b for b in range(len(batches[ji])) if (ji, b) not in done]
+            if not todo:
+                continue
+            if runner is None:
+                runner = _Runner(spec, wts, final, dev, prec)
+            runner.activate(ks)
+            paths = [manifest.abspath(manifest.rows[i]) for i in rows]
+            local = [[int(i) for i in range(b * batch_size, b * batch_size + len(batches[ji][b]))] for b in todo]
+            nw = _default_workers(dev) if workers is None else int(workers)
+            loader = _loader(paths, spec.preprocessing, draft, local, nw, dev)
+            writer = _ShardWriter(pdir, _pause_at())
+            bar = _progress(progress, sum(len(x) for x in local), path.name)
+            try:
+                for b, (idx, x, status, notes) in zip(todo, loader):
+                    codes = runner(x)
+                    codes = {k: codes[k] for k in ks}
+                    bad = [i for i, s in enumerate(status) if s != "ok"]
+                    for i in bad:
+                        for k in codes:
+                            codes[k][i] = np.nan
+                        if len(first_failures) < 10:
+                            first_failures.append((paths[idx[i]], notes[i]))
+                    n_failed += len(bad)
+                    if n_failed > budget:
+                        raise ErrorBudgetExceeded(
+                            f"{n_failed} of {plan['n_todo']} images failed to decode, more than the error budget "
+                            f"({error_budget:.1%} = {budget}). First failures:\n"
+                            + "\n".join(f"  {m}" for _p, m in first_failures)
+                            + f"\nFix or remove these files (or raise --error-budget) and run again; "
+                              f"finished batches are kept in {pdir}."
+                        )
+                    dt = np.float16 if dtype == "float16" else np.float32
+                    writer.put((ji, b, rows[np.asarray(idx)], status, notes,
+                                {k: v.astype(dt) for k, v in codes.items()}))
+                    n_computed += len(idx)
+                    if bar is not None:
+                        bar.update(len(idx))
+                writer.close()
+            except BaseException as e:
+                with contextlib.suppress(BaseException):
+                    writer.close()
+                if isinstance(e, OSError) and not isinstance(e, CnnCodesError):
+                    raise ExtractionWriteError(
+                        f"Writing codes failed ({e}). The {resumed_from + n_computed} images "
+                        f"finished so far are kept in {pdir}; free space or fix the folder and run the same "
+                        f"command again to resume."
+                    ) from e
+                raise
+            finally:
+                if bar is not None:
+                    bar.close()
+            if writer.error is not None:
+                raise writer.error
+
+        map_shapes = runner.map_shapes if runner is not None else {}
+        try:
+            info = _consolidate(path, pdir, manifest, jobs, batches, final, old_info, reuse_idx, base, base_fp,
+                                dtype, compression, map_shapes, plan)
+        except OSError as e:
+            if isinstance(e, CnnCodesError):
+                raise
+            raise ExtractionWriteError(
+                f"Writing {path} failed ({e}). All codes are kept in {pdir}; free space and run the same command "
+                f"again to finish."
+            ) from e
+        shutil.rmtree(pdir, ignore_errors=True)
+
+    status = store.read_rows(path, verify=False)
+    skipped = [(p, m) for p, s, m in zip(status["paths"], status["status"], status["message"]) if s != "ok"]
+    res = ExtractResult(path, info, keys, hit=False, n_computed=n_computed + resumed_from, n_reused=len(reused),
+                        resumed_from=resumed_from, n_failed=len(skipped), skipped=skipped,
+                        seconds=time.perf_counter() - t0)
+    log.info("%s", res.summary())
+    return res
+
+
+def _probe_device() -> str:
+    """Guess, without importing torch, whether ``auto`` will find a GPU."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return "cpu"
+    return "cuda" if os.path.exists("/dev/nvidiactl") else "cpu"
+
+
+def _same_rows(old_rows: dict, manifest: Manifest) -> bool:
+    """True when the cache's row table (order, labels, splits) equals the manifest's."""
+    return (
+        list(old_rows["paths"]) == [r.relpath for r in manifest.rows]
+        and old_rows["labels"].tolist() == [r.label for r in manifest.rows]
+        and list(old_rows["split"]) == [r.split for r in manifest.rows]
+    )
+
+
+def _fp_of(lplan, key):
+    for _ld, _p, k, fp in lplan:
+        if k == key:
+            return fp
+    return None
+
+
+def _plan_from_record(spec: BackboneSpec, rec: store.LayerRecord, base_fp: str):
+    try:
+        ld = spec.layer(rec.alias)
+    except KeyError:
+        return None
+    fp = store.fingerprint_of({"base": base_fp, "alias": ld.alias, "node": ld.node, "stage": ld.stage, "pool": rec.pool})
+    if fp != rec.fingerprint:
+        return None
+    return (ld, rec.pool, rec.key, fp)
+
+
+def _plan_diff(old: dict, new: dict) -> list[str]:
+    diff = []
+    o, n = old.get("spec", {}), new["spec"]
+    for field_ in ("backbone", "weights", "preprocessing", "dtype", "precision", "arch_args", "library_majors"):
+        if o.get(field_) != n.get(field_):
+            diff.append(field_)
+    if [lr["key"] for lr in old.get("layers", [])] != [lr["key"] for lr in new["layers"]]:
+        diff.append("layers")
+    if old.get("manifest_hash") != new["manifest_hash"] or old.get("manifest_state") != new["manifest_state"]:
+        diff.append("image list")
+    if old.get("jobs") != new["jobs"] and "image list" not in diff and "layers" not in diff:
+        diff.append("work plan")
+    return diff
+
+
+def _pause_at() -> int | None:
+    v = os.environ.get("CNNCODES_TEST_PAUSE_AFTER_SHARDS")
+    return int(v) if v else None
+
+
+def _progress(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, smoothing=0.1)
+
+
+def _consolidate(path, pdir, manifest, jobs, batches, final, old_info, reuse_idx, base, base_fp, dtype,
+                 compression, map_shapes, plan) -> store.CacheInfo:
+    """Stream old codes and shards, in manifest order, into a new cache file (atomic)."""
+    n = len(manifest.rows)
+    shards = _scan_shards(pdir)
+    for ji in range(len(jobs)):
+        for b in range(len(batches[ji])):
+            if (ji, b) not in shards:
+                raise CacheCorruptError(f"shard {ji}/{b} of {pdir} is missing; run the same command again")
+    # row table: computed rows take their status from job 0 (all layers); reused rows from the old file
+    status = np.array(["ok"] * n, dtype=object)
+    message = np.array([""] * n, dtype=object)
+    if old_info is not None:
+        old_rows = store.read_rows(path)
+        has = reuse_idx >= 0
+        status[has] = old_rows["status"][reuse_idx[has]]
+        message[has] = old_rows["message"][reuse_idx[has]]
+    full_job = plan["fresh_job"]
+    if full_job is not None:
+        for b in range(len(batches[full_job])):
+            sh = _read_shard(shards[(full_job, b)])
+            status[sh["rows"]] = sh["status"]
+            message[sh["rows"]] = sh["message"]
+    rows = {
+        "paths": np.array([r.relpath for r in manifest.rows], dtype=object),
+        "labels": np.array([r.label for r in manifest.rows], dtype=np.int64),
+        "split": np.array([r.split for r in manifest.rows], dtype=object),
+        "status": status,
+        "message": message,
+        "file_size": np.array([r.size for r in manifest.rows], dtype=np.int64),
+        "file_mtime_ns": np.array([r.mtime_ns for r in manifest.rows], dtype=np.int64),
+    }
+
+    def blocks_for(key: str) -> Iterator[np.ndarray]:
+        # which job computed this layer for each row, in manifest order
+        src_job = np.full(n, -1, dtype=np.int64)
+        for ji, (jrows, ks) in enumerate(jobs):
+            if key in ks:
+                src_job[jrows] = ji
+        from_old = src_job < 0
+        if np.any(from_old & (reuse_idx < 0)):
+            raise CacheCorruptError(f"internal: rows without a source for layer {key}")
+        old_block_iter = None
+        if old_info is not None and np.any(from_old):
+            old_block_iter = _RowStream(store.iter_layer_blocks(path, key, reuse_idx[from_old]))
+        shard_iters = {ji: _RowStream(_read_shard(shards[(ji, b)])[f"codes/{key}"] for b in range(len(batches[ji])))
+                       for ji, (_r, ks) in enumerate(jobs) if key in ks}
+        step = 4096
+        for s in range(0, n, step):
+            sj = src_job[s:s + step]
+            out = None
+            for ji in np.unique(sj):
+                sel = np.flatnonzero(sj == ji)
+                part = old_block_iter.take(len(sel)) if ji < 0 else shard_iters[int(ji)].take(len(sel))
+                if out is None:
+                    out = np.empty((len(sj), part.shape[1]), dtype=part.dtype)
+                out[sel] = part
+            yield out
+
+    layers = {}
+    records = []
+    for ld, pool, key, fp in final:
+        dim = None
+        shape = map_shapes.get(key, ())
+        if old_info is not None and key in old_info.layers:
+            dim = old_info.layers[key].dim
+            shape = shape or old_info.layers[key].map_shape
+        if dim is None:
+            for (ji, b), p in shards.items():
+                if key in jobs[ji][1]:
+                    dim = int(_read_shard(p)[f"codes/{key}"].shape[1])
+                    break
+        rec = store.LayerRecord(key, ld.alias, ld.node, ld.stage, pool, int(dim), tuple(shape), fp)
+        records.append(rec)
+        layers[key] = (rec, blocks_for(key))
+    spec = dict(base, layers=[r.to_dict() for r in records], weights_path=plan.get("weights_path"))
+    return store.write_cache(
+        path, spec=spec, fingerprint=base_fp, manifest_hash=manifest.digest(), dataset_root=manifest.root,
+        class_names=list(manifest.class_names), rows=rows, layers=layers, dtype=dtype, compression=compression,
+        created=None if old_info is None else old_info.created, versions=_versions(),
+    )
+
+
+class _RowStream:
+    """Take rows, in order, from an iterator of 2-D blocks."""
+
+    def __init__(self, blocks: Iterable[np.ndarray]):
+        self.it = iter(blocks)
+        self.buf: np.ndarray | None = None
+
+    def take(self, k: int) -> np.ndarray:
+        parts, need = [], k
+        while need > 0:
+            if self.buf is None or len(self.buf) == 0:
+                self.buf = next(self.it)
+            part, self.buf = self.buf[:need], self.buf[need:]
+            parts.append(part)
+            need -= len(part)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def extract_images(
+    paths: Sequence[str | os.PathLike],
+    *,
+    spec: dict,
+    layer_keys: Sequence[str],
+    device: str = "auto",
+    batch_size: int = 64,
+    workers: int | None = None,
+) -> dict:
+    """Codes of arbitrary images with exactly a recorded extraction spec (for prediction).
+
+    Parameters
+    ----------
+    paths : list of path-like
+        Image files.
+    spec : dict
+        The ``spec`` stored in a cache file (or a model's sidecar).
+    layer_keys : list of str
+        Keys of ``spec["layers"]`` to compute.
+
+    Returns
+    -------
+    dict
+        ``codes`` ({key: float32 array (n, dim)}), ``status`` and ``messages`` (str arrays),
+        ``records`` ({key: LayerRecord}), ``spec`` and ``fingerprint``.
+
+    Raises
+    ------
+    CacheMismatchError
+        The weights on this machine are not those the spec records (sha256), or the
+        rebuilt spec's fingerprint differs (another library major version...).
+    """
+    bb = get_backbone(spec["backbone"])
+    w = spec["weights"]
+    if w["kind"] == "none":
+        wts = ResolvedWeights("none", w["identity"])
+    elif w["kind"] == "default":
+        wts = bb.default_weights()
+    else:
+        path = spec.get("weights_path")
+        if not path:
+            raise CacheMismatchError("The spec names a weights file but not its path; pass the cache's spec")
+        wts = resolve_weights(bb, path)
+    if wts.sha256 != w.get("sha256") or wts.identity != w["identity"]:
+        raise CacheMismatchError(
+            f"The weights differ from those the codes were extracted with: recorded {w['identity']} "
+            f"(sha256 {str(w.get('sha256'))[:12]}), found {wts.identity} (sha256 {str(wts.sha256)[:12]})"
+        )
+    dev = resolve_device(device)
+    prec = spec.get("precision", "fp32")
+    if prec == "fp16" and dev != "cuda":
+        prec = "fp32"
+        log.warning("The codes were computed with fp16 autocast on a GPU; on the CPU fp32 is used")
+    base = {k: v for k, v in spec.items() if k not in ("layers", "weights_path")}
+    rebuilt = _base_spec(bb, wts, spec["dtype"], spec.get("precision", "fp32"), spec["preprocessing"]["draft"])
+    diff = [k for k in rebuilt if rebuilt[k] != base.get(k)]
+    if diff:
+        raise CacheMismatchError(f"This installation cannot reproduce the recorded spec: {', '.join(diff)} differ")
+    base_fp = store.fingerprint_of(rebuilt)
+    recs = {r["key"]: r for r in spec["layers"]}
+    missing = [k for k in layer_keys if k not in recs]
+    if missing:
+        raise UsageError(f"The spec holds no layer {missing}; it holds {list(recs)}")
+    plan = []
+    for k in layer_keys:
+        r = recs[k]
+        ld = bb.layer(r["alias"])
+        fp = store.fingerprint_of({"base": base_fp, "alias": ld.alias, "node": ld.node, "stage": ld.stage, "pool": r["pool"]})
+        plan.append((ld, r["pool"], k, fp))
+    runner = _Runner(bb, wts, plan, dev, prec)
+    paths = [os.fspath(p) for p in paths]
+    n = len(paths)
+    batches = [list(range(s, min(n, s + batch_size))) for s in range(0, n, batch_size)]
+    nw = _default_workers(dev) if workers is None else int(workers)
+    codes = {k: [] for k in layer_keys}
+    status = np.array(["ok"] * n, dtype=object)
+    messages = np.array([""] * n, dtype=object)
+    dt = np.float16 if spec["dtype"] == "float16" else np.float32
+    for idx, x, st, notes in _loader(paths, _pre_of(spec), spec["preprocessing"]["draft"], batches, nw, dev):
+        out = runner(x)
+        for i, (s, m) in enumerate(zip(st, notes)):
+            status[idx[i]] = s
+            messages[idx[i]] = m
+        for k in layer_keys:
+            v = out[k].astype(dt).astype(np.float32)  # the same rounding as the stored codes
+            v[[i for i, s in enumerate(st) if s != "ok"]] = np.nan
+            codes[k].append(v)
+    out_codes = {k: (np.concatenate(v) if v else np.zeros((0, recs[k]["dim"]), np.float32)) for k, v in codes.items()}
+    records = {k: store.LayerRecord(k, r["alias"], r["node"], r["stage"], r["pool"], int(out_codes[k].shape[1]),
+                                    tuple(r.get("map_shape", ())), fp)
+               for (ld, p, k, fp), r in zip(plan, [recs[k] for k in layer_keys])}
+    return {"codes": out_codes, "status": status.astype(str), "messages": messages.astype(str), "records": records,
+            "spec": spec, "fingerprint": base_fp}
+
+
+def _pre_of(spec: dict):
+    from .backbones import Preprocessing
+
+    p = spec["preprocessing"]
+    return Preprocessing(int(p["resize"]), int(p["crop"]), p["interpolation"], tuple(p["mean"]), tuple(p["std"]),
+                         bool(p["draft"]))

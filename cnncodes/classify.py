@@ -1,0 +1,1421 @@
+"""Linear classifiers on cached CNN codes: normalisers, splits, the C sweep, metrics, run folders.
+
+This module never imports torch (nor anything that does): training and comparing
+classifiers on a cache needs no forward pass and stays fast to start.
+
+The pipeline of one model is ``Pipeline([("norm", <normaliser>), ("clf", <classifier>)])``:
+
+* normalisers (:func:`make_normaliser`): ``"l2"`` (default, as in Razavian et al. 2014),
+  ``"standard"`` (zero mean, unit variance), ``"sqrt"`` (signed square root, then L2),
+  ``"none"``;
+* classifiers (:func:`make_classifier`): ``"svm"`` — :class:`~sklearn.svm.LinearSVC`
+  (one-vs-rest, squared hinge; ``dual`` chosen by shape), ``"softmax"`` — multinomial
+  :class:`~sklearn.linear_model.LogisticRegression` with lbfgs.
+
+Training a run (:func:`train_run`)
+----------------------------------
+1. Rows whose image failed to decode (``status != "ok"``) are left out and counted.
+   NaN/inf codes among the other rows, a single class, or an empty split raise
+   :class:`~cnncodes.errors.TrainingDataError`.
+2. Split (:func:`make_split`): the split recorded per row when the cache has one
+   (``train``/``val``/``test``), else a stratified split with a recorded seed.
+3. C is chosen by a sweep over a log grid (default ``np.logspace(-4, 4, 9)``), on the
+   val split, or by stratified k-fold CV on the train split when there is no val split
+   (fewer folds, with a note, when a class has fewer images than folds). Fits run in
+   parallel with joblib; the softmax sweep is warm-started along the grid.
+4. The model is refit on train+val with the best C and evaluated once on the test split.
+5. A ``ConvergenceWarning`` raises ``max_iter`` (x4, up to a cap) and refits; if the
+   fit still does not converge, the metrics say so (``converged: false``).
+
+Run folder
+----------
+``artifacts/runs/<name>/`` (written in a temporary folder next to it, renamed at the end,
+so a failed run never leaves half a folder nor overwrites a previous run)::
+
+    metrics.json                   see below
+    models/<layers>__<clf>.joblib  the fitted pipeline (atomic write)
+    models/<layers>__<clf>.json    its sidecar: sha256 of the .joblib, cache path,
+                                   extraction fingerprint, layer records, spec,
+                                   class names, normaliser, C, versions
+    predictions/<layers>__<clf>.csv  path, split, true, pred, score of every used row
+    confusion_matrix.png, c_curve.png, layer_comparison.png (several layer sets)
+
+``<layers>`` is the layer key (``fc7``, ``conv5@max``) or, with ``concat=True``,
+the keys joined by ``+`` (``fc6+fc7``).
+
+``metrics.json``::
+
+    {
+      "schema": "cnncodes.metrics/1",
+      "created": "...", "versions": {...},
+      "cache": {"path", "fingerprint", "spec", "records", "manifest_hash", "dataset_root", "rows_sha256"},
+      "split": {"source": "recorded"|"stratified", "seed", "val_fraction", "test_fraction",
+                "counts": {"train", "val", "test"}, "n_rows", "n_failed", "failed_examples", "notes"},
+      "settings": {"norm", "grid", "cv", "n_jobs", "concat", "max_iter", "max_iter_cap"},
+      "results": {
+        "<layers>": {
+          "<clf>": {
+            "C": best C, "c_at_edge": bool, "c_index": int,
+            "c_curve": [{"C", "score", "score_std", "converged"}, ...],
+            "selection": {"method": "val"|"cv", "n_folds", "notes"},
+            "train": METRICS, "val": METRICS, "test": METRICS,
+            "converged": bool, "convergence_message": str, "max_iter": int,
+            "sweep_seconds", "fit_seconds", "n_features", "norm",
+            "model": "models/<layers>__<clf>.joblib"
+          }
+        }
+      },
+      "best": {"layers", "clf", "val_accuracy", "test_accuracy", "model"},
+      "notes": [...]
+    }
+
+where ``METRICS`` (:func:`compute_metrics`) is ``{"n", "accuracy", "balanced_accuracy"
+(mean per-class accuracy), "per_class": {name: {"precision", "recall", "f1",
+"support"}}, "confusion_matrix": [[...]], "labels": [names]}``. ``val`` holds the
+predictions of the sweep at the best C (on the val split, or out-of-fold predictions
+of the CV), ``train`` and ``test`` those of the final model (refit on train+val).
+So ``metrics["results"][layers][clf]["test"]["accuracy"]`` is the test accuracy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
+from sklearn.svm import LinearSVC
+
+from .errors import CacheMismatchError, ModelFileError, TrainingDataError, UsageError
+from .fileio import atomic_path, atomic_write_text, sha256_of_file
+
+__all__ = [
+    "NORMALISERS",
+    "CLASSIFIERS",
+    "DEFAULT_GRID",
+    "signed_sqrt",
+    "make_normaliser",
+    "make_classifier",
+    "make_pipeline",
+    "Split",
+    "make_split",
+    "check_codes",
+    "SweepResult",
+    "sweep_C",
+    "compute_metrics",
+    "top_scores",
+    "fit_with_retries",
+    "save_model",
+    "load_model",
+    "find_model",
+    "Difference",
+    "diff_extraction",
+    "check_compatible",
+    "RunResult",
+    "train_run",
+    "format_summary",
+]
+
+log = logging.getLogger(__name__)
+
+NORMALISERS = ("l2", "standard", "sqrt", "none")
+CLASSIFIERS = ("svm", "softmax")
+DEFAULT_GRID = np.logspace(-4, 4, 9)
+SPLITS = ("train", "val", "test")
+METRICS_SCHEMA = "cnncodes.metrics/1"
+MODEL_SCHEMA = "cnncodes.model/1"
+MIN_GRID_DECADES = 8.0
+
+
+# --------------------------------------------------------------------------- estimators
+
+
+def signed_sqrt(X):
+    """Signed square root ``sign(x) * sqrt(|x|)``, element-wise (keeps the dtype)."""
+    X = np.asarray(X)
+    return np.sign(X) * np.sqrt(np.abs(X))
+
+
+def make_normaliser(norm: str = "l2"):
+    """The sklearn transformer of a code normalisation.
+
+    Parameters
+    ----------
+    norm : {"l2", "standard", "sqrt", "none"}
+        ``"sqrt"`` is the signed square root followed by L2.
+
+    Returns
+    -------
+    transformer
+        An unfitted sklearn transformer (or pipeline of transformers).
+
+    Raises
+    ------
+    UsageError
+        For an unknown name.
+    """
+    if norm == "l2":
+        return Normalizer(norm="l2")
+    if norm == "standard":
+        return StandardScaler()
+    if norm == "sqrt":
+        return Pipeline([
+            ("ssqrt", FunctionTransformer(signed_sqrt, feature_names_out="one-to-one")),
+            ("l2", Normalizer(norm="l2")),
+        ])
+    if norm == "none":
+        return FunctionTransformer(feature_names_out="one-to-one")
+    raise UsageError(f"The normaliser must be one of {', '.join(NORMALISERS)}. Got {norm!r} instead.")
+
+
+def make_classifier(
+    clf: str,
+    C: float = 1.0,
+    *,
+    n_samples: int | None = None,
+    n_features: int | None = None,
+    max_iter: int = 1000,
+    seed: int = 0,
+    warm_start: bool = False,
+):
+    """An unfitted linear classifier.
+
+    Parameters
+    ----------
+    clf : {"svm", "softmax"}
+    C : float
+        Inverse regularisation strength.
+    n_samples, n_features : int, optional
+        Shape of the training matrix: LinearSVC solves the primal (``dual=False``)
+        when ``n_samples > n_features``, the dual otherwise.
+    max_iter : int
+    seed : int
+        ``random_state`` of LinearSVC's coordinate descent.
+    warm_start : bool
+        For softmax: start from the previous solution (used along the C grid).
+
+    Raises
+    ------
+    UsageError
+        For an unknown classifier name or a non-positive C.
+    """
+    if not (isinstance(C, (int, float, np.floating)) and np.isfinite(C) and C > 0):
+        raise UsageError(f"The 'C' parameter must be a float > 0. Got {C!r} instead.")
+    if clf == "svm":
+        dual = True if n_samples is None or n_features is None else bool(n_samples <= n_features)
+        return LinearSVC(C=float(C), dual=dual, max_iter=int(max_iter), random_state=seed)
+    if clf == "softmax":
+        return LogisticRegression(C=float(C), solver="lbfgs", max_iter=int(max_iter), warm_start=warm_start)
+    raise UsageError(f"The classifier must be one of {', '.join(CLASSIFIERS)}. Got {clf!r} instead.")
+
+
+def make_pipeline(norm: str, clf: str, C: float = 1.0, **kwargs) -> Pipeline:
+    """``Pipeline([("norm", make_normaliser(norm)), ("clf", make_classifier(clf, C, **kwargs))])``."""
+    return Pipeline([("norm", make_normaliser(norm)), ("clf", make_classifier(clf, C, **kwargs))])
+
+
+def fit_with_retries(est, X, y, *, max_iter_cap: int = 16000, param: str = "max_iter") -> dict:
+    """Fit ``est``; on a ``ConvergenceWarning`` multiply ``max_iter`` by 4 (up to a cap) and refit.
+
+    Works for a classifier and for a :class:`~sklearn.pipeline.Pipeline` whose last step
+    is named ``clf``. Other warnings are re-emitted.
+
+    Returns
+    -------
+    dict
+        ``{"converged": bool, "max_iter": int, "message": str}``; the message says
+        what happened when more iterations were needed or the fit did not converge.
+    """
+    name = f"clf__{param}" if isinstance(est, Pipeline) else param
+    it = int(est.get_params()[name])
+    first = it
+    while True:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            est.fit(X, y)
+        conv_msgs = [str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)]
+        for w in caught:
+            if not issubclass(w.category, ConvergenceWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if not conv_msgs:
+            msg = "" if it == first else f"converged after raising max_iter from {first} to {it}"
+            return {"converged": True, "max_iter": it, "message": msg}
+        if it >= max_iter_cap:
+            return {
+                "converged": False, "max_iter": it,
+                "message": f"did not converge with max_iter={it} (the cap): {conv_msgs[-1].splitlines()[0]}",
+            }
+        it = min(it * 4, max_iter_cap)
+        est.set_params(**{name: it})
+
+
+def top_scores(est, X) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted class indices and the score of the predicted class.
+
+    The score is the top ``predict_proba`` value when the estimator has one
+    (softmax), else the top ``decision_function`` value (for a binary SVM: ``|d|``).
+    """
+    if hasattr(est, "predict_proba") and _final(est).__class__ is LogisticRegression:
+        P = est.predict_proba(X)
+        idx = np.argmax(P, axis=1)
+        return est.classes_[idx], P[np.arange(len(idx)), idx]
+    D = est.decision_function(X)
+    if D.ndim == 1:
+        pred = est.classes_[(D > 0).astype(int)]
+        return pred, np.abs(D)
+    idx = np.argmax(D, axis=1)
+    return est.classes_[idx], D[np.arange(len(idx)), idx]
+
+
+def _final(est):
+    return est[-1] if isinstance(est, Pipeline) else est
+
+
+# --------------------------------------------------------------------------- data checks and splits
+
+
+@dataclass
+class Split:
+    """Row indices (into the cache's rows) of each split, and how they were made.
+
+    Attributes
+    ----------
+    train, val, test : ndarray of int
+        Only rows with ``status == "ok"``; ``val`` may be empty (then C is chosen by CV).
+    source : {"recorded", "stratified"}
+    seed : int or None
+        Seed of the stratified split (None for a recorded split).
+    n_failed : int
+        Rows left out because their image failed to decode.
+    failed_examples : list of str
+        ``"path: message"`` of the first failed rows.
+    notes : list of str
+    """
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    source: str
+    seed: int | None
+    n_rows: int
+    n_failed: int
+    failed_examples: list[str] = field(default_factory=list)
+    val_fraction: float | None = None
+    test_fraction: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source, "seed": self.seed, "val_fraction": self.val_fraction,
+            "test_fraction": self.test_fraction, "counts": self.counts(), "n_rows": self.n_rows,
+            "n_failed": self.n_failed, "failed_examples": list(self.failed_examples), "notes": list(self.notes),
+        }
+
+
+def _class_list(labels: np.ndarray, class_names: Sequence[str]) -> str:
+    vals, counts = np.unique(labels, return_counts=True)
+    return ", ".join(f"{_name(class_names, v)} ({c})" for v, c in zip(vals, counts))
+
+
+def _name(class_names: Sequence[str], i) -> str:
+    i = int(i)
+    return str(class_names[i]) if 0 <= i < len(class_names) else str(i)
+
+
+def make_split(
+    labels: np.ndarray,
+    splits: np.ndarray,
+    status: np.ndarray,
+    *,
+    class_names: Sequence[str] = (),
+    paths: np.ndarray | None = None,
+    messages: np.ndarray | None = None,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> Split:
+    """Split the usable rows of a cache into train / val / test.
+
+    The split recorded per row is used when every usable row has one; otherwise a
+    stratified split (seeded, recorded) is drawn. Rows with ``status != "ok"`` are
+    left out and counted.
+
+    Parameters
+    ----------
+    labels, splits, status : ndarray of length N
+    class_names : sequence of str
+        For messages.
+    paths, messages : ndarray of str, optional
+        For the list of failed rows.
+    val_fraction, test_fraction : float
+        Fractions of the usable rows for a drawn split; ``val_fraction=0`` means no
+        val split (C is then chosen by cross-validation on train).
+    seed : int
+
+    Returns
+    -------
+    Split
+
+    Raises
+    ------
+    TrainingDataError
+        No usable row, a single class, an empty train or test split, an unknown or
+        partly missing recorded split, or too few images of a class for a stratified split.
+    UsageError
+        Fractions outside [0, 1) or summing to 1 or more.
+    """
+    labels = np.asarray(labels)
+    splits = np.asarray(splits).astype(str)
+    status = np.asarray(status).astype(str)
+    n = len(labels)
+    ok = status == "ok"
+    idx_ok = np.flatnonzero(ok)
+    failed = np.flatnonzero(~ok)
+    examples = []
+    for i in failed[:10]:
+        p = str(paths[i]) if paths is not None else f"row {i}"
+        m = str(messages[i]) if messages is not None else ""
+        examples.append(f"{p}: {m}" if m else p)
+    if failed.size:
+        log.info("Leaving out %d of %d rows whose image failed to decode", failed.size, n)
+    if idx_ok.size == 0:
+        raise TrainingDataError(f"No usable row: all {n} images failed to decode (or the cache is empty).")
+    n_classes = np.unique(labels[idx_ok]).size
+    if n_classes < 2:
+        raise TrainingDataError(
+            f"The usable rows hold a single class ({_class_list(labels[idx_ok], class_names)}): a classifier needs "
+            f"at least two. Check the dataset's class folders."
+        )
+    common = dict(n_rows=n, n_failed=int(failed.size), failed_examples=examples)
+    sp = splits[idx_ok]
+    has = sp != ""
+    if has.any():
+        unknown = sorted(set(sp[has]) - set(SPLITS))
+        if unknown:
+            raise TrainingDataError(
+                f"Unknown recorded split name(s) {', '.join(map(repr, unknown))}: expected train, val or test."
+            )
+        if not has.all():
+            raise TrainingDataError(
+                f"{int((~has).sum())} of {idx_ok.size} usable rows have no recorded split while the others have one: "
+                f"put every image in a train/val/test folder, or none."
+            )
+        parts = {s: idx_ok[sp == s] for s in SPLITS}
+        for s in ("train", "test"):
+            if parts[s].size == 0:
+                raise TrainingDataError(
+                    f"The recorded {s} split is empty (counts: train {parts['train'].size}, val {parts['val'].size}, "
+                    f"test {parts['test'].size}). Add a {s}/ folder, or extract without split folders for a drawn split."
+                )
+        if np.unique(labels[parts["train"]]).size < 2:
+            raise TrainingDataError(
+                f"The recorded train split holds a single class ({_class_list(labels[parts['train']], class_names)})."
+            )
+        notes = []
+        missing = sorted(set(np.unique(labels[idx_ok]).tolist()) - set(np.unique(labels[parts["train"]]).tolist()))
+        if missing:
+            notes.append(
+                f"class(es) {', '.join(_name(class_names, m) for m in missing)} have no train image: "
+                f"the model can never predict them"
+            )
+        return Split(parts["train"], parts["val"], parts["test"], "recorded", None, notes=notes, **common)
+
+    for what, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not (isinstance(v, (int, float)) and 0 <= v < 1):
+            raise UsageError(f"The '{what}' parameter must be a float in [0, 1). Got {v!r} instead.")
+    if test_fraction <= 0:
+        raise UsageError("The 'test_fraction' parameter must be > 0 when the cache records no split.")
+    if val_fraction + test_fraction >= 1:
+        raise UsageError(f"val_fraction + test_fraction must be < 1. Got {val_fraction} + {test_fraction}.")
+    from sklearn.model_selection import train_test_split
+
+    y = labels[idx_ok]
+    try:
+        rest, test = train_test_split(idx_ok, test_size=test_fraction, stratify=y, random_state=seed)
+        if val_fraction > 0:
+            y_rest = labels[rest]
+            train, val = train_test_split(
+                rest, test_size=val_fraction / (1 - test_fraction), stratify=y_rest, random_state=seed
+            )
+        else:
+            train, val = rest, np.array([], dtype=np.int64)
+    except ValueError as e:
+        raise TrainingDataError(
+            f"Cannot draw a stratified split of {idx_ok.size} images ({_class_list(y, class_names)}) with "
+            f"test_fraction={test_fraction}, val_fraction={val_fraction}: {e}. Add images to the small classes, "
+            f"or use --val-fraction 0 (C chosen by cross-validation) or larger fractions."
+        ) from e
+    return Split(
+        np.sort(train), np.sort(val), np.sort(test), "stratified", int(seed),
+        val_fraction=float(val_fraction), test_fraction=float(test_fraction), **common,
+    )
+
+
+def check_codes(X: np.ndarray, rows: np.ndarray, paths: np.ndarray | None = None, what: str = "codes") -> None:
+    """Raise if codes of the given (usable) rows hold NaN or inf.
+
+    Raises
+    ------
+    TrainingDataError
+        Naming the number of bad rows and the first few paths.
+    """
+    bad = rows[~np.isfinite(X[rows]).all(axis=1)]
+    if bad.size:
+        ex = ", ".join(str(paths[i]) if paths is not None else f"row {i}" for i in bad[:5])
+        raise TrainingDataError(
+            f"{bad.size} usable row(s) of {what} hold NaN or inf values (e.g. {ex}). The cache is damaged or the "
+            f"backbone overflowed (try float32 codes); delete it and extract again."
+        )
+
+
+# --------------------------------------------------------------------------- the C sweep
+
+
+@dataclass
+class SweepResult:
+    """What the C sweep found.
+
+    Attributes
+    ----------
+    grid : ndarray
+        The C values, ascending.
+    scores, scores_std : ndarray
+        Accuracy at each C (val split), or mean and std over CV folds.
+    converged : ndarray of bool
+        Whether every fit at that C converged.
+    best_index : int
+        ``argmax(scores)`` (the smallest C among ties).
+    predictions : ndarray of shape (len(grid), n_eval)
+        Predicted labels of the evaluation rows at each C (val rows, or out-of-fold).
+    eval_rows : ndarray of int
+        The rows (positions in the arrays given to :func:`sweep_C`) those predictions are for.
+    method : {"val", "cv"}
+    n_folds : int
+    notes : list of str
+    """
+
+    grid: np.ndarray
+    scores: np.ndarray
+    scores_std: np.ndarray
+    converged: np.ndarray
+    best_index: int
+    predictions: np.ndarray
+    eval_rows: np.ndarray
+    method: str
+    n_folds: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def best_C(self) -> float:
+        return float(self.grid[self.best_index])
+
+    @property
+    def at_edge(self) -> bool:
+        return self.best_index in (0, len(self.grid) - 1)
+
+    def curve(self) -> list[dict]:
+        return [
+            {"C": float(c), "score": float(s), "score_std": float(sd), "converged": bool(cv)}
+            for c, s, sd, cv in zip(self.grid, self.scores, self.scores_std, self.converged)
+        ]
+
+
+def _check_grid(grid) -> np.ndarray:
+    g = np.asarray(grid, dtype=np.float64).ravel()
+    if g.size < 2 or not np.all(np.isfinite(g)) or np.any(g <= 0):
+        raise UsageError(f"The C grid must hold at least two finite values > 0. Got {list(g)} instead.")
+    g = np.unique(g)
+    decades = np.log10(g[-1] / g[0])
+    if decades < MIN_GRID_DECADES - 1e-9:
+        log.warning("The C grid spans %.1f decades (%g..%g); at least %d are advised", decades, g[0], g[-1],
+                    MIN_GRID_DECADES)
+    return g
+
+
+def _fit_predict_one(norm, clf, C, Xtr, ytr, Xev, *, max_iter, max_iter_cap, seed):
+    """Fit one pipeline at C on (Xtr, ytr), predict Xev. Runs in a joblib worker."""
+    pipe = make_pipeline(norm, clf, C, n_samples=Xtr.shape[0], n_features=Xtr.shape[1], max_iter=max_iter,
+                         seed=seed)
+    info = fit_with_retries(pipe, Xtr, ytr, max_iter_cap=max_iter_cap)
+    return pipe.predict(Xev), info["converged"]
+
+
+def _softmax_path(norm, grid, Xtr, ytr, Xev, *, max_iter, max_iter_cap, seed):
+    """Warm-started softmax fits along the ascending grid; predictions at each C."""
+    normaliser = make_normaliser(norm).fit(Xtr)
+    Ztr = np.asarray(normaliser.transform(Xtr), dtype=np.float32)
+    Zev = np.asarray(normaliser.transform(Xev), dtype=np.float32)
+    lr = make_classifier("softmax", grid[0], max_iter=max_iter, seed=seed, warm_start=True)
+    preds, conv = [], []
+    for C in grid:
+        lr.set_params(C=float(C), max_iter=max_iter)
+        info = fit_with_retries(lr, Ztr, ytr, max_iter_cap=max_iter_cap)
+        preds.append(lr.predict(Zev))
+        conv.append(info["converged"])
+    return np.stack(preds), np.asarray(conv)
+
+
+def _n_folds(y: np.ndarray, cv: int, class_names: Sequence[str]) -> tuple[int, list[str]]:
+    vals, counts = np.unique(y, return_counts=True)
+    m = int(counts.min())
+    if m >= cv:
+        return cv, []
+    k = max(2, m)
+    small = ", ".join(f"{_name(class_names, v)} ({c})" for v, c in zip(vals, counts) if c < cv)
+    note = (f"class(es) {small} have fewer training images than the {cv} CV folds asked for: "
+            f"C chosen with {k}-fold CV instead")
+    if m < 2:
+        note += "; a class with a single image is missing from the training part of one fold"
+    log.warning(note)
+    return k, [note]
+
+
+def sweep_C(
+    X_train: np.ndarray,
+    y_train: np.ndarray,
+    X_val: np.ndarray | None = None,
+    y_val: np.ndarray | None = None,
+    *,
+    clf: str = "svm",
+    norm: str = "l2",
+    grid: Sequence[float] | None = None,
+    cv: int = 5,
+    seed: int = 0,
+    n_jobs: int | None = -1,
+    max_iter: int = 1000,
+    max_iter_cap: int = 16000,
+    class_names: Sequence[str] = (),
+) -> SweepResult:
+    """Choose C by accuracy on a val split, or by stratified k-fold CV on train.
+
+    Parameters
+    ----------
+    X_train, y_train : arrays
+        Training codes (float32 is kept) and labels.
+    X_val, y_val : arrays, optional
+        The val split; when None or empty, ``cv``-fold stratified CV on train is used.
+    clf, norm : str
+        See :func:`make_classifier` and :func:`make_normaliser`.
+    grid : sequence of float, optional
+        C values; default ``np.logspace(-4, 4, 9)``.
+    cv : int
+        Folds when there is no val split; fewer (noted) when a class is smaller.
+    seed : int
+        Seed of the folds and of LinearSVC.
+    n_jobs : int
+        joblib workers (-1: all cores). SVM fits run in parallel over C (and folds);
+        softmax runs warm-started along the grid, in parallel over folds.
+    max_iter, max_iter_cap : int
+        Starting iteration limit and the cap of :func:`fit_with_retries`.
+
+    Returns
+    -------
+    SweepResult
+
+    Raises
+    ------
+    UsageError
+        For a bad grid, classifier, normaliser or ``cv < 2``.
+    TrainingDataError
+        When the folds cannot be made.
+    """
+    from joblib import Parallel, delayed
+
+    g = _check_grid(DEFAULT_GRID if grid is None else grid)
+    make_normaliser(norm)
+    make_classifier(clf)
+    X_train = np.asarray(X_train, dtype=np.float32)
+    y_train = np.asarray(y_train)
+    t0 = time.perf_counter()
+    kw = dict(max_iter=max_iter, max_iter_cap=max_iter_cap, seed=seed)
+    notes: list[str] = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*least populated class.*")
+        if X_val is not None and len(X_val):
+            X_val = np.asarray(X_val, dtype=np.float32)
+            y_val = np.asarray(y_val)
+            if clf == "softmax":
+                preds, conv = _softmax_path(norm, g, X_train, y_train, X_val, **kw)
+            else:
+                out = Parallel(n_jobs=n_jobs)(
+                    delayed(_fit_predict_one)(norm, clf, C, X_train, y_train, X_val, **kw) for C in g
+                )
+                preds = np.stack([p for p, _ in out])
+                conv = np.asarray([c for _, c in out])
+            scores = (preds == y_val[None, :]).mean(axis=1)
+            std = np.zeros_like(scores)
+            method, k, eval_rows = "val", 0, np.arange(len(y_val))
+        else:
+            from sklearn.model_selection import StratifiedKFold
+
+            if not isinstance(cv, (int, np.integer)) or cv < 2:
+                raise UsageError(f"The 'cv' parameter must be an int >= 2. Got {cv!r} instead.")
+            k, notes = _n_folds(y_train, int(cv), class_names)
+            try:
+                folds = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(X_train, y_train))
+            except ValueError as e:
+                raise TrainingDataError(f"Cannot make {k} CV folds of {len(y_train)} training images: {e}") from e
+            for tr, _ in folds:
+                if np.unique(y_train[tr]).size < 2:
+                    raise TrainingDataError("A CV fold's training part holds a single class: add images")
+            if clf == "softmax":
+                out = Parallel(n_jobs=n_jobs)(
+                    delayed(_softmax_path)(norm, g, X_train[tr], y_train[tr], X_train[te], **kw) for tr, te in folds
+                )
+                fold_preds = [p for p, _ in out]
+                fold_conv = np.stack([c for _, c in out])  # (k, n_C)
+            else:
+                jobs = [(i, j) for i in range(len(g)) for j in range(k)]
+                out = Parallel(n_jobs=n_jobs)(
+                    delayed(_fit_predict_one)(norm, clf, g[i], X_train[folds[j][0]], y_train[folds[j][0]],
+                                              X_train[folds[j][1]], **kw)
+                    for i, j in jobs
+                )
+                fold_preds = [np.stack([out[i * k + j][0] for i in range(len(g))]) for j in range(k)]
+                fold_conv = np.asarray([[out[i * k + j][1] for i in range(len(g))] for j in range(k)])
+            preds = np.empty((len(g), len(y_train)), dtype=y_train.dtype)
+            fold_scores = np.empty((k, len(g)))
+            for j, (_, te) in enumerate(folds):
+                preds[:, te] = fold_preds[j]
+                fold_scores[j] = (fold_preds[j] == y_train[te][None, :]).mean(axis=1)
+            scores, std = fold_scores.mean(axis=0), fold_scores.std(axis=0)
+            conv = fold_conv.all(axis=0)
+            method, eval_rows = "cv", np.arange(len(y_train))
+    best = int(np.argmax(scores))
+    res = SweepResult(g, scores, std, conv, best, preds, eval_rows, method, k, time.perf_counter() - t0, notes)
+    if res.at_edge:
+        res.notes.append(
+            f"best C={res.best_C:g} is at the {'lower' if best == 0 else 'upper'} edge of the grid "
+            f"({g[0]:g}..{g[-1]:g}): widen the grid"
+        )
+    if not conv.all():
+        res.notes.append(f"fits did not converge at C = {', '.join(f'{c:g}' for c in g[~conv])}")
+    return res
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> dict:
+    """Classification metrics of one split, with ``sklearn.metrics``.
+
+    Parameters
+    ----------
+    y_true, y_pred : array of int
+        Class indices into ``class_names``.
+    class_names : sequence of str
+
+    Returns
+    -------
+    dict
+        ``n``, ``accuracy`` (top-1), ``balanced_accuracy`` (mean per-class accuracy over
+        the classes present in ``y_true``), ``per_class`` (precision, recall, f1, support
+        per class name), ``confusion_matrix`` (rows: true, columns: predicted, in the
+        order of ``labels``), ``labels``. Empty splits give ``{"n": 0}``.
+    """
+    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix,
+                                 precision_recall_fscore_support)
+
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    if y_true.size == 0:
+        return {"n": 0}
+    labels = np.arange(len(class_names))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        acc = accuracy_score(y_true, y_pred)
+        bal = balanced_accuracy_score(y_true, y_pred)
+        p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    return {
+        "n": int(y_true.size),
+        "accuracy": float(acc),
+        "balanced_accuracy": float(bal),
+        "per_class": {
+            str(name): {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+            for i, name in enumerate(class_names)
+        },
+        "confusion_matrix": cm.astype(int).tolist(),
+        "labels": [str(c) for c in class_names],
+    }
+
+
+# --------------------------------------------------------------------------- model files
+
+
+def _versions() -> dict:
+    import sklearn
+
+    from . import __version__
+
+    import joblib
+
+    return {"cnncodes": __version__, "sklearn": sklearn.__version__, "numpy": np.__version__,
+            "joblib": joblib.__version__, "python": platform.python_version()}
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def sidecar_path(model_path: str | os.PathLike) -> Path:
+    """``models/x.joblib -> models/x.json``."""
+    return Path(model_path).with_suffix(".json")
+
+
+def save_model(pipe, path: str | os.PathLike, meta: Mapping[str, Any]) -> dict:
+    """Write a fitted pipeline atomically with ``joblib.dump``, then its JSON sidecar.
+
+    Parameters
+    ----------
+    pipe : estimator
+    path : path-like
+        The ``.joblib`` file; the sidecar is the same name with ``.json``.
+    meta : mapping
+        Provenance to store in the sidecar (cache, fingerprint, records, spec,
+        class_names, norm, C, classifier...).
+
+    Returns
+    -------
+    dict
+        The sidecar's content (with ``sha256``, ``model_file``, ``size_bytes``, ``versions``).
+    """
+    import joblib
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        joblib.dump(pipe, tmp)
+    side = {"schema": MODEL_SCHEMA, **dict(meta), "model_file": path.name, "sha256": sha256_of_file(path),
+            "size_bytes": path.stat().st_size, "versions": _versions(), "created": _now()}
+    atomic_write_text(sidecar_path(path), json.dumps(_jsonable(side), indent=2, sort_keys=True) + "\n")
+    return side
+
+
+def load_model(path: str | os.PathLike) -> tuple[Any, dict]:
+    """Load a model written by :func:`save_model`, checking its sidecar first.
+
+    The sidecar must exist, be valid JSON, name this file, and hold the sha256 of
+    its bytes; only then is the file unpickled.
+
+    Parameters
+    ----------
+    path : path-like
+        The ``.joblib`` file.
+
+    Returns
+    -------
+    model : estimator
+    meta : dict
+        The sidecar.
+
+    Raises
+    ------
+    ModelFileError
+        Missing model or sidecar, unreadable sidecar, a sidecar of another model,
+        a sha256 mismatch (tampered or truncated file), or a file that does not unpickle.
+    """
+    import joblib
+
+    path = Path(path)
+    side = sidecar_path(path)
+    if not path.is_file():
+        raise ModelFileError(f"No model file at {path}.")
+    if not side.is_file():
+        raise ModelFileError(
+            f"The model {path} has no sidecar {side.name}: its origin and integrity cannot be checked, so it "
+            f"is not loaded. Retrain it with scripts/train_svm.py."
+        )
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"The sidecar {side} of {path} is unreadable ({e}); the model is not loaded.") from e
+    if meta.get("model_file") != path.name:
+        raise ModelFileError(
+            f"The sidecar {side} describes the model file {meta.get('model_file')!r}, not {path.name!r}: "
+            f"it belongs to another model. The model is not loaded."
+        )
+    digest = sha256_of_file(path)
+    if digest != meta.get("sha256"):
+        raise ModelFileError(
+            f"The model file {path} does not match its sidecar (sha256 {digest[:12]}… expected "
+            f"{str(meta.get('sha256'))[:12]}…): it was changed or truncated after it was written. It is not "
+            f"unpickled; retrain it."
+        )
+    try:
+        model = joblib.load(path)
+    except Exception as e:  # noqa: BLE001 - anything from unpickling is a bad file
+        raise ModelFileError(f"The model file {path} cannot be loaded ({type(e).__name__}: {e}).") from e
+    if not hasattr(model, "predict"):
+        raise ModelFileError(f"{path} holds a {type(model).__name__}, not a fitted model.")
+    return model, meta
+
+
+def find_model(run_dir_or_model: str | os.PathLike, model: str | None = None) -> Path:
+    """The model file of a run folder: the one named ``model``, or the best by val accuracy.
+
+    Parameters
+    ----------
+    run_dir_or_model : path-like
+        A run folder, or a ``.joblib`` file (returned as is).
+    model : str, optional
+        ``"<layers>__<clf>"`` (e.g. ``"fc7__svm"``), with or without ``.joblib``.
+
+    Raises
+    ------
+    UsageError
+        A missing path, an unknown model name (the known ones are listed), or a folder with no model.
+    """
+    p = Path(run_dir_or_model)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise UsageError(f"{p} is neither a run folder nor a model file.")
+    mdir = p / "models"
+    known = sorted(q.stem for q in mdir.glob("*.joblib")) if mdir.is_dir() else []
+    if not known:
+        raise UsageError(f"The run folder {p} holds no model (no models/*.joblib).")
+    if model:
+        name = model[: -len(".joblib")] if model.endswith(".joblib") else model
+        if name not in known:
+            raise UsageError(f"The run {p} has no model {model!r}. It has: {', '.join(known)}.")
+        return mdir / f"{name}.joblib"
+    if len(known) == 1:
+        return mdir / f"{known[0]}.joblib"
+    try:
+        best = json.loads((p / "metrics.json").read_text())["best"]["model"]
+        return p / best
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(
+            f"The run {p} has several models ({', '.join(known)}) and no readable metrics.json to pick the best: "
+            f"choose one with --model."
+        ) from e
+
+
+# --------------------------------------------------------------------------- compatibility
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One field where a model's training codes and other codes differ."""
+
+    field: str
+    model: Any
+    codes: Any
+
+    def __str__(self) -> str:
+        return f"{self.field}: {_short(self.model)} (model) vs {_short(self.codes)} (codes)"
+
+
+def _short(v: Any) -> str:
+    s = json.dumps(v, sort_keys=True, default=str) if not isinstance(v, str) else repr(v)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+# spec fields that do not change a code (where a file lies, how fast it was computed)
+_SPEC_IGNORED = frozenset({"path", "device", "batch_size", "num_workers", "workers", "created", "layers"})
+_RECORD_FIELDS = ("alias", "node", "stage", "pool", "dim", "map_shape")
+
+
+def _diff_dicts(a: Any, b: Any, prefix: str, out: list[Difference]) -> None:
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        for k in sorted(set(a) | set(b), key=str):
+            if k in _SPEC_IGNORED:
+                continue
+            name = f"{prefix}.{k}" if prefix else str(k)
+            if k not in a:
+                out.append(Difference(name, None, b[k]))
+            elif k not in b:
+                out.append(Difference(name, a[k], None))
+            else:
+                _diff_dicts(a[k], b[k], name, out)
+        return
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            _diff_dicts(x, y, f"{prefix}[{i}]", out)
+        return
+    if a != b:
+        out.append(Difference(prefix, a, b))
+
+
+def _as_record_dict(r) -> dict:
+    if hasattr(r, "to_dict"):
+        return r.to_dict()
+    return dict(r)
+
+
+def diff_extraction(sidecar_meta: Mapping, codes_records: Mapping[str, Any], codes_spec: Mapping) -> list[Difference]:
+    """Every field where the codes a model was trained on differ from other codes.
+
+    Parameters
+    ----------
+    sidecar_meta : mapping
+        A model's sidecar (:func:`load_model`): ``layers``, ``records``, ``spec``.
+    codes_records : mapping
+        ``key -> LayerRecord`` (or its dict) of the codes to predict on. Compared by key
+        when every model layer is there, else in order (so ``fc6`` codes offered as
+        the model's ``fc7`` are named as such).
+    codes_spec : mapping
+        The extraction spec of those codes.
+
+    Returns
+    -------
+    list of Difference
+        Empty when compatible. Layer fields: ``layer[<key>].alias`` / ``node`` / ``stage`` /
+        ``pool`` / ``dim`` / ``map_shape`` (then ``fingerprint`` when nothing else explains
+        a difference); spec fields by dotted path (``weights.sha256``,
+        ``preprocessing.crop``, ``dtype``...). Where a file lies and run settings
+        (``path``, ``device``, ``batch_size``) are not compared.
+    """
+    out: list[Difference] = []
+    model_layers = list(sidecar_meta.get("layers") or list((sidecar_meta.get("records") or {}).keys()))
+    mrec = {k: _as_record_dict(v) for k, v in (sidecar_meta.get("records") or {}).items()}
+    crec = {k: _as_record_dict(v) for k, v in codes_records.items()}
+    if all(k in crec for k in model_layers):
+        pairs = [(k, mrec.get(k, {}), crec[k]) for k in model_layers]
+    elif len(crec) == len(model_layers):
+        pairs = [(k, mrec.get(k, {}), c) for k, c in zip(model_layers, crec.values())]
+        for (k, _, c), ck in zip(pairs, crec):
+            if ck != k:
+                out.append(Difference(f"layer[{k}].key", k, ck))
+    else:
+        missing = [k for k in model_layers if k not in crec]
+        out.append(Difference("layers", model_layers, list(crec)))
+        pairs = [(k, mrec.get(k, {}), crec[k]) for k in model_layers if k not in missing]
+    for k, m, c in pairs:
+        for f in _RECORD_FIELDS:
+            mv, cv = m.get(f), c.get(f)
+            if f == "map_shape":
+                mv, cv = list(mv or []), list(cv or [])
+            if mv != cv:
+                out.append(Difference(f"layer[{k}].{f}", mv, cv))
+    _diff_dicts(dict(sidecar_meta.get("spec") or {}), dict(codes_spec or {}), "", out)
+    if not out:
+        for k, m, c in pairs:
+            if m.get("fingerprint") and c.get("fingerprint") and m["fingerprint"] != c["fingerprint"]:
+                out.append(Difference(f"layer[{k}].fingerprint", m["fingerprint"], c["fingerprint"]))
+    return out
+
+
+def check_compatible(sidecar_meta: Mapping, codes_records: Mapping[str, Any], codes_spec: Mapping) -> None:
+    """Refuse codes that were not extracted like the model's training codes.
+
+    Widths are not enough: AlexNet's fc6 and fc7 are both 4096-D.
+
+    Raises
+    ------
+    CacheMismatchError
+        Listing every differing field (see :func:`diff_extraction`); the list is
+        also in the exception's ``differences`` attribute.
+    """
+    diffs = diff_extraction(sidecar_meta, codes_records, codes_spec)
+    if diffs:
+        name = sidecar_meta.get("model_file", "the model")
+        err = CacheMismatchError(
+            f"The codes do not match those {name} was trained on ({len(diffs)} field(s) differ): "
+            + "; ".join(str(d) for d in diffs)
+            + ". Extract the codes with the model's spec, or train a model on these codes."
+        )
+        err.differences = diffs
+        raise err
+
+
+# --------------------------------------------------------------------------- a run
+
+
+@dataclass
+class RunResult:
+    """What :func:`train_run` produced."""
+
+    run_dir: Path
+    metrics: dict
+    summary: str
+
+
+def _jsonable(o):
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return _jsonable(o.tolist())
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating, float)):
+        return float(o) if np.isfinite(o) else None
+    if isinstance(o, (np.bool_,)):
+        return bool(o)
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "to_dict"):
+        return _jsonable(o.to_dict())
+    return o
+
+
+def _layer_sets(layers: Sequence[str], concat: bool) -> list[list[str]]:
+    if not layers:
+        raise UsageError("Name at least one layer (--layers fc7 ...).")
+    uniq = list(dict.fromkeys(layers))
+    return [uniq] if concat else [[k] for k in uniq]
+
+
+def default_run_name(cache: str | os.PathLike, layers: Sequence[str], concat: bool = False) -> str:
+    """``<cache stem>__<layers>__<UTC timestamp>``."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    lay = "+".join(layers) if concat else "-".join(layers)
+    return f"{Path(cache).stem}__{lay}__{stamp}"
+
+
+@contextlib.contextmanager
+def _staging_dir(target: Path, overwrite: bool):
+    """A temporary folder next to ``target``, renamed over it on success, removed on failure."""
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise UsageError(f"The run folder {target} exists and is not empty: choose another --out or pass --overwrite.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        if target.is_dir() and any(target.iterdir()):
+            old = target.with_name(f".{target.name}.old-{os.getpid()}-{int(time.time())}")
+            os.replace(target, old)
+        elif target.is_dir():
+            target.rmdir()
+        else:
+            target.unlink()
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def train_run(
+    cache: str | os.PathLike,
+    layers: Sequence[str],
+    *,
+    classifiers: Sequence[str] = CLASSIFIERS,
+    concat: bool = False,
+    norm: str = "l2",
+    grid: Sequence[float] | None = None,
+    cv: int = 5,
+    seed: int = 0,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.2,
+    n_jobs: int | None = -1,
+    max_iter: int = 1000,
+    max_iter_cap: int = 16000,
+    out: str | os.PathLike | None = None,
+    runs_root: str | os.PathLike = "artifacts/runs",
+    overwrite: bool = False,
+    plots: bool = True,
+) -> RunResult:
+    """Train every (layer set, classifier) pair on a cache and write a run folder.
+
+    Parameters
+    ----------
+    cache : path-like
+        A cache written by the extractor.
+    layers : sequence of str
+        Layer keys; one model per layer, or one on their concatenation with ``concat``.
+    classifiers : sequence of {"svm", "softmax"}
+    norm : {"l2", "standard", "sqrt", "none"}
+    grid : sequence of float, optional
+        C grid (default ``np.logspace(-4, 4, 9)``).
+    cv : int
+        Folds of the C selection when there is no val split.
+    seed : int
+        Seed of a drawn split, of the folds and of LinearSVC.
+    val_fraction, test_fraction : float
+        For a drawn split (ignored when the cache records one).
+    n_jobs : int
+        joblib workers for the sweep.
+    max_iter, max_iter_cap : int
+        See :func:`fit_with_retries`.
+    out : path-like, optional
+        The run folder; default ``runs_root / default_run_name(...)``.
+    overwrite : bool
+        Replace an existing non-empty run folder (only once the new run has succeeded).
+    plots : bool
+        Write the PNG figures.
+
+    Returns
+    -------
+    RunResult
+
+    Raises
+    ------
+    UsageError
+        Bad arguments, a layer the cache does not hold, an existing run folder.
+    TrainingDataError
+        One class, NaN/inf codes, an empty split, folds that cannot be made.
+    CacheError
+        A missing, incomplete or corrupt cache.
+    """
+    from .store import load_codes, read_info
+
+    classifiers = list(dict.fromkeys(classifiers))
+    if not classifiers:
+        raise UsageError("Name at least one classifier (svm, softmax).")
+    for c in classifiers:
+        make_classifier(c)
+    make_normaliser(norm)
+    g = _check_grid(DEFAULT_GRID if grid is None else grid)
+    sets = _layer_sets(layers, concat)
+    all_keys = [k for s in sets for k in s]
+    target = Path(out) if out is not None else Path(runs_root) / default_run_name(cache, all_keys, concat)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise UsageError(f"The run folder {target} exists and is not empty: choose another --out or pass --overwrite.")
+
+    info = read_info(cache)
+    missing = [k for k in all_keys if k not in info.layers]
+    if missing:
+        load_codes(cache, missing)  # raises UsageError naming what the cache holds
+    t_run = time.perf_counter()
+    results: dict[str, dict] = {}
+    curves_for_plot, cms_for_plot = [], []
+    first = None
+    split: Split | None = None
+    notes: list[str] = []
+    with _staging_dir(target, overwrite) as tmp:
+        for lset in sets:
+            codes = load_codes(cache, lset)
+            name = "+".join(lset)
+            if split is None:
+                first = codes
+                split = make_split(
+                    codes.labels, codes.splits, codes.status, class_names=codes.class_names, paths=codes.paths,
+                    messages=codes.messages, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                )
+                notes.extend(split.notes)
+                log.info("Split (%s): %d train, %d val, %d test; %d failed rows left out", split.source,
+                         len(split.train), len(split.val), len(split.test), split.n_failed)
+            used = np.concatenate([split.train, split.val, split.test])
+            check_codes(codes.X, used, codes.paths, what=f"layer(s) {name}")
+            X = np.ascontiguousarray(codes.X, dtype=np.float32)
+            y = codes.labels
+            trval = np.concatenate([split.train, split.val])
+            results[name] = {}
+            for clf in classifiers:
+                log.info("Sweeping C for %s on %s (%d features)", clf, name, X.shape[1])
+                sw = sweep_C(
+                    X[split.train], y[split.train],
+                    X[split.val] if len(split.val) else None, y[split.val] if len(split.val) else None,
+                    clf=clf, norm=norm, grid=g, cv=cv, seed=seed, n_jobs=n_jobs, max_iter=max_iter,
+                    max_iter_cap=max_iter_cap, class_names=codes.class_names,
+                )
+                for nt in sw.notes:
+                    log.warning("%s / %s: %s", name, clf, nt)
+                val_rows = split.val if sw.method == "val" else split.train
+                val_metrics = compute_metrics(y[val_rows], sw.predictions[sw.best_index], codes.class_names)
+                val_metrics["method"] = sw.method
+                t0 = time.perf_counter()
+                pipe = make_pipeline(norm, clf, sw.best_C, n_samples=len(trval), n_features=X.shape[1],
+                                     max_iter=max_iter, seed=seed)
+                fit = fit_with_retries(pipe, X[trval], y[trval], max_iter_cap=max_iter_cap)
+                fit_s = time.perf_counter() - t0
+                if not fit["converged"]:
+                    log.warning("%s / %s: %s", name, clf, fit["message"])
+                pred_all = {s: top_scores(pipe, X[rows]) if len(rows) else (np.array([], int), np.array([]))
+                            for s, rows in (("train", trval), ("test", split.test))}
+                stem = f"{name}__{clf}"
+                rel_model = f"models/{stem}.joblib"
+                save_model(pipe, tmp / rel_model, {
+                    "classifier": clf, "norm": norm, "C": sw.best_C, "layers": list(lset),
+                    "records": {k: codes.records[k].to_dict() for k in lset}, "spec": codes.spec,
+                    "fingerprint": codes.fingerprint, "cache": str(Path(cache).resolve()),
+                    "class_names": list(codes.class_names), "n_features": int(X.shape[1]),
+                    "max_iter": fit["max_iter"], "converged": fit["converged"], "seed": seed,
+                })
+                _write_predictions(tmp / "predictions" / f"{stem}.csv", codes, trval, split, pred_all)
+                r = {
+                    "C": sw.best_C, "c_index": sw.best_index, "c_at_edge": sw.at_edge, "c_curve": sw.curve(),
+                    "selection": {"method": sw.method, "n_folds": sw.n_folds, "notes": sw.notes},
+                    "train": compute_metrics(y[trval], pred_all["train"][0], codes.class_names),
+                    "val": val_metrics,
+                    "test": compute_metrics(y[split.test], pred_all["test"][0], codes.class_names),
+                    "converged": fit["converged"], "convergence_message": fit["message"], "max_iter": fit["max_iter"],
+                    "sweep_seconds": sw.seconds, "fit_seconds": fit_s, "n_features": int(X.shape[1]),
+                    "norm": norm, "model": rel_model,
+                }
+                r["train"]["rows"] = "train+val"
+                results[name][clf] = r
+                curves_for_plot.append((name, clf, sw))
+                cms_for_plot.append((name, clf, r["test"]))
+                log.info("%s / %s: C=%g, val %.4f, test %.4f (sweep %.1fs, fit %.1fs)", name, clf, sw.best_C,
+                         val_metrics["accuracy"], r["test"]["accuracy"], sw.seconds, fit_s)
+        best = max(
+            ((n, c, r) for n, d in results.items() for c, r in d.items()),
+            key=lambda t: (t[2]["val"]["accuracy"], -len(t[0])),
+        )
+        metrics = {
+            "schema": METRICS_SCHEMA,
+            "created": _now(),
+            "versions": _versions(),
+            "cache": {
+                "path": str(Path(cache).resolve()), "fingerprint": info.fingerprint, "spec": info.spec,
+                "records": {k: info.layers[k].to_dict() for k in all_keys}, "manifest_hash": info.manifest_hash,
+                "dataset_root": info.dataset_root, "rows_sha256": info.rows_sha256, "class_names": first.class_names,
+            },
+            "split": split.to_dict(),
+            "settings": {"norm": norm, "grid": g, "cv": cv, "n_jobs": n_jobs, "concat": concat, "seed": seed,
+                         "classifiers": classifiers, "layer_sets": ["+".join(s) for s in sets],
+                         "max_iter": max_iter, "max_iter_cap": max_iter_cap},
+            "results": results,
+            "best": {"layers": best[0], "clf": best[1], "val_accuracy": best[2]["val"]["accuracy"],
+                     "test_accuracy": best[2]["test"]["accuracy"], "model": best[2]["model"]},
+            "notes": notes,
+            "seconds": time.perf_counter() - t_run,
+        }
+        atomic_write_text(tmp / "metrics.json", json.dumps(_jsonable(metrics), indent=2) + "\n")
+        if plots:
+            _plot_confusions(tmp / "confusion_matrix.png", cms_for_plot)
+            _plot_curves(tmp / "c_curve.png", curves_for_plot)
+            if len(sets) > 1:
+                _plot_layers(tmp / "layer_comparison.png", results)
+    summary = format_summary(metrics)
+    log.info("Run written to %s; best: %s / %s (val %.4f, test %.4f)", target, best[0], best[1],
+             best[2]["val"]["accuracy"], best[2]["test"]["accuracy"])
+    return RunResult(target, metrics, summary)
+
+
+def _write_predictions(path: Path, codes, trval: np.ndarray, split: Split, pred_all: dict) -> None:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "split", "true", "pred", "score"])
+    names = codes.class_names
+    part_of = np.full(len(codes.labels), "", dtype=object)
+    for part in SPLITS:
+        part_of[getattr(split, part)] = part
+    for part, rows in (("train", trval), ("test", split.test)):
+        pred, score = pred_all[part]
+        for i, p, s in zip(rows, pred, score):
+            w.writerow([codes.paths[i], part_of[i], names[codes.labels[i]], names[int(p)], f"{float(s):.6g}"])
+    atomic_write_text(path, buf.getvalue())
+
+
+def format_summary(metrics: Mapping) -> str:
+    """The terminal table: layers x classifier -> val acc, test acc, best C, fit seconds."""
+    head = ["layers", "clf", "val acc", "test acc", "best C", "sweep s", "fit s", "note"]
+    rows = []
+    for name, d in metrics["results"].items():
+        for clf, r in d.items():
+            note = []
+            if r.get("c_at_edge"):
+                note.append("C at grid edge")
+            if not r.get("converged", True):
+                note.append("not converged")
+            rows.append([name, clf, f"{r['val'].get('accuracy', float('nan')):.4f}", f"{r['test']['accuracy']:.4f}",
+                         f"{r['C']:g}", f"{r['sweep_seconds']:.1f}", f"{r['fit_seconds']:.1f}", ", ".join(note)])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    out = [line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+    b = metrics.get("best")
+    if b:
+        out.append(f"best by val accuracy: {b['layers']} / {b['clf']} (test {b['test_accuracy']:.4f})")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _figure(*size):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+def _plot_confusions(path: Path, items: list) -> None:
+    n = len(items)
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    k = len(items[0][2].get("labels", []))
+    side = max(3.5, 0.35 * k + 2)
+    fig = _figure(side * cols, side * rows)
+    for i, (name, clf, m) in enumerate(items):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        cm = np.asarray(m.get("confusion_matrix", [[0]]), dtype=float)
+        norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+        ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
+        ax.set_title(f"{name} / {clf}: test acc {m.get('accuracy', float('nan')):.3f}", fontsize=9)
+        labels = m.get("labels", [])
+        if k <= 30:
+            ax.set_xticks(range(k), labels, rotation=90, fontsize=7)
+            ax.set_yticks(range(k), labels, fontsize=7)
+            if k <= 12:
+                for a in range(k):
+                    for b in range(k):
+                        ax.text(b, a, int(cm[a, b]), ha="center", va="center", fontsize=7,
+                                color="white" if norm[a, b] > 0.5 else "black")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+    _save(fig, path)
+
+
+def _plot_curves(path: Path, items: list) -> None:
+    fig = _figure(6.5, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    for name, clf, sw in items:
+        line, = ax.semilogx(sw.grid, sw.scores, marker="o", ms=3, label=f"{name} / {clf}")
+        if sw.method == "cv":
+            ax.fill_between(sw.grid, sw.scores - sw.scores_std, sw.scores + sw.scores_std, alpha=0.15,
+                            color=line.get_color())
+        ax.plot([sw.best_C], [sw.scores[sw.best_index]], marker="*", ms=12, color=line.get_color())
+    ax.set_xlabel("C")
+    ax.set_ylabel("val accuracy" if all(sw.method == "val" for _, _, sw in items) else "val / CV accuracy")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def _plot_layers(path: Path, results: Mapping) -> None:
+    names = list(results)
+    clfs = list(dict.fromkeys(c for d in results.values() for c in d))
+    fig = _figure(max(5.0, 1.1 * len(names) * len(clfs)), 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    w = 0.8 / len(clfs)
+    x = np.arange(len(names))
+    for j, c in enumerate(clfs):
+        test = [results[n].get(c, {}).get("test", {}).get("accuracy", np.nan) for n in names]
+        val = [results[n].get(c, {}).get("val", {}).get("accuracy", np.nan) for n in names]
+        ax.bar(x + j * w - 0.4 + w / 2, test, w, label=f"{c} test")
+        ax.plot(x + j * w - 0.4 + w / 2, val, "k_", ms=14, mew=2, label="val" if j == 0 else None)
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title("accuracy by layer")
+    ax.legend(fontsize=7)
+    _save(fig, path)

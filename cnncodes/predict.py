@@ -1,0 +1,189 @@
+"""Predict labels of new images with a trained run: same backbone, weights, preprocessing and layers.
+
+:func:`predict` loads a model and its sidecar (sha256 checked before unpickling),
+extracts the codes of the images with exactly the recorded extraction spec
+(:func:`cnncodes.extract.extract_images`, which refuses other weights), checks that
+the new codes match the training codes field by field
+(:func:`cnncodes.classify.check_compatible`), and predicts.
+
+This module imports torch only inside :func:`predict` (through the extractor), so
+importing it, expanding paths and writing results stay fast.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .classify import check_compatible, find_model, load_model, top_scores
+from .errors import UsageError
+from .fileio import atomic_write_text
+
+__all__ = ["expand_paths", "predict", "predict_codes", "write_predictions", "FIELDS"]
+
+log = logging.getLogger(__name__)
+
+FIELDS = ("path", "label", "score", "status", "message")
+
+try:
+    from .images import IMAGE_EXTENSIONS as _IMAGE_EXTENSIONS
+except ImportError:  # pragma: no cover - images.py is part of the package
+    _IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"})
+
+
+def expand_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Image files of ``paths``: files as given, folders expanded recursively (sorted).
+
+    Raises
+    ------
+    UsageError
+        A path that does not exist, a folder with no image file, or no path at all.
+    """
+    if not paths:
+        raise UsageError("Give at least one image file or folder.")
+    out: list[str] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            found = sorted(
+                str(q) for q in p.rglob("*")
+                if q.is_file() and q.suffix.lower() in _IMAGE_EXTENSIONS and not q.name.startswith(".")
+            )
+            if not found:
+                raise UsageError(
+                    f"The folder {p} holds no image file (extensions {', '.join(sorted(_IMAGE_EXTENSIONS))})."
+                )
+            out.extend(found)
+        elif p.is_file():
+            out.append(str(p))
+        else:
+            raise UsageError(f"No such image file or folder: {p}")
+    return list(dict.fromkeys(out))
+
+
+def predict_codes(model, meta: dict, X: np.ndarray, status: np.ndarray | None = None,
+                  messages: np.ndarray | None = None) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Labels and scores of codes ``X`` (rows with ``status != "ok"`` get label "" and NaN score).
+
+    Returns
+    -------
+    labels : list of str
+        Class names (``""`` for failed rows).
+    scores : ndarray of float
+        Top softmax probability, or top SVM decision value.
+    status, messages : ndarray of str
+    """
+    n = len(X)
+    status = np.asarray(status if status is not None else ["ok"] * n).astype(str)
+    messages = np.asarray(messages if messages is not None else [""] * n).astype(object)
+    ok = status == "ok"
+    finite = np.isfinite(X).all(axis=1) if n else np.zeros(0, bool)
+    bad = ok & ~finite
+    for i in np.flatnonzero(bad):
+        status[i] = "error"
+        messages[i] = "codes hold NaN or inf"
+    ok = ok & finite
+    labels = [""] * n
+    scores = np.full(n, np.nan)
+    if ok.any():
+        pred, sc = top_scores(model, np.asarray(X[ok], dtype=np.float32))
+        names = meta["class_names"]
+        for i, p, s in zip(np.flatnonzero(ok), pred, sc):
+            labels[i] = str(names[int(p)])
+            scores[i] = float(s)
+    return labels, scores, status, messages.astype(str)
+
+
+def predict(
+    run_dir_or_model: str | os.PathLike,
+    image_paths: Sequence[str | os.PathLike],
+    *,
+    model: str | None = None,
+    device: str = "auto",
+    batch_size: int = 64,
+) -> list[dict[str, Any]]:
+    """Predict the class of images with a trained model.
+
+    Parameters
+    ----------
+    run_dir_or_model : path-like
+        A run folder (its best model by val accuracy, or ``model``) or a ``.joblib`` file.
+    image_paths : sequence of path-like
+        Image files and folders (expanded to their image files).
+    model : str, optional
+        ``"<layers>__<clf>"`` within a run folder.
+    device : str
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    batch_size : int
+
+    Returns
+    -------
+    list of dict
+        One per image, in order: ``path``, ``label`` (class name, ``""`` if the image
+        failed), ``score`` (top probability for softmax, top decision value for SVM;
+        NaN if failed), ``status`` (``"ok"``/``"error"``), ``message``.
+
+    Raises
+    ------
+    UsageError
+        Missing images or folders, an unknown model name.
+    ModelFileError
+        A missing, tampered or mismatched model file or sidecar.
+    CacheMismatchError
+        The weights on this machine, or the new codes' layer or spec, differ from the
+        model's training codes (each differing field named).
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"The 'batch_size' parameter must be an int >= 1. Got {batch_size!r} instead.")
+    path = find_model(run_dir_or_model, model)
+    est, meta = load_model(path)
+    files = expand_paths(image_paths)
+    from . import extract as _extract  # imports torch
+
+    res = _extract.extract_images(files, spec=meta["spec"], layer_keys=list(meta["layers"]), device=device,
+                                  batch_size=batch_size)
+    check_compatible(meta, res["records"], res["spec"])
+    X = np.concatenate([res["codes"][k] for k in meta["layers"]], axis=1) if files else np.zeros((0, 0))
+    labels, scores, status, messages = predict_codes(est, meta, X, res["status"], res["messages"])
+    n_bad = int((status != "ok").sum())
+    log.info("Predicted %d images with %s (%d failed)", len(files), path, n_bad)
+    return [
+        {"path": f, "label": lab, "score": (float(s) if np.isfinite(s) else None), "status": str(st),
+         "message": str(m)}
+        for f, lab, s, st, m in zip(files, labels, scores, status, messages)
+    ]
+
+
+def write_predictions(rows: Sequence[dict], out: str | os.PathLike) -> Path:
+    """Write prediction rows atomically as CSV (``path,label,score,status,message``) or JSON.
+
+    The format follows the suffix: ``.json`` gives a JSON list of objects, anything
+    else CSV.
+
+    Raises
+    ------
+    UsageError
+        An output path that is an existing folder.
+    """
+    out = Path(out)
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; give a file name ending in .csv or .json")
+    if out.suffix.lower() == ".json":
+        atomic_write_text(out, json.dumps(list(rows), indent=2) + "\n")
+        return out
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(FIELDS)
+    for r in rows:
+        s = r.get("score")
+        w.writerow([r["path"], r["label"], "" if s is None else f"{s:.6g}", r.get("status", "ok"),
+                    r.get("message", "")])
+    atomic_write_text(out, buf.getvalue())
+    return out

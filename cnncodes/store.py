@@ -375,12 +375,15 @@ def _open(path: Path):
 
 
 def _info_from_open(f, path: Path) -> CacheInfo:
-    layers = {k: LayerRecord.from_attrs(k, ds.attrs) for k, ds in f["codes"].items()}
+    spec = json.loads(f.attrs["spec_json"])
+    order = [r["key"] for r in spec.get("layers", [])]
+    keys = sorted(f["codes"].keys(), key=lambda k: (order.index(k) if k in order else len(order), k))
+    layers = {k: LayerRecord.from_attrs(k, f["codes"][k].attrs) for k in keys}  # in extraction order
     status = f["status"].asstr()[:]
     return CacheInfo(
         path=path,
         fingerprint=str(f.attrs["fingerprint"]),
-        spec=json.loads(f.attrs["spec_json"]),
+        spec=spec,
         layers=layers,
         n_rows=int(f.attrs["n_rows"]),
         n_failed=int(np.sum(status != "ok")),

@@ -145,7 +145,11 @@ def predict(
     path = find_model(run_dir_or_model, model)
     est, meta = load_model(path)
     files = expand_paths(image_paths)
-    from . import extract as _extract  # imports torch
+    import importlib
+
+    # importlib, not "from . import extract": the package's lazy __getattr__ maps the
+    # name "extract" to the function cnncodes.extract.extract. This import loads torch.
+    _extract = importlib.import_module("cnncodes.extract")
 
     res = _extract.extract_images(files, spec=meta["spec"], layer_keys=list(meta["layers"]), device=device,
                                   batch_size=batch_size)

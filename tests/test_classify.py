@@ -1,0 +1,511 @@
+"""Tests of cnncodes.classify: values (sweep, metrics, splits, model files, compatibility), not existence.
+
+Codes are real data with real class structure: scikit-learn's handwritten digits
+(1,797 images of 8x8 pixels, 10 classes) stand in for CNN codes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix,
+                             precision_recall_fscore_support)
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import make_pipeline as sk_make_pipeline
+from sklearn.preprocessing import Normalizer
+from sklearn.svm import LinearSVC
+from threadpoolctl import threadpool_limits
+
+from cnncodes import classify as C
+from cnncodes.errors import CacheMismatchError, ModelFileError, TrainingDataError, UsageError
+from cnncodes.store import LayerRecord, fingerprint_of, load_codes, write_cache
+
+REPO = Path(__file__).resolve().parents[1]
+
+SPEC = {
+    "backbone": "alexnet",
+    "weights": {"kind": "default", "identity": "AlexNet_Weights.IMAGENET1K_V1:alexnet-owt-7be5be79.pth",
+                "sha256": "7be5be79" + "0" * 56},
+    "preprocessing": {"resize": 256, "crop": 224, "interpolation": "bilinear", "draft": True},
+    "dtype": "float16",
+    "layers": [],
+    "weights_path": "/somewhere/alexnet-owt-7be5be79.pth",
+}
+
+
+def _record(key: str, node: str, dim: int, spec: dict = SPEC) -> LayerRecord:
+    return LayerRecord(key, key, node, "relu", "avg", dim, (), fingerprint_of({"spec": spec, "key": key, "node": node}))
+
+
+def digits_cache(path, *, splits=None, status=None, n=None, nan_rows=(), labels=None, spec=SPEC) -> Path:
+    """A cache of real codes: fc6 = the digit pixels, fc7 = their square root (both 64-D)."""
+    X, y = load_digits(return_X_y=True)
+    X = X.astype(np.float32)
+    if n is not None:
+        X, y = X[:n], y[:n]
+    if labels is not None:
+        y = np.asarray(labels)
+    n = len(y)
+    X7 = np.sqrt(X)
+    for i in nan_rows:
+        X[i] = np.nan
+    status = np.array(status if status is not None else ["ok"] * n)
+    X[status != "ok"] = np.nan
+    X7[status != "ok"] = np.nan
+    rows = {
+        "paths": np.array([f"d{y[i]}/img{i:04d}.png" for i in range(n)]),
+        "labels": y,
+        "split": np.array(splits if splits is not None else [""] * n),
+        "status": status,
+        "message": np.array(["decode failed" if s != "ok" else "" for s in status]),
+        "file_size": np.zeros(n, np.int64),
+        "file_mtime_ns": np.zeros(n, np.int64),
+    }
+    layers = {"fc6": (_record("fc6", "classifier.2", 64, spec), [X]), "fc7": (_record("fc7", "classifier.5", 64, spec), [X7])}
+    write_cache(path, spec=spec, fingerprint=fingerprint_of(spec), manifest_hash="m" * 64, dataset_root="/data/digits",
+                class_names=[f"digit{k}" for k in range(10)], rows=rows, layers=layers)
+    return Path(path)
+
+
+@pytest.fixture(autouse=True)
+def _one_blas_thread():
+    """sklearn fits in the tests on one BLAS/OpenMP thread: on a busy 2-core machine, spinning
+    threads make small fits 10-30x slower (the library does the same for small problems)."""
+    with threadpool_limits(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = load_digits(return_X_y=True)
+    return X.astype(np.float32), y
+
+
+@pytest.fixture(scope="module")
+def digits_split(digits):
+    X, y = digits
+    sp = C.make_split(y, np.array([""] * len(y)), np.array(["ok"] * len(y)), val_fraction=0.2, test_fraction=0.2,
+                      seed=3)
+    return X, y, sp
+
+
+# --------------------------------------------------------------------------- torch-free
+
+
+def test_training_side_does_not_import_torch():
+    code = ("import sys, cnncodes.classify, cnncodes.predict, cnncodes.store; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+# --------------------------------------------------------------------------- normalisers
+
+
+def test_normalisers_values_and_dtype(digits):
+    X = digits[0][:50] - 4.0  # negative values too
+    l2 = C.make_normaliser("l2").fit_transform(X)
+    assert l2.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(l2, axis=1), 1.0, rtol=1e-5)
+    sq = C.make_normaliser("sqrt").fit_transform(X)
+    ref = np.sign(X) * np.sqrt(np.abs(X))
+    np.testing.assert_allclose(sq, ref / np.linalg.norm(ref, axis=1, keepdims=True), rtol=1e-5)
+    st = C.make_normaliser("standard").fit_transform(X)
+    np.testing.assert_allclose(st.mean(axis=0), 0, atol=1e-4)
+    np.testing.assert_array_equal(C.make_normaliser("none").fit_transform(X), X)
+    with pytest.raises(UsageError, match="one of l2, standard, sqrt, none"):
+        C.make_normaliser("l1")
+
+
+def test_svm_dual_chosen_by_shape():
+    assert C.make_classifier("svm", n_samples=1000, n_features=64).dual is False
+    assert C.make_classifier("svm", n_samples=100, n_features=4096).dual is True
+    with pytest.raises(UsageError, match="'C' parameter"):
+        C.make_classifier("svm", C=-1)
+    with pytest.raises(UsageError, match="svm, softmax"):
+        C.make_classifier("knn")
+
+
+# --------------------------------------------------------------------------- the C sweep
+
+
+def test_svm_sweep_on_val_equals_direct_grid_evaluation(digits_split):
+    X, y, sp = digits_split
+    grid = np.logspace(-4, 4, 9)
+    res = C.sweep_C(X[sp.train], y[sp.train], X[sp.val], y[sp.val], clf="svm", norm="l2", grid=grid, n_jobs=1)
+    direct = []
+    for c in grid:
+        m = sk_make_pipeline(Normalizer(), LinearSVC(C=c, dual=False, random_state=0, max_iter=1000))
+        m.fit(X[sp.train], y[sp.train])
+        direct.append(accuracy_score(y[sp.val], m.predict(X[sp.val])))
+    np.testing.assert_allclose(res.scores, direct)
+    assert res.best_index == int(np.argmax(direct)) and res.best_C == grid[np.argmax(direct)]
+    assert res.method == "val" and res.converged.all()
+    assert np.log10(res.grid[-1] / res.grid[0]) >= 8
+    # the stored predictions are the val predictions at each C
+    assert accuracy_score(y[sp.val], res.predictions[res.best_index]) == res.scores[res.best_index]
+
+
+def test_softmax_sweep_is_warm_started_and_matches_cold_fits(digits_split):
+    X, y, sp = digits_split
+    grid = np.logspace(-4, 4, 9)
+    res = C.sweep_C(X[sp.train], y[sp.train], X[sp.val], y[sp.val], clf="softmax", norm="l2", grid=grid, n_jobs=1)
+    nrm = Normalizer().fit(X[sp.train])
+    cold = []
+    with threadpool_limits(1):
+        for c in grid:
+            m = LogisticRegression(C=c, max_iter=4000).fit(nrm.transform(X[sp.train]), y[sp.train])
+            cold.append(accuracy_score(y[sp.val], m.predict(nrm.transform(X[sp.val]))))
+    cold = np.asarray(cold)
+    # warm and cold starts agree up to the solver's tolerance (near-ties at tiny C may flip 1-2 images);
+    # at large C (nearly separable codes, weights growing without bound) a few val images may differ
+    assert np.max(np.abs(res.scores[grid <= 100] - cold[grid <= 100])) <= 2.5 / len(sp.val)
+    assert np.max(np.abs(res.scores - cold)) <= 0.02
+    assert cold[res.best_index] >= cold.max() - 0.01
+    assert res.converged.all()
+
+
+def test_cv_sweep_equals_direct_stratified_kfold(digits):
+    X, y = digits
+    X, y = X[::3], y[::3]
+    grid = np.logspace(-4, 4, 9)
+    res = C.sweep_C(X, y, clf="svm", norm="l2", grid=grid, cv=4, seed=7, n_jobs=2)
+    folds = list(StratifiedKFold(4, shuffle=True, random_state=7).split(X, y))
+    direct = []
+    for c in grid:
+        accs = []
+        for tr, te in folds:
+            m = sk_make_pipeline(Normalizer(), LinearSVC(C=c, dual=False, random_state=7)).fit(X[tr], y[tr])
+            accs.append(accuracy_score(y[te], m.predict(X[te])))
+        direct.append(np.mean(accs))
+    np.testing.assert_allclose(res.scores, direct)
+    assert res.method == "cv" and res.n_folds == 4 and res.best_index == int(np.argmax(direct))
+    assert res.predictions.shape == (9, len(y))  # out-of-fold predictions of every train row
+
+
+def test_cv_falls_back_to_fewer_folds_for_a_tiny_class(digits):
+    X, y = digits
+    keep = np.concatenate([np.flatnonzero(y == 0)[:30], np.flatnonzero(y == 1)[:30], np.flatnonzero(y == 2)[:3]])
+    res = C.sweep_C(X[keep], y[keep], clf="svm", grid=np.logspace(-4, 4, 9), cv=5, n_jobs=1,
+                    class_names=["zero", "one", "two"])
+    assert res.n_folds == 3
+    assert any("two (3)" in n and "3-fold" in n for n in res.notes)
+
+
+def test_best_C_at_grid_edge_is_flagged(digits_split):
+    X, y, sp = digits_split
+    res = C.sweep_C(X[sp.train], y[sp.train], X[sp.val], y[sp.val], clf="svm", grid=[1e-8, 1e-7, 1e-6], n_jobs=1)
+    # with tiny C every prediction is the same class: ties, the first C wins and is at the edge
+    assert res.at_edge and any("edge of the grid" in n for n in res.notes)
+
+
+def test_bad_grid_is_a_usage_error(digits_split):
+    X, y, sp = digits_split
+    with pytest.raises(UsageError, match="C grid"):
+        C.sweep_C(X[sp.train], y[sp.train], grid=[1.0], n_jobs=1)
+    with pytest.raises(UsageError, match="C grid"):
+        C.sweep_C(X[sp.train], y[sp.train], grid=[-1.0, 1.0], n_jobs=1)
+
+
+# --------------------------------------------------------------------------- convergence
+
+
+def test_convergence_retries_then_records_failure(digits):
+    X, y = digits
+    est = C.make_classifier("softmax", 100.0, max_iter=2)
+    info = C.fit_with_retries(est, X, y, max_iter_cap=2)
+    assert info == {"converged": False, "max_iter": 2, "message": info["message"]}
+    assert "did not converge with max_iter=2" in info["message"]
+    est = C.make_classifier("softmax", 1.0, max_iter=2)
+    info = C.fit_with_retries(C.make_pipeline("l2", "softmax", 1.0, max_iter=2), X, y, max_iter_cap=10000)
+    assert info["converged"] and info["max_iter"] > 2 and "raising max_iter from 2" in info["message"]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_metrics_equal_sklearn_metrics():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 200)
+    p = np.where(rng.random(200) < 0.7, y, rng.integers(0, 4, 200))
+    names = ["a", "b", "c", "d", "e"]  # "e" never occurs
+    m = C.compute_metrics(y, p, names)
+    assert m["accuracy"] == accuracy_score(y, p)
+    assert m["balanced_accuracy"] == balanced_accuracy_score(y, p)
+    pr, rc, f1, sup = precision_recall_fscore_support(y, p, labels=range(5), zero_division=0)
+    for i, n in enumerate(names):
+        assert m["per_class"][n] == {"precision": pr[i], "recall": rc[i], "f1": f1[i], "support": sup[i]}
+    assert m["confusion_matrix"] == confusion_matrix(y, p, labels=range(5)).tolist()
+    assert m["n"] == 200 and C.compute_metrics([], [], names) == {"n": 0}
+
+
+def test_top_scores_are_the_top_decision_or_probability(digits):
+    X, y = digits
+    svm = C.make_pipeline("l2", "svm", 1.0, n_samples=len(y), n_features=64).fit(X, y)
+    pred, score = C.top_scores(svm, X[:20])
+    np.testing.assert_array_equal(pred, svm.predict(X[:20]))
+    np.testing.assert_allclose(score, svm.decision_function(X[:20]).max(axis=1))
+    lr = C.make_pipeline("l2", "softmax", 10.0).fit(X, y)
+    pred, score = C.top_scores(lr, X[:20])
+    np.testing.assert_allclose(score, lr.predict_proba(X[:20]).max(axis=1))
+    b = y < 2
+    svm2 = C.make_pipeline("l2", "svm", 1.0).fit(X[b], y[b])
+    pred, score = C.top_scores(svm2, X[b][:20])
+    np.testing.assert_array_equal(pred, svm2.predict(X[b][:20]))
+    np.testing.assert_allclose(score, np.abs(svm2.decision_function(X[b][:20])))
+
+
+# --------------------------------------------------------------------------- splits and bad input
+
+
+def test_recorded_split_is_used_and_failed_rows_are_counted():
+    y = np.repeat([0, 1, 2], 6)
+    splits = np.array(["train", "train", "train", "val", "test", "test"] * 3)
+    status = np.array(["ok"] * 18)
+    status[[0, 5]] = "error"
+    sp = C.make_split(y, splits, status, paths=np.array([f"p{i}" for i in range(18)]),
+                      messages=np.array(["bad jpeg"] * 18))
+    assert sp.source == "recorded" and sp.n_failed == 2 and sp.failed_examples == ["p0: bad jpeg", "p5: bad jpeg"]
+    assert set(sp.train) == {1, 2, 6, 7, 8, 12, 13, 14} and set(sp.val) == {3, 9, 15}
+    assert set(sp.test) == {4, 10, 11, 16, 17}
+    assert not set(sp.train) & {0, 5}
+
+
+def test_drawn_split_is_stratified_and_reproducible(digits):
+    y = digits[1]
+    none = np.array([""] * len(y))
+    ok = np.array(["ok"] * len(y))
+    a = C.make_split(y, none, ok, val_fraction=0.15, test_fraction=0.2, seed=5)
+    b = C.make_split(y, none, ok, val_fraction=0.15, test_fraction=0.2, seed=5)
+    for part in ("train", "val", "test"):
+        np.testing.assert_array_equal(getattr(a, part), getattr(b, part))
+    assert a.source == "stratified" and a.seed == 5
+    assert len(set(a.train) | set(a.val) | set(a.test)) == len(y)
+    assert not (set(a.train) & set(a.test)) and not (set(a.val) & set(a.test))
+    frac = np.bincount(y[a.test], minlength=10) / np.bincount(y, minlength=10)
+    assert np.all(np.abs(frac - 0.2) < 0.03)
+
+
+def test_one_class_is_refused():
+    y = np.zeros(10, int)
+    with pytest.raises(TrainingDataError, match="single class"):
+        C.make_split(y, np.array([""] * 10), np.array(["ok"] * 10), class_names=["cat"])
+
+
+def test_one_usable_class_after_failed_rows_is_refused():
+    y = np.array([0] * 5 + [1] * 5)
+    status = np.array(["ok"] * 5 + ["error"] * 5)
+    with pytest.raises(TrainingDataError, match="single class"):
+        C.make_split(y, np.array([""] * 10), status)
+
+
+@pytest.mark.parametrize("splits,needle", [
+    (["train"] * 6 + ["val"] * 6, "recorded test split is empty"),
+    (["val"] * 6 + ["test"] * 6, "recorded train split is empty"),
+    (["train"] * 6 + [""] * 6, "have no recorded split"),
+    (["train"] * 6 + ["holdout"] * 6, "Unknown recorded split"),
+])
+def test_bad_recorded_splits_are_refused(splits, needle):
+    y = np.array([0, 1] * 6)
+    with pytest.raises(TrainingDataError, match=needle):
+        C.make_split(y, np.array(splits), np.array(["ok"] * 12))
+
+
+def test_class_too_small_for_a_stratified_split_is_explained():
+    y = np.array([0] * 20 + [1])
+    with pytest.raises(TrainingDataError, match="val-fraction 0"):
+        C.make_split(y, np.array([""] * 21), np.array(["ok"] * 21), class_names=["a", "b"])
+
+
+def test_nan_codes_among_ok_rows_are_refused():
+    X = np.ones((5, 3), np.float32)
+    X[2, 1] = np.nan
+    X[4] = np.inf
+    with pytest.raises(TrainingDataError, match="2 usable row"):
+        C.check_codes(X, np.arange(5), np.array([f"im{i}" for i in range(5)]))
+    C.check_codes(X, np.array([0, 1, 3]))  # NaN only in rows left out: fine
+
+
+def test_train_run_refuses_nan_codes_and_writes_nothing(tmp_path):
+    cache = digits_cache(tmp_path / "nan.h5", n=300, nan_rows=[7])
+    with pytest.raises(TrainingDataError, match="NaN or inf"):
+        C.train_run(cache, ["fc6"], out=tmp_path / "run", n_jobs=1, plots=False)
+    assert not (tmp_path / "run").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.")]  # no staging folder left
+
+
+# --------------------------------------------------------------------------- model files
+
+
+@pytest.fixture
+def saved_model(tmp_path, digits):
+    X, y = digits
+    pipe = C.make_pipeline("l2", "svm", 1.0, n_samples=len(y), n_features=64).fit(X, y)
+    path = tmp_path / "models" / "fc7__svm.joblib"
+    C.save_model(pipe, path, {"classifier": "svm", "layers": ["fc7"], "class_names": [str(i) for i in range(10)],
+                              "records": {"fc7": _record("fc7", "classifier.5", 64).to_dict()}, "spec": SPEC})
+    return pipe, path
+
+
+def test_saved_model_predicts_the_same(saved_model, digits):
+    pipe, path = saved_model
+    model, meta = C.load_model(path)
+    X = digits[0]
+    np.testing.assert_array_equal(model.predict(X), pipe.predict(X))
+    np.testing.assert_array_equal(model.decision_function(X), pipe.decision_function(X))
+    from cnncodes.fileio import sha256_of_file
+
+    assert meta["sha256"] == sha256_of_file(path) and meta["model_file"] == "fc7__svm.joblib"
+    assert meta["versions"]["sklearn"] and meta["spec"] == SPEC
+
+
+def test_tampered_model_is_refused_before_unpickling(saved_model, monkeypatch):
+    _, path = saved_model
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    import joblib
+
+    def boom(*a, **k):
+        raise AssertionError("joblib.load was called on a tampered file")
+
+    monkeypatch.setattr(joblib, "load", boom)
+    with pytest.raises(ModelFileError, match="does not match its sidecar"):
+        C.load_model(path)
+
+
+def test_truncated_model_is_refused(saved_model):
+    _, path = saved_model
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ModelFileError, match="sha256"):
+        C.load_model(path)
+
+
+def test_missing_model_or_sidecar_is_refused(saved_model, tmp_path):
+    _, path = saved_model
+    with pytest.raises(ModelFileError, match="No model file"):
+        C.load_model(tmp_path / "nope.joblib")
+    C.sidecar_path(path).unlink()
+    with pytest.raises(ModelFileError, match="no sidecar"):
+        C.load_model(path)
+
+
+def test_sidecar_of_another_model_is_refused(saved_model, digits):
+    _, path = saved_model
+    X, y = digits
+    other = path.with_name("fc6__svm.joblib")
+    C.save_model(C.make_pipeline("l2", "svm", 10.0).fit(X, y), other, {"layers": ["fc6"]})
+    C.sidecar_path(path).write_text(C.sidecar_path(other).read_text())
+    with pytest.raises(ModelFileError, match="belongs to another model"):
+        C.load_model(path)
+    # the same sidecar with the name patched still fails on the sha256
+    meta = json.loads(C.sidecar_path(other).read_text())
+    meta["model_file"] = path.name
+    C.sidecar_path(path).write_text(json.dumps(meta))
+    with pytest.raises(ModelFileError, match="does not match"):
+        C.load_model(path)
+
+
+def test_corrupt_sidecar_is_refused(saved_model):
+    _, path = saved_model
+    C.sidecar_path(path).write_text("{not json")
+    with pytest.raises(ModelFileError, match="unreadable"):
+        C.load_model(path)
+
+
+def test_model_write_is_atomic(saved_model, monkeypatch, digits):
+    """A dump that dies half-way leaves the previous model and sidecar intact and loadable."""
+    pipe, path = saved_model
+    before = path.read_bytes()
+    import joblib
+
+    def dying_dump(obj, filename, *a, **k):
+        Path(filename).write_bytes(b"half a pickle")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(joblib, "dump", dying_dump)
+    with pytest.raises(OSError, match="No space"):
+        C.save_model(pipe, path, {"layers": ["fc7"]})
+    assert path.read_bytes() == before
+    monkeypatch.undo()
+    C.load_model(path)
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+# --------------------------------------------------------------------------- compatibility
+
+
+def _meta(key="fc7", node="classifier.5", spec=SPEC):
+    return {"model_file": "fc7__svm.joblib", "layers": [key], "records": {key: _record(key, node, 4096, spec).to_dict()},
+            "spec": spec}
+
+
+def test_compatible_codes_pass():
+    other_place = dict(SPEC, weights_path="/elsewhere/alexnet.pth")
+    C.check_compatible(_meta(), {"fc7": _record("fc7", "classifier.5", 4096)}, other_place)
+
+
+def test_fc6_codes_refused_for_an_fc7_model_of_equal_width():
+    codes = {"fc6": _record("fc6", "classifier.2", 4096)}
+    with pytest.raises(CacheMismatchError) as e:
+        C.check_compatible(_meta(), codes, SPEC)
+    fields = [d.field for d in e.value.differences]
+    assert "layer[fc7].alias" in fields and "layer[fc7].node" in fields
+    assert "layer[fc7].dim" not in fields  # both 4096-D: the widths are not what differs
+    assert "'classifier.5' (model) vs 'classifier.2' (codes)" in str(e.value)
+    # the same codes filed under the model's key are refused too
+    with pytest.raises(CacheMismatchError, match="alias"):
+        C.check_compatible(_meta(), {"fc7": LayerRecord("fc7", "fc6", "classifier.2", "relu", "avg", 4096)}, SPEC)
+
+
+def test_other_weights_and_preprocessing_are_named():
+    spec2 = json.loads(json.dumps(SPEC))
+    spec2["weights"]["sha256"] = "f" * 64
+    spec2["preprocessing"]["crop"] = 227
+    with pytest.raises(CacheMismatchError) as e:
+        C.check_compatible(_meta(), {"fc7": _record("fc7", "classifier.5", 4096, spec2)}, spec2)
+    fields = [d.field for d in e.value.differences]
+    assert fields == ["preprocessing.crop", "weights.sha256"]
+
+
+def test_pre_relu_stage_and_pooling_are_named():
+    rec = LayerRecord("fc7", "fc7", "classifier.5", "linear", "max", 4096)
+    with pytest.raises(CacheMismatchError) as e:
+        C.check_compatible(_meta(), {"fc7": rec}, SPEC)
+    assert {"layer[fc7].stage", "layer[fc7].pool"} <= {d.field for d in e.value.differences}
+
+
+def test_missing_layer_is_named():
+    with pytest.raises(CacheMismatchError, match="layers"):
+        C.check_compatible(_meta(), {"conv5": _record("conv5", "features.11", 256), "fc6": _record("fc6", "x", 9)},
+                           SPEC)
+
+
+# --------------------------------------------------------------------------- a run
+
+
+def test_train_run_values_and_files(tmp_path):
+    cache = digits_cache(tmp_path / "digits.h5")
+    res = C.train_run(cache, ["fc6"], classifiers=["svm"], out=tmp_path / "run", n_jobs=1, plots=False,
+                      grid=np.logspace(-3, 5, 9))
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    r = m["results"]["fc6"]["svm"]
+    codes = load_codes(cache, ["fc6"])
+    model, meta = C.load_model(tmp_path / "run" / r["model"])
+    # the test accuracy is that of the saved model on the test rows of the recorded split
+    sp = C.make_split(codes.labels, codes.splits, codes.status, test_fraction=0.2, val_fraction=0.15, seed=0)
+    assert m["split"]["counts"] == sp.counts()
+    pred = model.predict(codes.X[sp.test])
+    assert r["test"]["accuracy"] == accuracy_score(codes.labels[sp.test], pred) > 0.9
+    # the C is the argmax of the recorded curve, and the val metrics are the curve's value there
+    curve = [p["score"] for p in r["c_curve"]]
+    assert r["C"] == r["c_curve"][int(np.argmax(curve))]["C"] and r["val"]["accuracy"] == max(curve)
+    assert meta["C"] == r["C"] and meta["fingerprint"] == codes.fingerprint
+    assert meta["records"]["fc6"] == codes.records["fc6"].to_dict() and meta["norm"] == "l2"
+    assert m["best"]["model"] == r["model"] and res.run_dir == tmp_path / "run"

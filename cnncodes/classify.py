@@ -603,7 +603,6 @@ def _n_folds(y: np.ndarray, cv: int, class_names: Sequence[str]) -> tuple[int, l
             f"C chosen with {k}-fold CV instead")
     if m < 2:
         note += "; a class with a single image is missing from the training part of one fold"
-    log.warning(note)
     return k, [note]
 
 

@@ -125,7 +125,8 @@ def test_normalisers_values_and_dtype(digits):
 
 def test_svm_dual_chosen_by_shape():
     assert C.make_classifier("svm", n_samples=1000, n_features=64).dual is False
-    assert C.make_classifier("svm", n_samples=100, n_features=4096).dual is True
+    assert C.make_classifier("svm", C=1.0, n_samples=100, n_features=4096).dual is True
+    assert C.make_classifier("svm", C=100.0, n_samples=100, n_features=4096).dual is False  # dual crawls there
     with pytest.raises(UsageError, match="'C' parameter"):
         C.make_classifier("svm", C=-1)
     with pytest.raises(UsageError, match="svm, softmax"):

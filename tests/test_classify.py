@@ -223,7 +223,6 @@ def test_convergence_retries_then_records_failure(digits):
     info = C.fit_with_retries(est, X, y, max_iter_cap=2)
     assert info == {"converged": False, "max_iter": 2, "message": info["message"]}
     assert "did not converge with max_iter=2" in info["message"]
-    est = C.make_classifier("softmax", 1.0, max_iter=2)
     info = C.fit_with_retries(C.make_pipeline("l2", "softmax", 1.0, max_iter=2), X, y, max_iter_cap=10000)
     assert info["converged"] and info["max_iter"] > 2 and "raising max_iter from 2" in info["message"]
 

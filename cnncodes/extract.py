@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import glob
 import hashlib
 import io
 import json
@@ -669,6 +670,11 @@ def extract(
 
     with store.CacheLock(path):
         pdir = store.partial_dir(path)
+        # a run killed while writing the cache file leaves its temporary file; only a lock holder writes one
+        for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            log.info("Removing %s, left by an interrupted run", tmp.name)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         resumed_from = 0
         if pdir.exists():
             try:

@@ -49,6 +49,7 @@ from . import store
 from .backbones import BackboneSpec, LayerDef, ResolvedWeights, get_backbone, resolve_weights
 from .errors import (
     CacheCorruptError,
+    CacheLockedError,
     CacheMismatchError,
     CnnCodesError,
     DatasetError,
@@ -638,6 +639,9 @@ def extract(
     dropped = 0 if old_rows is None else len(old_rows["paths"]) - len(reused)
 
     if not jobs and old_info is not None and dropped == 0 and n == old_info.n_rows and _same_rows(old_rows, manifest):
+        if store.partial_dir(path).is_dir():
+            with contextlib.suppress(CacheLockedError), store.CacheLock(path):
+                _drop_stale_partial(path, store.partial_dir(path), old_info)
         res = ExtractResult(path, old_info, keys, hit=True, n_reused=n, n_failed=old_info.n_failed,
                             seconds=time.perf_counter() - t0)
         log.info("%s", res.summary())
@@ -676,6 +680,7 @@ def extract(
             with contextlib.suppress(OSError):
                 tmp.unlink()
         resumed_from = 0
+        _drop_stale_partial(path, pdir, old_info)
         if pdir.exists():
             try:
                 old_plan = json.loads((pdir / "plan.json").read_text())
@@ -841,6 +846,27 @@ def _plan_diff(old: dict, new: dict) -> list[str]:
     if old.get("jobs") != new["jobs"] and "image list" not in diff and "layers" not in diff:
         diff.append("work plan")
     return diff
+
+
+def _drop_stale_partial(path: Path, pdir: Path, old_info) -> bool:
+    """Remove ``pdir`` if the cache file was rewritten after its plan was made (the caller holds the lock).
+
+    A run killed between renaming the new cache file into place and removing its work folder
+    leaves a partial whose work is already in the file; its plan would otherwise block the next
+    incremental run with a false mismatch. A plan records the file it started from (``old_file``).
+    """
+    if old_info is None or not pdir.is_dir():
+        return False
+    try:
+        started_from = json.loads((pdir / "plan.json").read_text()).get("old_file")
+    except (OSError, ValueError):
+        return False
+    if started_from == {"updated": old_info.updated, "rows_sha256": old_info.rows_sha256}:
+        return False
+    log.info("Removing %s: its work is already in %s (an earlier run stopped just after writing it)",
+             pdir.name, path.name)
+    shutil.rmtree(pdir, ignore_errors=True)
+    return True
 
 
 def _pause_at() -> int | None:

@@ -1,0 +1,207 @@
+"""Extraction throughput: end-to-end vs forward-only, vs hand-written baselines; cache hit; bytes per image.
+
+Every ratio is measured side by side in one run, on one machine (named in the output):
+
+- forward-only img/s: the same images decoded beforehand into memory, the same model,
+  batch, device and threads, through cnncodes' hooked runner;
+- end-to-end img/s: ``cnncodes.extract`` (decode in DataLoader workers, forward, shard
+  writes, HDF5 consolidation) into a fresh folder;
+- pipeline efficiency = end-to-end / forward-only (issue goal >= 0.90);
+- what a user writes by hand: (a) a plain torchvision + PIL loop, (b) torchvision's
+  ``create_feature_extractor`` over an ``ImageFolder`` DataLoader; speed-up = cnncodes / baseline;
+- cache hit: the same ``scripts/extract.py`` command again, wall time of the whole process;
+- bytes per image of the stored codes (float16 + gzip vs raw float32).
+
+Usage::
+
+    python benchmarks/bench_extract.py                       # alexnet fc7 + lite0 pool, flowers5 + hymenoptera
+    python benchmarks/bench_extract.py --limit 256 --models alexnet:fc7
+
+Writes ``artifacts/bench/extract.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED = REPO.parent / "shared" / "datasets"
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from cnncodes import backbones as B  # noqa: E402
+from cnncodes.extract import _ImageDataset, _Runner, extract, plan_layers  # noqa: E402
+from cnncodes.images import IMAGE_EXTENSIONS  # noqa: E402
+from cnncodes.store import read_info  # noqa: E402
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.node()}: {cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+
+
+def subset(root: Path, limit: int, dst: Path) -> list[Path]:
+    """The first ``limit`` images, taken round-robin over classes (and splits), linked into ``dst``."""
+    per_class = {}
+    for dirpath, _dirs, files in os.walk(root):
+        imgs = sorted(f for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS and f.lower().endswith((".jpg", ".jpeg")))
+        if imgs:
+            per_class[dirpath] = [Path(dirpath) / f for f in imgs]
+    order = []
+    keys = sorted(per_class)
+    i = 0
+    while len(order) < limit and any(i < len(per_class[k]) for k in keys):
+        for k in keys:
+            if i < len(per_class[k]) and len(order) < limit:
+                order.append(per_class[k][i])
+        i += 1
+    out = []
+    for p in order:
+        cls = p.parent.name
+        q = dst / cls / p.name
+        q.parent.mkdir(parents=True, exist_ok=True)
+        if not q.exists():
+            os.symlink(p, q)
+        out.append(q)
+    return sorted(out)
+
+
+def forward_only(spec, layer: str, paths, batch_size: int) -> float:
+    plan = plan_layers(spec, [layer], "avg", "bench")
+    runner = _Runner(spec, B.ResolvedWeights("none", "random-init:seed=0") if spec.name != "efficientnet_lite0"
+                     else B.resolve_weights(spec, "default"), plan, "cpu", "fp32")
+    ds = _ImageDataset([str(p) for p in paths], spec.preprocessing, True)
+    x = torch.stack([ds[i][1] for i in range(len(ds))])  # decoded beforehand, in memory
+    runner(x[:batch_size])  # warm-up
+    t = time.perf_counter()
+    for s in range(0, len(x), batch_size):
+        runner(x[s:s + batch_size])
+    return len(x) / (time.perf_counter() - t)
+
+
+def _hand_model(name: str):
+    import torchvision
+
+    if name == "alexnet":
+        m = torchvision.models.alexnet(weights=None).eval()
+        return m, lambda x: m.classifier[:6](torch.flatten(m.avgpool(m.features(x)), 1)), {"classifier.5": "fc7"}
+    spec = B.get_backbone(name)
+    m = B.build_model(spec, B.resolve_weights(spec, "default"))
+    return m, lambda x: m.forward_head(m.forward_features(x), pre_logits=True), {"global_pool": "pool"}
+
+
+def hand_loop(name: str, spec, paths, batch_size: int) -> float:
+    """What a user writes by hand: PIL + torchvision transforms in the loop, then the model."""
+    import torchvision.transforms as T
+    from PIL import Image
+
+    pre = spec.preprocessing
+    tf = T.Compose([T.Resize(pre.resize, interpolation=T.InterpolationMode(pre.interpolation)), T.CenterCrop(pre.crop),
+                    T.ToTensor(), T.Normalize(pre.mean, pre.std)])
+    _m, fwd, _nodes = _hand_model(name)
+    t = time.perf_counter()
+    feats = []
+    with torch.no_grad():
+        for s in range(0, len(paths), batch_size):
+            x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths[s:s + batch_size]])
+            feats.append(fwd(x).numpy().astype(np.float16))
+    return len(paths) / (time.perf_counter() - t)
+
+
+def feature_extractor_loop(name: str, spec, root: Path, n: int, batch_size: int, workers: int) -> float:
+    """torchvision's create_feature_extractor over an ImageFolder DataLoader (the tutorial way)."""
+    import torchvision.transforms as T
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    pre = spec.preprocessing
+    tf = T.Compose([T.Resize(pre.resize, interpolation=T.InterpolationMode(pre.interpolation)), T.CenterCrop(pre.crop),
+                    T.ToTensor(), T.Normalize(pre.mean, pre.std)])
+    m, _fwd, nodes = _hand_model(name)
+    fe = create_feature_extractor(m, return_nodes=nodes).eval()
+    dl = DataLoader(ImageFolder(str(root), transform=tf), batch_size=batch_size, num_workers=workers)
+    t = time.perf_counter()
+    with torch.no_grad():
+        for x, _y in dl:
+            out = fe(x)
+            next(iter(out.values())).flatten(1).numpy().astype(np.float16)
+    return n / (time.perf_counter() - t)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--limit", type=int, default=512, help="images per dataset (default 512)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--models", nargs="+", default=["alexnet:fc7", "efficientnet_lite0:pool"])
+    ap.add_argument("--datasets", nargs="+", default=["flowers5", "hymenoptera"])
+    ap.add_argument("--workers", type=int, default=None, help="cnncodes decode workers (default: its own choice)")
+    ap.add_argument("--out", default=str(REPO / "artifacts" / "bench" / "extract.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(machine(), flush=True)
+    results = {"machine": machine(), "limit": args.limit, "batch_size": args.batch_size, "rows": []}
+    tmp = Path(tempfile.mkdtemp(prefix="cnncodes-bench-"))
+    for ds in args.datasets:
+        root = subset(SHARED / ds, args.limit, tmp / ds)
+        for ml in args.models:
+            name, layer = ml.split(":")
+            spec = B.get_backbone(name)
+            weights = "none" if name != "efficientnet_lite0" else "default"
+            fwd = forward_only(spec, layer, root, args.batch_size)
+            t = time.perf_counter()
+            res = extract(tmp / ds, name, [layer], weights=weights, out=tmp / f"codes-{ds}-{name}", device="cpu",
+                          batch_size=args.batch_size, workers=args.workers)
+            e2e = len(root) / (time.perf_counter() - t)
+            hand = hand_loop(name, spec, root, args.batch_size)
+            fe = feature_extractor_loop(name, spec, tmp / ds, len(root), args.batch_size, workers=2)
+            # the cache hit, as a user sees it: the whole command again
+            cmd = [sys.executable, str(REPO / "scripts" / "extract.py"), str(tmp / ds), "--model", name, "--layers",
+                   layer, "--weights", weights, "--out", str(tmp / f"codes-{ds}-{name}"), "--device", "cpu",
+                   "--batch-size", str(args.batch_size), "-q"]
+            t = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True)
+            hit = time.perf_counter() - t
+            info = read_info(res.path)
+            row = {
+                "dataset": ds, "model": name, "layer": layer, "images": len(root),
+                "forward_only_img_s": round(fwd, 2), "end_to_end_img_s": round(e2e, 2),
+                "pipeline_efficiency": round(e2e / fwd, 3),
+                "hand_loop_img_s": round(hand, 2), "speedup_vs_hand_loop": round(e2e / hand, 3),
+                "feature_extractor_img_s": round(fe, 2), "speedup_vs_feature_extractor": round(e2e / fe, 3),
+                "cache_hit_s": round(hit, 3), "file_bytes_per_image": round(info.size_bytes / info.n_rows, 1),
+                "raw_float32_bytes_per_image": 4 * info.layers[res.keys[0]].dim,
+            }
+            results["rows"].append(row)
+            print(json.dumps(row), flush=True)
+    hdr = ["dataset", "model", "layer", "images", "forward_only_img_s", "end_to_end_img_s", "pipeline_efficiency",
+           "hand_loop_img_s", "speedup_vs_hand_loop", "feature_extractor_img_s", "speedup_vs_feature_extractor",
+           "cache_hit_s", "file_bytes_per_image", "raw_float32_bytes_per_image"]
+    print("\n| " + " | ".join(hdr) + " |\n|" + "---|" * len(hdr))
+    for r in results["rows"]:
+        print("| " + " | ".join(str(r[h]) for h in hdr) + " |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

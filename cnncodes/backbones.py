@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .errors import UnknownBackboneError, UnknownLayerError, UsageError, WeightsError, WeightsUnavailableError
+from .errors import UnknownBackboneError, UnknownLayerError, WeightsError, WeightsUnavailableError
 
 __all__ = [
     "Preprocessing",

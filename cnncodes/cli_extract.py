@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     if res.skipped:
         print(f"{len(res.skipped)} image(s) skipped (status 'error', NaN codes):", file=sys.stderr)
-        for p, m in res.skipped[:10]:
+        for _p, m in res.skipped[:10]:
             print(f"  {m}", file=sys.stderr)
     print(f"layers: {' '.join(res.keys)}  rows: {res.info.n_rows}", file=sys.stderr)
     print(res.path)

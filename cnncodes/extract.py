@@ -313,7 +313,7 @@ class _Runner:
             items_on = [it for it in items if it[0] in self.active]
             if not items_on:
                 return None
-            for key, pool, ld in items_on:
+            for key, pool, _ld in items_on:
                 t = out
                 if t.dim() == 4:
                     self.map_shapes[key] = tuple(t.shape[1:])
@@ -714,7 +714,7 @@ def extract(
             log.warning("Resuming an interrupted extraction into %s: %d of %d images already done",
                         path, resumed_from, plan["n_todo"])
         n_failed_prev = 0
-        for (j, b), p in done.items():
+        for p in done.values():
             n_failed_prev += int(np.sum(_read_shard(p)["status"] != "ok"))
 
         runner = None
@@ -792,7 +792,7 @@ def extract(
 
     status = store.read_rows(path, verify=False)
     skipped = [(p, m) for p, s, m in zip(status["paths"], status["status"], status["message"]) if s != "ok"]
-    res = ExtractResult(path, info, keys, hit=False, n_computed=n_computed + resumed_from, n_reused=len(reused),
+    res = ExtractResult(path, info, keys, hit=False, n_computed=n_computed, n_reused=len(reused),
                         resumed_from=resumed_from, n_failed=len(skipped), skipped=skipped,
                         seconds=time.perf_counter() - t0)
     log.info("%s", res.summary())
@@ -950,7 +950,7 @@ def _consolidate(path, pdir, manifest, jobs, batches, final, old_info, reuse_idx
             dim = old_info.layers[key].dim
             shape = shape or old_info.layers[key].map_shape
         if dim is None:
-            for (ji, b), p in shards.items():
+            for (ji, _b), p in shards.items():
                 if key in jobs[ji][1]:
                     dim = int(_read_shard(p)[f"codes/{key}"].shape[1])
                     break

@@ -143,7 +143,7 @@ def test_cache_hit_miss_append_and_new_layer(flowers_small, tmp_path):
 
 
 def test_round_trip_of_every_stored_field(tmp_path):
-    root = link_subset(need(HYMENOPTERA) / "train", tmp_path / "hym" / "train", 3)
+    link_subset(need(HYMENOPTERA) / "train", tmp_path / "hym" / "train", 3)
     link_subset(need(HYMENOPTERA) / "val", tmp_path / "hym" / "val", 2)
     res = extract(tmp_path / "hym", "tiny", ["fc1", "conv1"], weights="none", out=tmp_path / "codes",
                   device="cpu", workers=0, pool="max")

@@ -359,10 +359,33 @@ class _Runner:
         return {k: v.cpu().numpy() for k, v in self.outputs.items()}
 
 
+_PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+
+
+def resize_crop(img, pre) -> np.ndarray:
+    """Resize the shorter side to ``pre.resize`` and keep the centre ``pre.crop`` square, as uint8 HWC.
+
+    The same output sizes, rounding and (antialiased) PIL resampling as torchvision's
+    ``Resize(pre.resize)`` + ``CenterCrop(pre.crop)`` on a PIL image, without importing torchvision
+    in every decoding worker.
+    """
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = pre.resize, int(pre.resize * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), _PIL_RESAMPLE[pre.interpolation])
+    c = pre.crop
+    top, left = int(round((new_h - c) / 2.0)), int(round((new_w - c) / 2.0))
+    return np.asarray(img.crop((left, top, left + c, top + c)), dtype=np.uint8)
+
+
 class _ImageDataset:
     """Decodes and resizes one image to a uint8 CHW tensor; failures become a status, not an exception."""
 
     def __init__(self, paths: Sequence[str], pre, draft: bool):
+        if pre.resize < pre.crop:
+            raise UsageError(f"preprocessing resizes to {pre.resize} px, less than its {pre.crop} px crop")
         self.paths = list(paths)
         self.pre = pre
         self.draft = pre.resize if draft else None
@@ -372,16 +395,12 @@ class _ImageDataset:
 
     def __getitem__(self, i: int):
         import torch
-        import torchvision.transforms.functional as TF
-        from torchvision.transforms import InterpolationMode
 
         pre = self.pre
         try:
             img, note = load_image(self.paths[i], draft=self.draft)
-            img = TF.resize(img, pre.resize, interpolation=InterpolationMode(pre.interpolation), antialias=True)
-            img = TF.center_crop(img, pre.crop)
-            arr = np.asarray(img, dtype=np.uint8)
-            t = torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+            arr = resize_crop(img, pre)
+            t = torch.from_numpy(arr.transpose(2, 0, 1).copy())
             return i, t, "ok", note
         except CnnCodesError as e:
             msg = str(e)

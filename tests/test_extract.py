@@ -209,3 +209,21 @@ def test_cli_usage_errors_exit_2(argv, needle, flowers_small, tmp_path, capsys):
     assert extract_main(argv + ["--out", str(tmp_path / "codes")]) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("interp", ["bilinear", "bicubic"])
+def test_resize_crop_equals_torchvision(interp, tmp_path):
+    """cnncodes resizes in PIL directly; it must equal torchvision's Resize + CenterCrop bit for bit."""
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from cnncodes.backbones import Preprocessing
+    from cnncodes.extract import resize_crop
+
+    rng = np.random.default_rng(0)
+    for w, h in [(227, 227), (500, 375), (375, 500), (100, 100), (641, 299), (256, 256)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for resize, crop in [(256, 224), (342, 299), (232, 224)]:
+            pre = Preprocessing(resize, crop, interp)
+            ref = T.Compose([T.Resize(resize, interpolation=T.InterpolationMode(interp)), T.CenterCrop(crop)])(img)
+            np.testing.assert_array_equal(resize_crop(img, pre), np.asarray(ref))

@@ -57,7 +57,7 @@ from .errors import (
     ExtractionWriteError,
     UsageError,
 )
-from .fileio import atomic_write_bytes, atomic_write_text
+from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir
 from .images import Manifest, load_image, read_csv_list, scan_folder
 
 __all__ = ["ExtractConfig", "ExtractResult", "extract", "extract_images", "plan_layers", "DEFAULT_OUT"]
@@ -658,8 +658,9 @@ def extract(
     dropped = 0 if old_rows is None else len(old_rows["paths"]) - len(reused)
 
     if not jobs and old_info is not None and dropped == 0 and n == old_info.n_rows and _same_rows(old_rows, manifest):
-        if store.partial_dir(path).is_dir():
+        if store.partial_dir(path).is_dir() or _leftovers(path):
             with contextlib.suppress(CacheLockedError), store.CacheLock(path):
+                _remove_leftovers(path)
                 _drop_stale_partial(path, store.partial_dir(path), old_info)
         res = ExtractResult(path, old_info, keys, hit=True, n_reused=n, n_failed=old_info.n_failed,
                             seconds=time.perf_counter() - t0)
@@ -693,11 +694,7 @@ def extract(
 
     with store.CacheLock(path):
         pdir = store.partial_dir(path)
-        # a run killed while writing the cache file leaves its temporary file; only a lock holder writes one
-        for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-            log.info("Removing %s, left by an interrupted run", tmp.name)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        _remove_leftovers(path)
         resumed_from = 0
         _drop_stale_partial(path, pdir, old_info)
         if pdir.exists():
@@ -705,6 +702,10 @@ def extract(
                 old_plan = json.loads((pdir / "plan.json").read_text())
             except (OSError, ValueError):
                 old_plan = None
+            if old_plan is None and any(pdir.glob("shard-*.npz")):
+                # shards without their plan cannot be matched to images: never adopt them
+                log.warning("%s holds shards but no plan.json; they are discarded", pdir)
+                _remove_partial(pdir)
             if old_plan is not None:
                 diff = _plan_diff(old_plan, plan)
                 if diff and not overwrite:
@@ -715,7 +716,7 @@ def extract(
                     )
                 if diff:
                     log.warning("--overwrite: discarding an unfinished extraction (different %s)", ", ".join(diff))
-                    shutil.rmtree(pdir)
+                    _remove_partial(pdir)
                 elif old_plan["batch_size"] != batch_size:
                     log.info("Resuming with the batch size of the interrupted run (%d)", old_plan["batch_size"])
                     batch_size = int(old_plan["batch_size"])
@@ -728,13 +729,20 @@ def extract(
             raise ExtractionWriteError(f"Cannot write to {pdir}: {e}. Free space or fix permissions and run again.") from e
         done = _scan_shards(pdir)
         batches = {ji: [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)] for ji, (rows, _) in enumerate(jobs)}
-        resumed_from = sum(len(batches[j][b]) for (j, b) in done if j in batches and b < len(batches[j]))
+        n_failed_prev = 0
+        for (j, b), p in list(done.items()):
+            sh = _read_shard(p)
+            if (j not in batches or b >= len(batches[j]) or not np.array_equal(sh["rows"], batches[j][b])
+                    or any(f"codes/{k}" not in sh for k in jobs[j][1])):
+                log.warning("Shard %s does not hold this run's batch %d/%d; it will be recomputed", p.name, j, b)
+                p.unlink()
+                del done[(j, b)]
+                continue
+            n_failed_prev += int(np.sum(sh["status"] != "ok"))
+        resumed_from = sum(len(batches[j][b]) for (j, b) in done)
         if resumed_from:
             log.warning("Resuming an interrupted extraction into %s: %d of %d images already done",
                         path, resumed_from, plan["n_todo"])
-        n_failed_prev = 0
-        for p in done.values():
-            n_failed_prev += int(np.sum(_read_shard(p)["status"] != "ok"))
 
         runner = None
         n_computed = 0
@@ -807,7 +815,7 @@ def extract(
                 f"Writing {path} failed ({e}). All codes are kept in {pdir}; free space and run the same command "
                 f"again to finish."
             ) from e
-        shutil.rmtree(pdir, ignore_errors=True)
+        _remove_partial(pdir)
 
     status = store.read_rows(path, verify=False)
     skipped = [(p, m) for p, s, m in zip(status["paths"], status["status"], status["message"]) if s != "ok"]
@@ -884,8 +892,40 @@ def _drop_stale_partial(path: Path, pdir: Path, old_info) -> bool:
         return False
     log.info("Removing %s: its work is already in %s (an earlier run stopped just after writing it)",
              pdir.name, path.name)
-    shutil.rmtree(pdir, ignore_errors=True)
+    _remove_partial(pdir)
     return True
+
+
+def _remove_partial(pdir: Path) -> None:
+    """Delete a work folder so that a kill at any moment leaves all of it or none of it.
+
+    It is renamed out of the way first (atomic), then deleted: a kill half-way through a plain
+    ``rmtree`` could leave shards without their ``plan.json``, which a later run must never adopt.
+    """
+    if not pdir.exists():
+        return
+    trash = pdir.with_name(f"{pdir.name}.trash-{os.getpid()}-{time.monotonic_ns()}")
+    os.rename(pdir, trash)
+    fsync_dir(pdir.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _leftovers(path: Path) -> list[Path]:
+    """Temporary cache files and retired work folders of ``path`` left by killed runs."""
+    pdir = store.partial_dir(path)
+    return (list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+            + list(path.parent.glob(f"{glob.escape(pdir.name)}.trash-*")))
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Remove :func:`_leftovers` (the caller holds the lock: no live run is writing them)."""
+    for p in _leftovers(path):
+        log.info("Removing %s, left by an interrupted run", p.name)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
 
 
 def _pause_at() -> int | None:

@@ -905,7 +905,11 @@ def _remove_partial(pdir: Path) -> None:
     if not pdir.exists():
         return
     trash = pdir.with_name(f"{pdir.name}.trash-{os.getpid()}-{time.monotonic_ns()}")
-    os.rename(pdir, trash)
+    try:
+        os.rename(pdir, trash)
+    except OSError:  # the codes are safe in the cache file by now: never fail the run here
+        shutil.rmtree(pdir, ignore_errors=True)
+        return
     fsync_dir(pdir.parent)
     shutil.rmtree(trash, ignore_errors=True)
 

@@ -11,7 +11,6 @@ subprocesses use ``--workers 0``. Resumed codes are compared bitwise with a clea
 from __future__ import annotations
 
 import errno
-import io
 import json
 import logging
 import os
@@ -106,7 +105,7 @@ class Proc:
 
     def __init__(self, args, env, errfile: Path, timeout: float = 120):
         self.errfile = errfile
-        self._err = open(errfile, "wb")
+        self._err = open(errfile, "wb")  # noqa: SIM115 - closed in _close, the process outlives this call
         self.p = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=self._err, text=True)
         self.lines: list[str] = []
         self._watchdog = threading.Timer(timeout, self.p.kill)  # never hang the test run
@@ -150,7 +149,7 @@ class Proc:
 
 
 def run_cli(args, env, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def paused_writer(data: Path, out: Path, tmp_path: Path, k: int, tag: str = "w") -> Proc:
@@ -254,6 +253,16 @@ def test_kill_at_random_moments_then_resume(tmp_path):
     print(f"seed {seed}; progress at each kill: {progress}")
 
 
+def test_resume_with_another_batch_size_keeps_the_first(killed, tmp_path, caplog):
+    """The batch boundaries are part of a partial: a resume with another --batch-size uses the old one."""
+    path = copy_killed(killed, tmp_path / "out")
+    with caplog.at_level(logging.INFO, logger="cnncodes"):
+        res = run_extract(killed["data"], tmp_path / "out", batch_size=3)
+    assert "batch size of the interrupted run (4)" in caplog.text
+    assert res.resumed_from == 8
+    assert_same_codes(path, killed["ref"])
+
+
 class _Killed(BaseException):
     """Stands for SIGKILL in-process: nothing after the raise point runs."""
 
@@ -284,7 +293,7 @@ def test_kill_while_writing_the_cache_file(killed, tmp_path, monkeypatch):
     with pytest.raises(CacheIncompleteError, match="20/20 images"):
         store.load_codes(path, "fc1")
     res = run_extract(killed["data"], out)
-    assert res.resumed_from == 20 and res.n_computed == 20
+    assert res.resumed_from == 20 and res.n_computed == 0  # only the file is written again
     assert_same_codes(path, killed["ref"])
     no_leftovers(out, path)
 
@@ -295,14 +304,13 @@ def test_kill_between_rename_and_cleanup(killed, tmp_path, monkeypatch):
 
     out = tmp_path / "out"
     path = copy_killed(killed, out)
-    real_rmtree = shutil.rmtree
+    real_write = ex.store.write_cache
 
-    def dies(p, *a, **kw):
-        if Path(p) == store.partial_dir(path):
-            raise _Killed
-        return real_rmtree(p, *a, **kw)
+    def dies(*a, **kw):
+        real_write(*a, **kw)
+        raise _Killed  # the new file is in place; nothing after this runs
 
-    monkeypatch.setattr(ex.shutil, "rmtree", dies)
+    monkeypatch.setattr(ex.store, "write_cache", dies)
     with pytest.raises(_Killed):
         run_extract(killed["data"], out)
     monkeypatch.undo()
@@ -322,14 +330,13 @@ def test_stale_partial_does_not_block_the_next_append(killed, tmp_path, monkeypa
     data = tmp_path / "flowers"
     shutil.copytree(killed["data"], data, symlinks=True)
     out = tmp_path / "out"
-    real_rmtree = shutil.rmtree
+    real_write = ex.store.write_cache
 
-    def dies(p, *a, **kw):
-        if str(p).endswith(".h5.partial"):
-            raise _Killed
-        return real_rmtree(p, *a, **kw)
+    def dies(*a, **kw):
+        real_write(*a, **kw)
+        raise _Killed  # the new file is in place; nothing after this runs
 
-    monkeypatch.setattr(ex.shutil, "rmtree", dies)
+    monkeypatch.setattr(ex.store, "write_cache", dies)
     with pytest.raises(_Killed):
         run_extract(data, out)
     monkeypatch.undo()
@@ -338,6 +345,42 @@ def test_stale_partial_does_not_block_the_next_append(killed, tmp_path, monkeypa
     assert res.n_reused == 20 and res.n_computed == 1 and res.info.n_rows == 21
     assert_same_codes(res.path, run_extract(data, tmp_path / "ref").path)
     no_leftovers(out, res.path)
+
+
+def test_kill_while_removing_the_partial_folder(killed, tmp_path, monkeypatch):
+    """Death half-way through deleting ``.partial`` (plan.json already gone, some shards left), then new images.
+
+    Orphan shards must never be matched to the next run's batches: that would pair new rows with old codes.
+    """
+    import cnncodes.extract as ex
+
+    data = tmp_path / "flowers"
+    shutil.copytree(killed["data"], data, symlinks=True)
+    out = tmp_path / "out"
+    real_rmtree = shutil.rmtree
+
+    def dies_half_way(p, *a, **kw):
+        if ".partial" in Path(p).name:
+            (Path(p) / "plan.json").unlink()
+            for shard in sorted(Path(p).glob("shard-*.npz"))[2:]:  # batches 0 and 1 survive
+                shard.unlink()
+            raise _Killed
+        return real_rmtree(p, *a, **kw)
+
+    monkeypatch.setattr(ex.shutil, "rmtree", dies_half_way)
+    with pytest.raises(_Killed):
+        run_extract(data, out)
+    monkeypatch.undo()
+    path = cache_file(out)
+    assert_same_codes(path, killed["ref"])
+    assert [c["status"] for c in store.list_caches(out)] == ["complete"]  # no phantom partial
+    add_image(data, "daisy", 200)  # sorts first: job 0, batch 0 of the next run
+    add_image(data, "tulip", 200)
+    res = run_extract(data, out)
+    assert res.n_reused == 20 and res.resumed_from == 0 and res.info.n_rows == 22
+    assert_same_codes(path, run_extract(data, tmp_path / "ref").path)
+    no_leftovers(out, path)
+    assert not [p for p in out.iterdir() if ".partial" in p.name]
 
 
 # --------------------------------------------------------------------------- 2. no false completeness

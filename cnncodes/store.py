@@ -28,12 +28,14 @@ An extraction in progress lives in ``<file>.partial/`` (see :mod:`cnncodes.extra
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
@@ -600,6 +602,12 @@ class CacheLock:
         except (OSError, ValueError):
             return {}
 
+    def _age(self) -> float:
+        try:
+            return time.time() - self.path.stat().st_mtime
+        except OSError:
+            return 0.0
+
     def acquire(self) -> "CacheLock":
         """Take the lock.
 
@@ -618,6 +626,12 @@ class CacheLock:
                 h = self.holder()
                 if h is None:
                     continue  # released between our open and read
+                if h == {} and self._age() > 10:
+                    # created but never filled in: its writer died between O_EXCL and the write (microseconds)
+                    log.warning("Breaking an empty lock on %s (left by a process killed while taking it)", self.target)
+                    with contextlib.suppress(FileNotFoundError):
+                        self.path.unlink()
+                    continue
                 same_host = h.get("host") == me["host"]
                 if h and same_host and not _pid_alive(int(h.get("pid", -1))):
                     log.warning("Breaking a stale lock on %s left by pid %s (no longer running)", self.target, h.get("pid"))

@@ -49,6 +49,8 @@ FLOWERS = REPO.parent / "shared" / "datasets" / "flowers5"
 
 from cnncodes import store
 
+EXTRACTION_MODULES = ("__init__.py", "backbones.py", "cli_extract.py", "errors.py", "extract.py", "fileio.py",
+                      "images.py", "store.py")
 DEFAULT_LAYERS = {"tiny": ["conv2", "fc1"], "alexnet": ["fc7"], "efficientnet_lite0": ["pool"]}
 
 
@@ -82,11 +84,11 @@ def link_flowers(dst: Path, per_class: int) -> Path:
 
 
 def code_digest() -> str:
-    """sha256 of the library's sources: other people editing the tree mid-soak would mix code versions."""
+    """sha256 of the modules an extraction runs: someone editing them mid-soak would mix code versions."""
     import hashlib
 
     h = hashlib.sha256()
-    for f in sorted((REPO / "cnncodes").glob("*.py")):
+    for f in sorted(REPO / "cnncodes" / m for m in EXTRACTION_MODULES):
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
 
@@ -294,7 +296,7 @@ def main(argv=None) -> int:
             print(f"{'kills during ' + ph:<34} {v:>8}")
         print(f"\n{n_images} images, {args.model} {' '.join(args.layers)}, batch {args.batch_size}, "
               f"workers {args.workers}, clean run {t_clean:.1f} s, seed {seed}")
-        print(f"code: git {head0}, cnncodes/*.py sha256 {code0}"
+        print(f"code: git {head0}, extraction modules sha256 {code0}"
               + ("" if code1 == code0 else f"; CHANGED during the soak (now {code1}): results mix code versions"))
         print(f"written {args.json}")
         ok = (survived == len(kills) and not errors and not summary["cycles_with_leftovers"]

@@ -637,6 +637,24 @@ def test_second_writer_refused_and_stale_lock_broken(tmp_path, capsys, caplog):
     no_leftovers(out, path)
 
 
+def test_empty_lock_left_by_a_kill_while_locking(tmp_path, caplog):
+    """A kill between creating the lock file and writing its pid leaves an empty lock: stale once old."""
+    data = make_data(tmp_path / "flowers", per_class=2)
+    out = tmp_path / "out"
+    ref = run_extract(data, tmp_path / "ref").path
+    lock = out / (ref.name + ".lock")
+    out.mkdir()
+    lock.write_bytes(b"")
+    with pytest.raises(CacheLockedError):  # just created: a writer may be filling it in right now
+        run_extract(data, out)
+    os.utime(lock, (time.time() - 120, time.time() - 120))
+    with caplog.at_level(logging.WARNING, logger="cnncodes"):
+        res = run_extract(data, out)
+    assert "empty lock" in caplog.text
+    assert_same_codes(res.path, ref)
+    no_leftovers(out, res.path)
+
+
 def test_reader_during_append_gets_old_complete_codes(tmp_path):
     data = make_data(tmp_path / "flowers", per_class=3)
     out = tmp_path / "out"

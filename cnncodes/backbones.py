@@ -310,7 +310,8 @@ def _load_state_dict(path: str) -> dict:
 
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, IndexError, KeyError, TypeError,
+            AttributeError, OverflowError, UnicodeDecodeError) as e:  # what torch.load raises on garbage bytes
         raise WeightsError(
             f"Cannot load weights from {path} with torch.load(weights_only=True): {e}. cnncodes only reads "
             f"plain state dicts (no arbitrary pickled objects); re-save with torch.save(model.state_dict(), PATH)."

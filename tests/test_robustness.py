@@ -869,10 +869,6 @@ def _random_bytes(seed: int, n: int = 4096) -> bytes:
     return bytes(random.Random(seed).getrandbits(8) for _ in range(n))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cnncodes.backbones._load_state_dict catches only UnpicklingError/RuntimeError/EOFError/ValueError; "
-    "torch.load(weights_only=True) raises IndexError or KeyError on about 7 % of random byte files "
-    "(3000 tried), so the user gets a traceback, not a WeightsError. Remove this mark once it is fixed."))
 @pytest.mark.parametrize("seed", [7, 44])  # IndexError: pop from empty list; KeyError
 def test_garbage_weights_file_is_a_weights_error(tmp_path, seed):
     data = make_data(tmp_path / "flowers", per_class=1)

@@ -229,24 +229,39 @@ def test_resize_crop_equals_torchvision(interp, tmp_path):
             np.testing.assert_array_equal(resize_crop(img, pre), np.asarray(ref))
 
 
+_HEAP_PROBE = """
+import resource, sys, torch
+from cnncodes.extract import _heap_for_big_blocks
+
+def faults():
+    out = []
+    for _ in range(4):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        a = torch.ones(1 << 24)  # 64 MB
+        del a
+        out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return out
+
+print(faults())
+with _heap_for_big_blocks("cpu"):
+    print(faults())
+print(faults())
+"""
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs Linux's page-fault counters")
 def test_big_blocks_stay_in_the_heap_during_cpu_extraction():
     """A 64 MB tensor allocated again and again must not be page-faulted in each time (the CPU forward
-    pass did that for every activation of every batch: half its time went to the kernel)."""
-    import resource
+    pass did that for every activation of every batch: half its time went to the kernel). Run in a fresh
+    process, as the extraction CLI is."""
+    import ast
+    import subprocess
+    import sys
 
-    from cnncodes.extract import _heap_for_big_blocks
-
-    def faults() -> list[int]:
-        out = []
-        for _ in range(4):
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            a = torch.ones(1 << 24)  # 64 MB
-            del a
-            out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-        return out
-
-    assert min(faults()) > 10_000  # glibc's default: mmap, munmap, fault in again
-    with _heap_for_big_blocks("cpu"):
-        assert faults()[1:] == [0, 0, 0]  # the heap grows once, then the block is reused
-    assert min(faults()) > 10_000  # defaults restored afterwards
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", _HEAP_PROBE], cwd=repo, capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(repo)))
+    default, inside, after = (ast.literal_eval(line) for line in out.stdout.split("\n")[:3])
+    assert min(default) > 10_000  # glibc's default: mmap, munmap, fault in again
+    assert inside[1:] == [0, 0, 0]  # the heap grows once, then the block is reused
+    assert min(after) > 10_000  # defaults restored afterwards

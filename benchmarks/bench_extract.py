@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from cnncodes import backbones as B  # noqa: E402
-from cnncodes.extract import _ImageDataset, _Runner, extract, plan_layers  # noqa: E402
+from cnncodes.extract import _heap_for_big_blocks, _ImageDataset, _Runner, extract, plan_layers  # noqa: E402
 from cnncodes.images import IMAGE_EXTENSIONS  # noqa: E402
 from cnncodes.store import read_info  # noqa: E402
 
@@ -85,6 +85,12 @@ def subset(root: Path, limit: int, dst: Path) -> list[Path]:
 
 
 def forward_only(spec, layer: str, paths, batch_size: int) -> float:
+    """cnncodes' hooked forward pass alone (with the allocator setting it extracts with)."""
+    with _heap_for_big_blocks("cpu"):
+        return _forward_only(spec, layer, paths, batch_size)
+
+
+def _forward_only(spec, layer: str, paths, batch_size: int) -> float:
     plan = plan_layers(spec, [layer], "avg", "bench")
     runner = _Runner(spec, B.ResolvedWeights("none", "random-init:seed=0") if spec.name != "efficientnet_lite0"
                      else B.resolve_weights(spec, "default"), plan, "cpu", "fp32")
@@ -147,6 +153,44 @@ def feature_extractor_loop(name: str, spec, root: Path, n: int, batch_size: int,
     return n / (time.perf_counter() - t)
 
 
+def measure_one(ds: str, name: str, layer: str, limit: int, batch_size: int, workers: int | None) -> dict:
+    """All figures of one (dataset, model) pair, in this (fresh) process."""
+    tmp = Path(tempfile.mkdtemp(prefix="cnncodes-bench-"))
+    root = subset(SHARED / ds, limit, tmp / ds)
+    spec = B.get_backbone(name)
+    weights = "none" if name != "efficientnet_lite0" else "default"
+    fwd = forward_only(spec, layer, root, batch_size)
+    t = time.perf_counter()
+    res = extract(tmp / ds, name, [layer], weights=weights, out=tmp / "codes", device="cpu",
+                  batch_size=batch_size, workers=workers)
+    e2e = len(root) / (time.perf_counter() - t)
+    hand = hand_loop(name, spec, root, batch_size)
+    fe = feature_extractor_loop(name, spec, tmp / ds, len(root), batch_size, workers=2)
+    # the cache hit, as a user sees it: the whole command again
+    cmd = [sys.executable, str(REPO / "scripts" / "extract.py"), str(tmp / ds), "--model", name, "--layers",
+           layer, "--weights", weights, "--out", str(tmp / "codes"), "--device", "cpu",
+           "--batch-size", str(batch_size), "-q"]
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    hit = time.perf_counter() - t
+    info = read_info(res.path)
+    return {
+        "dataset": ds, "model": name, "layer": layer, "images": len(root),
+        "forward_only_img_s": round(fwd, 2), "end_to_end_img_s": round(e2e, 2),
+        "pipeline_efficiency": round(e2e / fwd, 3),
+        "hand_loop_img_s": round(hand, 2), "speedup_vs_hand_loop": round(e2e / hand, 3),
+        "feature_extractor_img_s": round(fe, 2), "speedup_vs_feature_extractor": round(e2e / fe, 3),
+        "extract_seconds": round(res.seconds, 1), "cache_hit_s": round(hit, 3),
+        "file_bytes_per_image": round(info.size_bytes / info.n_rows, 1),
+        "raw_float32_bytes_per_image": 4 * info.layers[res.keys[0]].dim,
+    }
+
+
+HDR = ["dataset", "model", "layer", "images", "forward_only_img_s", "end_to_end_img_s", "pipeline_efficiency",
+       "hand_loop_img_s", "speedup_vs_hand_loop", "feature_extractor_img_s", "speedup_vs_feature_extractor",
+       "cache_hit_s", "file_bytes_per_image", "raw_float32_bytes_per_image"]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--limit", type=int, default=512, help="images per dataset (default 512)")
@@ -154,50 +198,26 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", default=["alexnet:fc7", "efficientnet_lite0:pool"])
     ap.add_argument("--datasets", nargs="+", default=["flowers5", "hymenoptera"])
     ap.add_argument("--workers", type=int, default=None, help="cnncodes decode workers (default: its own choice)")
+    ap.add_argument("--one", nargs=3, metavar=("DATASET", "MODEL", "LAYER"), help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(REPO / "artifacts" / "bench" / "extract.json"))
     args = ap.parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)
+    if args.one:  # a child: one measurement, JSON on the last line
+        print(json.dumps(measure_one(*args.one, args.limit, args.batch_size, args.workers)))
+        return 0
     print(machine(), flush=True)
     results = {"machine": machine(), "limit": args.limit, "batch_size": args.batch_size, "rows": []}
-    tmp = Path(tempfile.mkdtemp(prefix="cnncodes-bench-"))
     for ds in args.datasets:
-        root = subset(SHARED / ds, args.limit, tmp / ds)
         for ml in args.models:
             name, layer = ml.split(":")
-            spec = B.get_backbone(name)
-            weights = "none" if name != "efficientnet_lite0" else "default"
-            fwd = forward_only(spec, layer, root, args.batch_size)
-            t = time.perf_counter()
-            res = extract(tmp / ds, name, [layer], weights=weights, out=tmp / f"codes-{ds}-{name}", device="cpu",
-                          batch_size=args.batch_size, workers=args.workers)
-            e2e = len(root) / (time.perf_counter() - t)
-            hand = hand_loop(name, spec, root, args.batch_size)
-            fe = feature_extractor_loop(name, spec, tmp / ds, len(root), args.batch_size, workers=2)
-            # the cache hit, as a user sees it: the whole command again
-            cmd = [sys.executable, str(REPO / "scripts" / "extract.py"), str(tmp / ds), "--model", name, "--layers",
-                   layer, "--weights", weights, "--out", str(tmp / f"codes-{ds}-{name}"), "--device", "cpu",
-                   "--batch-size", str(args.batch_size), "-q"]
-            t = time.perf_counter()
-            subprocess.run(cmd, check=True, capture_output=True)
-            hit = time.perf_counter() - t
-            info = read_info(res.path)
-            row = {
-                "dataset": ds, "model": name, "layer": layer, "images": len(root),
-                "forward_only_img_s": round(fwd, 2), "end_to_end_img_s": round(e2e, 2),
-                "pipeline_efficiency": round(e2e / fwd, 3),
-                "hand_loop_img_s": round(hand, 2), "speedup_vs_hand_loop": round(e2e / hand, 3),
-                "feature_extractor_img_s": round(fe, 2), "speedup_vs_feature_extractor": round(e2e / fe, 3),
-                "cache_hit_s": round(hit, 3), "file_bytes_per_image": round(info.size_bytes / info.n_rows, 1),
-                "raw_float32_bytes_per_image": 4 * info.layers[res.keys[0]].dim,
-            }
+            cmd = [sys.executable, __file__, "--one", ds, name, layer, "--limit", str(args.limit),
+                   "--batch-size", str(args.batch_size)] + (["--workers", str(args.workers)] if args.workers is not None else [])
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            row = json.loads(out.strip().splitlines()[-1])
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
-    hdr = ["dataset", "model", "layer", "images", "forward_only_img_s", "end_to_end_img_s", "pipeline_efficiency",
-           "hand_loop_img_s", "speedup_vs_hand_loop", "feature_extractor_img_s", "speedup_vs_feature_extractor",
-           "cache_hit_s", "file_bytes_per_image", "raw_float32_bytes_per_image"]
-    print("\n| " + " | ".join(hdr) + " |\n|" + "---|" * len(hdr))
+    print("\n| " + " | ".join(HDR) + " |\n|" + "---|" * len(HDR))
     for r in results["rows"]:
-        print("| " + " | ".join(str(r[h]) for h in hdr) + " |")
+        print("| " + " | ".join(str(r[h]) for h in HDR) + " |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     return 0

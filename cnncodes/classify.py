@@ -9,7 +9,7 @@ The pipeline of one model is ``Pipeline([("norm", <normaliser>), ("clf", <classi
   ``"standard"`` (zero mean, unit variance), ``"sqrt"`` (signed square root, then L2),
   ``"none"``;
 * classifiers (:func:`make_classifier`): ``"svm"`` — :class:`~sklearn.svm.LinearSVC`
-  (one-vs-rest, squared hinge; ``dual`` chosen by shape), ``"softmax"`` — multinomial
+  (one-vs-rest, squared hinge; the dual solver for C <= 1, the primal above), ``"softmax"`` — multinomial
   :class:`~sklearn.linear_model.LogisticRegression` with lbfgs.
 
 Training a run (:func:`train_run`)
@@ -21,8 +21,13 @@ Training a run (:func:`train_run`)
    (``train``/``val``/``test``), else a stratified split with a recorded seed.
 3. C is chosen by a sweep over a log grid (default ``np.logspace(-4, 4, 9)``), on the
    val split, or by stratified k-fold CV on the train split when there is no val split
-   (fewer folds, with a note, when a class has fewer images than folds). Fits run in
-   parallel with joblib; the softmax sweep is warm-started along the grid.
+   (fewer folds, with a note, when a class has fewer images than folds). The codes are
+   normalised once, in float32; SVM fits run in parallel with joblib (X memory-mapped
+   once; liblinear itself copies X to float64 for each fit, as sklearn's LinearSVC
+   always does); the softmax sweep is warm-started along the grid (lbfgs keeps float32).
+   C values are evaluated in ascending order and the sweep stops early once the score has
+   fallen below its best for ``early_stop`` (default 2) consecutive larger C values: the
+   largest C values are the slowest fits. The curve records which C were evaluated.
 4. The model is refit on train+val with the best C and evaluated once on the test split.
 5. A ``ConvergenceWarning`` raises ``max_iter`` (x4, up to a cap) and refits; if the
    fit still does not converge, the metrics say so (``converged: false``).
@@ -33,6 +38,9 @@ Run folder
 so a failed run never leaves half a folder nor overwrites a previous run)::
 
     metrics.json                   see below
+    model.joblib, model.json       the best model by val accuracy and its sidecar (a copy of
+                                   one models/ file, same bytes and sha256; the sidecar's
+                                   ``copy_of`` names it); what scripts/predict.py RUN_DIR uses
     models/<layers>__<clf>.joblib  the fitted pipeline (atomic write)
     models/<layers>__<clf>.json    its sidecar: sha256 of the .joblib, cache path,
                                    extraction fingerprint, layer records, spec,
@@ -51,13 +59,14 @@ the keys joined by ``+`` (``fc6+fc7``).
       "cache": {"path", "fingerprint", "spec", "records", "manifest_hash", "dataset_root", "rows_sha256"},
       "split": {"source": "recorded"|"stratified", "seed", "val_fraction", "test_fraction",
                 "counts": {"train", "val", "test"}, "n_rows", "n_failed", "failed_examples", "notes"},
-      "settings": {"norm", "grid", "cv", "n_jobs", "concat", "max_iter", "max_iter_cap"},
+      "settings": {"norm", "grid", "cv", "n_jobs", "concat", "max_iter", "max_iter_cap", "early_stop"},
       "results": {
         "<layers>": {
           "<clf>": {
             "C": best C, "c_at_edge": bool, "c_index": int,
-            "c_curve": [{"C", "score", "score_std", "converged"}, ...],
-            "selection": {"method": "val"|"cv", "n_folds", "notes"},
+            "c_curve": [{"C", "score", "score_std", "converged", "evaluated"}, ...],
+                        (score null where the sweep stopped before that C)
+            "selection": {"method": "val"|"cv", "n_folds", "notes", "early_stop", "stopped_at"},
             "train": METRICS, "val": METRICS, "test": METRICS,
             "converged": bool, "convergence_message": str, "max_iter": int,
             "sweep_seconds", "fit_seconds", "n_features", "norm",
@@ -65,7 +74,7 @@ the keys joined by ``+`` (``fc6+fc7``).
           }
         }
       },
-      "best": {"layers", "clf", "val_accuracy", "test_accuracy", "model"},
+      "best": {"layers", "clf", "val_accuracy", "test_accuracy", "model", "file": "model.joblib"},
       "notes": [...]
     }
 
@@ -101,7 +110,7 @@ from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScale
 from sklearn.svm import LinearSVC
 
 from .errors import CacheMismatchError, ModelFileError, TrainingDataError, UsageError
-from .fileio import atomic_path, atomic_write_text, sha256_of_file
+from .fileio import atomic_path, atomic_write_bytes, atomic_write_text, sha256_bytes, sha256_of_file
 
 __all__ = [
     "NORMALISERS",
@@ -116,6 +125,7 @@ __all__ = [
     "check_codes",
     "SweepResult",
     "sweep_C",
+    "refit",
     "compute_metrics",
     "top_scores",
     "fit_with_retries",
@@ -137,6 +147,7 @@ CLASSIFIERS = ("svm", "softmax")
 DEFAULT_GRID = np.logspace(-4, 4, 9)
 SPLITS = ("train", "val", "test")
 METRICS_SCHEMA = "cnncodes.metrics/1"
+BEST_MODEL = "model.joblib"  # the best model of a run (by val accuracy), at the top of the run folder
 MODEL_SCHEMA = "cnncodes.model/1"
 MIN_GRID_DECADES = 8.0
 
@@ -200,13 +211,18 @@ def make_classifier(
     C : float
         Inverse regularisation strength.
     n_samples, n_features : int, optional
-        Shape of the training matrix: LinearSVC solves the primal (``dual=False``)
-        when ``n_samples > n_features``; otherwise the dual for ``C <= 1`` and the
-        primal above. Measured on L2-normalised codes (one thread, max_iter 4000): the
-        dual needs thousands of passes at large C (1,167 x 1,280 EfficientNet codes,
-        C=100: 3.45 s / 3,492 iterations, not converged at C=1e4) where the primal takes
-        0.4 s; for 400 x 4,096 codes the same (C=100: dual 1.8 s, primal 0.35 s), while
-        at C <= 1 both take the same time.
+        Shape of the training matrix (kept for callers; the choice below depends on C
+        alone). LinearSVC solves the dual (``dual=True``, coordinate descent) for
+        ``C <= 1`` and the primal (trust-region Newton) above, whatever the shape. Both
+        solve the same problem (squared hinge, L2, regularised intercept); only the time
+        differs. Measured on L2-normalised codes, one thread: at C <= 1 the dual was 1.3x
+        to 3x faster than the primal in every shape tried, also with many more rows than
+        features (13,000 x 2,048 sparse post-ReLU codes: C=0.01 5.2 s vs 12.9 s, C=1
+        3.5 s vs 12.5 s; 10,000 x 256: C=1 0.58 s vs 0.78 s; sklearn digits 1,437 x 64:
+        0.04 s vs 0.05 s); above C=1 the dual needs thousands of passes on some codes
+        (1,167 x 1,280 EfficientNet codes, C=100: 3.45 s / 3,492 iterations, not
+        converged at C=1e4, where the primal takes 0.4 s; 10,000 x 256, C=100: 6.0 s and
+        not converged vs 1.2 s).
     max_iter : int
     seed : int
         ``random_state`` of LinearSVC's coordinate descent.
@@ -221,7 +237,7 @@ def make_classifier(
     if not (isinstance(C, (int, float, np.floating)) and np.isfinite(C) and C > 0):
         raise UsageError(f"The 'C' parameter must be a float > 0. Got {C!r} instead.")
     if clf == "svm":
-        dual = True if n_samples is None or n_features is None else bool(n_samples <= n_features and C <= 1.0)
+        dual = bool(C <= 1.0)
         return LinearSVC(C=float(C), dual=dual, max_iter=int(max_iter), random_state=seed)
     if clf == "softmax":
         return LogisticRegression(C=float(C), solver="lbfgs", max_iter=int(max_iter), warm_start=warm_start)
@@ -515,18 +531,25 @@ class SweepResult:
     grid : ndarray
         The C values, ascending.
     scores, scores_std : ndarray
-        Accuracy at each C (val split), or mean and std over CV folds.
+        Accuracy at each C (val split), or mean and std over CV folds; NaN where the
+        C was not evaluated (the sweep stopped early, see ``evaluated``).
     converged : ndarray of bool
-        Whether every fit at that C converged.
+        Whether every fit at that C converged (True where not evaluated).
     best_index : int
-        ``argmax(scores)`` (the smallest C among ties).
+        ``argmax(scores)`` over the evaluated C values (the smallest C among ties).
     predictions : ndarray of shape (len(grid), n_eval)
-        Predicted labels of the evaluation rows at each C (val rows, or out-of-fold).
+        Predicted labels of the evaluation rows at each C (val rows, or out-of-fold);
+        rows of C values that were not evaluated repeat the best C's predictions.
     eval_rows : ndarray of int
         The rows (positions in the arrays given to :func:`sweep_C`) those predictions are for.
     method : {"val", "cv"}
     n_folds : int
+    seconds : float
     notes : list of str
+    evaluated : ndarray of bool
+        Which C values were fitted: all of them, or those up to an early stop.
+    stopped_at : float or None
+        The last C evaluated when the sweep stopped early, else None.
     """
 
     grid: np.ndarray
@@ -540,6 +563,12 @@ class SweepResult:
     n_folds: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    evaluated: np.ndarray | None = None
+    stopped_at: float | None = None
+
+    def __post_init__(self):
+        if self.evaluated is None:
+            self.evaluated = np.ones(len(self.grid), dtype=bool)
 
     @property
     def best_C(self) -> float:
@@ -551,8 +580,9 @@ class SweepResult:
 
     def curve(self) -> list[dict]:
         return [
-            {"C": float(c), "score": float(s), "score_std": float(sd), "converged": bool(cv)}
-            for c, s, sd, cv in zip(self.grid, self.scores, self.scores_std, self.converged)
+            {"C": float(c), "score": float(s) if e else None, "score_std": float(sd) if e else None,
+             "converged": bool(cv), "evaluated": bool(e)}
+            for c, s, sd, cv, e in zip(self.grid, self.scores, self.scores_std, self.converged, self.evaluated)
         ]
 
 
@@ -568,33 +598,71 @@ def _check_grid(grid) -> np.ndarray:
     return g
 
 
+def _peaked(scores: Sequence[float], patience: int | None) -> bool:
+    """True when the last ``patience`` scores (C values in ascending order) all fall strictly
+    below the best score so far: the curve has peaked and dropped ``patience`` times in a row."""
+    if not patience or len(scores) <= patience:
+        return False
+    s = np.asarray(scores, dtype=float)
+    return bool(np.all(s[-patience:] < s.max()))
+
+
+def _check_patience(early_stop) -> int:
+    if early_stop is None or early_stop is False:
+        return 0
+    if not isinstance(early_stop, (int, np.integer)) or isinstance(early_stop, bool) or early_stop < 0:
+        raise UsageError(f"The 'early_stop' parameter must be an int >= 0 (0: off). Got {early_stop!r} instead.")
+    return int(early_stop)
+
+
 def _fit_predict_one(norm, clf, C, X, y, tr, ev, *, max_iter, max_iter_cap, seed):
-    """Fit one pipeline at C on rows ``tr`` of (X, y), predict rows ``ev``. Runs in a joblib worker.
+    """Fit one model at C on rows ``tr`` of (X, y), predict rows ``ev``. Runs in a joblib worker.
 
     The whole matrix and index arrays are passed (not slices), so that joblib memory-maps
-    a large X once instead of pickling a copy per task.
+    a large X once instead of pickling a copy per task. ``norm=None``: X is already
+    normalised (the classifier alone is fitted).
     """
     Xtr, ytr, Xev = X[tr], y[tr], X[ev]
-    pipe = make_pipeline(norm, clf, C, n_samples=Xtr.shape[0], n_features=Xtr.shape[1], max_iter=max_iter,
-                         seed=seed)
-    info = fit_with_retries(pipe, Xtr, ytr, max_iter_cap=max_iter_cap)
-    return pipe.predict(Xev), info["converged"]
+    kw = dict(n_samples=Xtr.shape[0], n_features=Xtr.shape[1], max_iter=max_iter, seed=seed)
+    est = make_classifier(clf, C, **kw) if norm is None else make_pipeline(norm, clf, C, **kw)
+    info = fit_with_retries(est, Xtr, ytr, max_iter_cap=max_iter_cap)
+    with _threads_for(Xev):
+        return est.predict(Xev), info["converged"]
 
 
-def _softmax_path(norm, grid, X, y, tr, ev, *, max_iter, max_iter_cap, seed):
-    """Warm-started softmax fits along the ascending grid on rows ``tr``; predictions of rows ``ev`` at each C."""
+def _softmax_path(norm, grid, X, y, tr, ev, *, max_iter, max_iter_cap, seed, patience=0):
+    """Warm-started softmax fits along the ascending grid on rows ``tr``; predictions of rows ``ev`` at each C.
+
+    With ``patience``, stop once the accuracy on rows ``ev`` has dropped ``patience`` times
+    in a row after its peak (see :func:`_peaked`); the arrays returned then hold the
+    evaluated C values only. ``norm=None``: X is already normalised.
+    """
     Xtr, ytr, Xev = X[tr], y[tr], X[ev]
-    normaliser = make_normaliser(norm).fit(Xtr)
-    Ztr = np.asarray(normaliser.transform(Xtr), dtype=np.float32)
-    Zev = np.asarray(normaliser.transform(Xev), dtype=np.float32)
+    if norm is None:
+        Ztr, Zev = np.asarray(Xtr, dtype=np.float32), np.asarray(Xev, dtype=np.float32)
+    else:
+        normaliser = make_normaliser(norm).fit(Xtr)
+        Ztr = np.asarray(normaliser.transform(Xtr), dtype=np.float32)
+        Zev = np.asarray(normaliser.transform(Xev), dtype=np.float32)
     lr = make_classifier("softmax", grid[0], max_iter=max_iter, seed=seed, warm_start=True)
-    preds, conv = [], []
+    preds, conv, scores = [], [], []
     for C in grid:
         lr.set_params(C=float(C), max_iter=max_iter)
         info = fit_with_retries(lr, Ztr, ytr, max_iter_cap=max_iter_cap)
-        preds.append(lr.predict(Zev))
+        with _threads_for(Zev):
+            preds.append(lr.predict(Zev))
         conv.append(info["converged"])
+        scores.append(float(np.mean(preds[-1] == y[ev])))
+        if _peaked(scores, patience):
+            break
     return np.stack(preds), np.asarray(conv)
+
+
+def _close(results) -> None:
+    """Stop a joblib result generator: the fits not yet dispatched are never started."""
+    close = getattr(results, "close", None)
+    if close is not None:
+        close()
 
 
 def _n_folds(y: np.ndarray, cv: int, class_names: Sequence[str]) -> tuple[int, list[str]]:
@@ -611,6 +679,17 @@ def _n_folds(y: np.ndarray, cv: int, class_names: Sequence[str]) -> tuple[int, l
     return k, [note]
 
 
+def _prenormalise(norm: str, X: np.ndarray, fit_rows: np.ndarray) -> np.ndarray:
+    """Normalised float32 codes of every row of X, the normaliser fitted on ``fit_rows``.
+
+    Equal to what each pipeline of the sweep computes for itself (``l2``, ``sqrt`` and
+    ``none`` are row-wise and stateless; ``standard`` is fitted on the training rows
+    only), done once instead of once per C.
+    """
+    nrm = make_normaliser(norm).fit(X[fit_rows])
+    return np.ascontiguousarray(nrm.transform(X), dtype=np.float32)
+
+
 def sweep_C(
     X_train: np.ndarray,
     y_train: np.ndarray,
@@ -625,9 +704,15 @@ def sweep_C(
     n_jobs: int | None = -1,
     max_iter: int = 1000,
     max_iter_cap: int = 16000,
+    early_stop: int | None = 2,
     class_names: Sequence[str] = (),
 ) -> SweepResult:
     """Choose C by accuracy on a val split, or by stratified k-fold CV on train.
+
+    C values are evaluated in ascending order. The codes are normalised once (float32
+    throughout; the normaliser fitted on the training rows, as each pipeline would);
+    SVM fits run in parallel over C (and folds) with joblib, X memory-mapped once;
+    softmax runs warm-started along the grid, in parallel over folds.
 
     Parameters
     ----------
@@ -644,13 +729,20 @@ def sweep_C(
     seed : int
         Seed of the folds and of LinearSVC.
     n_jobs : int
-        joblib workers (-1: all cores). SVM fits run in parallel over C (and folds);
-        softmax runs warm-started along the grid, in parallel over folds.
+        joblib workers (-1: all cores).
     max_iter, max_iter_cap : int
         Starting iteration limit and the cap of :func:`fit_with_retries`. Along the
         sweep the cap is at most ``4 * max_iter`` (one retry): fits at extreme C that
         still do not converge are marked in the curve (``converged``) rather than
         paid for with 16x the iterations; the final refit uses the full cap.
+    early_stop : int or None
+        Patience: stop the sweep once the score has fallen strictly below its best
+        for this many consecutive larger C values (default 2; 0 or None: evaluate the
+        whole grid). The larger C values, the slowest to fit, are then not evaluated;
+        they are NaN in ``scores``, False in ``evaluated``, and a note says where the
+        sweep stopped. A curve that would rise again to a higher peak beyond such a
+        drop would be missed. Not applied to the softmax CV sweep (its folds run
+        warm-started paths in parallel).
 
     Returns
     -------
@@ -659,7 +751,7 @@ def sweep_C(
     Raises
     ------
     UsageError
-        For a bad grid, classifier, normaliser or ``cv < 2``.
+        For a bad grid, classifier, normaliser, ``early_stop`` or ``cv < 2``.
     TrainingDataError
         When the folds cannot be made.
     """
@@ -668,28 +760,44 @@ def sweep_C(
     g = _check_grid(DEFAULT_GRID if grid is None else grid)
     make_normaliser(norm)
     make_classifier(clf)
+    patience = _check_patience(early_stop)
     X_train = np.asarray(X_train, dtype=np.float32)
     y_train = np.asarray(y_train)
     t0 = time.perf_counter()
     kw = dict(max_iter=max_iter, max_iter_cap=min(max_iter_cap, 4 * max_iter), seed=seed)
     notes: list[str] = []
+    n_c = len(g)
+    evaluated = np.zeros(n_c, dtype=bool)
+    conv = np.ones(n_c, dtype=bool)
+    scores = np.full(n_c, np.nan)
+    std = np.zeros(n_c)
+    # generator output: the fits beyond an early stop are never dispatched
+    par = dict(n_jobs=n_jobs, return_as="generator", pre_dispatch="n_jobs", batch_size=1)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*least populated class.*")
+        # joblib's note when an early stop cancels fits already dispatched: that is the point
+        warnings.filterwarnings("ignore", message=".*tasks which were still being processed.*")
         if X_val is not None and len(X_val):
             y_val = np.asarray(y_val)
             Xa = np.concatenate([X_train, np.asarray(X_val, dtype=np.float32)])
             ya = np.concatenate([y_train, y_val])
             tr, ev = np.arange(len(y_train)), np.arange(len(y_train), len(ya))
+            Za = _prenormalise(norm, Xa, tr)
+            del Xa
+            preds = np.empty((n_c, len(y_val)), dtype=y_train.dtype)
             if clf == "softmax":
-                preds, conv = _softmax_path(norm, g, Xa, ya, tr, ev, **kw)
+                p, c = _softmax_path(None, g, Za, ya, tr, ev, patience=patience, **kw)
+                m = len(p)
+                preds[:m], conv[:m], evaluated[:m] = p, c, True
+                scores[:m] = (p == y_val[None, :]).mean(axis=1)
             else:
-                out = Parallel(n_jobs=n_jobs)(
-                    delayed(_fit_predict_one)(norm, clf, C, Xa, ya, tr, ev, **kw) for C in g
-                )
-                preds = np.stack([p for p, _ in out])
-                conv = np.asarray([c for _, c in out])
-            scores = (preds == y_val[None, :]).mean(axis=1)
-            std = np.zeros_like(scores)
+                out = Parallel(**par)(delayed(_fit_predict_one)(None, clf, C, Za, ya, tr, ev, **kw) for C in g)
+                for i, (p, c) in enumerate(out):
+                    preds[i], conv[i], evaluated[i] = p, c, True
+                    scores[i] = float(np.mean(p == y_val))
+                    if _peaked(scores[: i + 1], patience):
+                        _close(out)
+                        break
             method, k, eval_rows = "val", 0, np.arange(len(y_val))
         else:
             from sklearn.model_selection import StratifiedKFold
@@ -704,30 +812,52 @@ def sweep_C(
             for tr, _ in folds:
                 if np.unique(y_train[tr]).size < 2:
                     raise TrainingDataError("A CV fold's training part holds a single class: add images")
+            # a stateful normaliser (standard) is fitted inside each fold; the others are row-wise
+            pre = norm != "standard"
+            Xs = _prenormalise(norm, X_train, np.arange(len(y_train))) if pre else X_train
+            nrm = None if pre else norm
+            preds = np.empty((n_c, len(y_train)), dtype=y_train.dtype)
+            fold_scores = np.full((k, n_c), np.nan)
             if clf == "softmax":
                 out = Parallel(n_jobs=n_jobs)(
-                    delayed(_softmax_path)(norm, g, X_train, y_train, tr, te, **kw) for tr, te in folds
+                    delayed(_softmax_path)(nrm, g, Xs, y_train, tr, te, **kw) for tr, te in folds
                 )
-                fold_preds = [p for p, _ in out]
-                fold_conv = np.stack([c for _, c in out])  # (k, n_C)
+                for j, ((p, c), (_, te)) in enumerate(zip(out, folds)):
+                    preds[:, te] = p
+                    conv &= c
+                    fold_scores[j] = (p == y_train[te][None, :]).mean(axis=1)
+                evaluated[:] = True
             else:
-                jobs = [(i, j) for i in range(len(g)) for j in range(k)]
-                out = Parallel(n_jobs=n_jobs)(
-                    delayed(_fit_predict_one)(norm, clf, g[i], X_train, y_train, folds[j][0], folds[j][1], **kw)
+                jobs = [(i, j) for i in range(n_c) for j in range(k)]
+                out = Parallel(**par)(
+                    delayed(_fit_predict_one)(nrm, clf, g[i], Xs, y_train, folds[j][0], folds[j][1], **kw)
                     for i, j in jobs
                 )
-                fold_preds = [np.stack([out[i * k + j][0] for i in range(len(g))]) for j in range(k)]
-                fold_conv = np.asarray([[out[i * k + j][1] for i in range(len(g))] for j in range(k)])
-            preds = np.empty((len(g), len(y_train)), dtype=y_train.dtype)
-            fold_scores = np.empty((k, len(g)))
-            for j, (_, te) in enumerate(folds):
-                preds[:, te] = fold_preds[j]
-                fold_scores[j] = (fold_preds[j] == y_train[te][None, :]).mean(axis=1)
-            scores, std = fold_scores.mean(axis=0), fold_scores.std(axis=0)
-            conv = fold_conv.all(axis=0)
+                for (i, j), (p, c) in zip(jobs, out):
+                    te = folds[j][1]
+                    preds[i, te] = p
+                    conv[i] &= c
+                    fold_scores[j, i] = float(np.mean(p == y_train[te]))
+                    if j == k - 1:
+                        evaluated[i] = True
+                        if _peaked(fold_scores[:, : i + 1].mean(axis=0), patience):
+                            _close(out)
+                            break
+            scores[evaluated] = fold_scores[:, evaluated].mean(axis=0)
+            std[evaluated] = fold_scores[:, evaluated].std(axis=0)
             method, eval_rows = "cv", np.arange(len(y_train))
-    best = int(np.argmax(scores))
-    res = SweepResult(g, scores, std, conv, best, preds, eval_rows, method, k, time.perf_counter() - t0, notes)
+    best = int(np.nanargmax(scores))
+    preds[~evaluated] = preds[best]
+    stopped_at = None
+    if not evaluated.all():
+        last = int(np.flatnonzero(evaluated)[-1])
+        stopped_at = float(g[last])
+        notes.append(
+            f"sweep stopped early: the score fell below its best (C={g[best]:g}) for {patience} consecutive larger "
+            f"C values; C = {', '.join(f'{c:g}' for c in g[~evaluated])} not evaluated"
+        )
+    res = SweepResult(g, scores, std, conv, best, preds, eval_rows, method, k, time.perf_counter() - t0, notes,
+                      evaluated, stopped_at)
     if res.at_edge:
         res.notes.append(
             f"best C={res.best_C:g} is at the {'lower' if best == 0 else 'upper'} edge of the grid "
@@ -736,6 +866,22 @@ def sweep_C(
     if not conv.all():
         res.notes.append(f"fits did not converge at C = {', '.join(f'{c:g}' for c in g[~conv])}")
     return res
+
+
+def refit(
+    X: np.ndarray, y: np.ndarray, *, clf: str, norm: str, C: float, max_iter: int = 1000,
+    max_iter_cap: int = 16000, seed: int = 0,
+) -> tuple[Pipeline, dict]:
+    """The final model: ``make_pipeline(norm, clf, C)`` fitted on (X, y) (train+val) with retries.
+
+    Returns
+    -------
+    pipe : Pipeline
+    info : dict
+        From :func:`fit_with_retries`.
+    """
+    pipe = make_pipeline(norm, clf, C, n_samples=len(y), n_features=X.shape[1], max_iter=max_iter, seed=seed)
+    return pipe, fit_with_retries(pipe, X, y, max_iter_cap=max_iter_cap)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -900,6 +1046,10 @@ def load_model(path: str | os.PathLike) -> tuple[Any, dict]:
 def find_model(run_dir_or_model: str | os.PathLike, model: str | None = None) -> Path:
     """The model file of a run folder: the one named ``model``, or the best by val accuracy.
 
+    Without ``model``: the run's ``model.joblib`` (the best model by val accuracy, copied
+    there by :func:`train_run`); for a run written before that file existed, the one
+    model of ``models/``, or the best named by ``metrics.json``.
+
     Parameters
     ----------
     run_dir_or_model : path-like
@@ -917,6 +1067,8 @@ def find_model(run_dir_or_model: str | os.PathLike, model: str | None = None) ->
         return p
     if not p.is_dir():
         raise UsageError(f"{p} is neither a run folder nor a model file.")
+    if not model and (p / BEST_MODEL).is_file():
+        return p / BEST_MODEL
     mdir = p / "models"
     known = sorted(q.stem for q in mdir.glob("*.joblib")) if mdir.is_dir() else []
     if not known:
@@ -1153,6 +1305,7 @@ def train_run(
     n_jobs: int | None = -1,
     max_iter: int = 1000,
     max_iter_cap: int = 16000,
+    early_stop: int | None = 2,
     out: str | os.PathLike | None = None,
     runs_root: str | os.PathLike = "artifacts/runs",
     overwrite: bool = False,
@@ -1180,6 +1333,8 @@ def train_run(
         joblib workers for the sweep.
     max_iter, max_iter_cap : int
         See :func:`fit_with_retries`.
+    early_stop : int or None
+        Patience of the C sweep (see :func:`sweep_C`; 0 or None: the whole grid).
     out : path-like, optional
         The run folder; default ``runs_root / default_run_name(...)``.
     overwrite : bool
@@ -1208,6 +1363,7 @@ def train_run(
     for c in classifiers:
         make_classifier(c)
     make_normaliser(norm)
+    patience = _check_patience(early_stop)
     g = _check_grid(DEFAULT_GRID if grid is None else grid)
     sets = _layer_sets(layers, concat)
     all_keys = [k for s in sets for k in s]
@@ -1250,7 +1406,7 @@ def train_run(
                     X[split.train], y[split.train],
                     X[split.val] if len(split.val) else None, y[split.val] if len(split.val) else None,
                     clf=clf, norm=norm, grid=g, cv=cv, seed=seed, n_jobs=n_jobs, max_iter=max_iter,
-                    max_iter_cap=max_iter_cap, class_names=codes.class_names,
+                    max_iter_cap=max_iter_cap, early_stop=patience, class_names=codes.class_names,
                 )
                 for nt in sw.notes:
                     log.warning("%s / %s: %s", name, clf, nt)
@@ -1258,9 +1414,8 @@ def train_run(
                 val_metrics = compute_metrics(y[val_rows], sw.predictions[sw.best_index], codes.class_names)
                 val_metrics["method"] = sw.method
                 t0 = time.perf_counter()
-                pipe = make_pipeline(norm, clf, sw.best_C, n_samples=len(trval), n_features=X.shape[1],
-                                     max_iter=max_iter, seed=seed)
-                fit = fit_with_retries(pipe, X[trval], y[trval], max_iter_cap=max_iter_cap)
+                pipe, fit = refit(X[trval], y[trval], clf=clf, norm=norm, C=sw.best_C, max_iter=max_iter,
+                                  max_iter_cap=max_iter_cap, seed=seed)
                 fit_s = time.perf_counter() - t0
                 if not fit["converged"]:
                     log.warning("%s / %s: %s", name, clf, fit["message"])
@@ -1278,7 +1433,8 @@ def train_run(
                 _write_predictions(tmp / "predictions" / f"{stem}.csv", codes, trval, split, pred_all)
                 r = {
                     "C": sw.best_C, "c_index": sw.best_index, "c_at_edge": sw.at_edge, "c_curve": sw.curve(),
-                    "selection": {"method": sw.method, "n_folds": sw.n_folds, "notes": sw.notes},
+                    "selection": {"method": sw.method, "n_folds": sw.n_folds, "notes": sw.notes,
+                                  "early_stop": patience, "stopped_at": sw.stopped_at},
                     "train": compute_metrics(y[trval], pred_all["train"][0], codes.class_names),
                     "val": val_metrics,
                     "test": compute_metrics(y[split.test], pred_all["test"][0], codes.class_names),
@@ -1296,6 +1452,7 @@ def train_run(
             ((n, c, r) for n, d in results.items() for c, r in d.items()),
             key=lambda t: t[2]["val"]["accuracy"],  # the first of equals, in the order asked for
         )
+        _copy_model(tmp / best[2]["model"], tmp / BEST_MODEL)
         metrics = {
             "schema": METRICS_SCHEMA,
             "created": _now(),
@@ -1308,10 +1465,11 @@ def train_run(
             "split": split.to_dict(),
             "settings": {"norm": norm, "grid": g, "cv": cv, "n_jobs": n_jobs, "concat": concat, "seed": seed,
                          "classifiers": classifiers, "layer_sets": ["+".join(s) for s in sets],
-                         "max_iter": max_iter, "max_iter_cap": max_iter_cap},
+                         "max_iter": max_iter, "max_iter_cap": max_iter_cap, "early_stop": patience},
             "results": results,
             "best": {"layers": best[0], "clf": best[1], "val_accuracy": best[2]["val"]["accuracy"],
-                     "test_accuracy": best[2]["test"]["accuracy"], "model": best[2]["model"]},
+                     "test_accuracy": best[2]["test"]["accuracy"], "model": best[2]["model"],
+                     "file": BEST_MODEL},
             "notes": notes,
             "seconds": time.perf_counter() - t_run,
         }
@@ -1325,6 +1483,19 @@ def train_run(
     log.info("Run written to %s; best: %s / %s (val %.4f, test %.4f)", target, best[0], best[1],
              best[2]["val"]["accuracy"], best[2]["test"]["accuracy"])
     return RunResult(target, metrics, summary)
+
+
+def _copy_model(src: Path, dst: Path) -> None:
+    """Copy a saved model and its sidecar atomically (same bytes, same sha256); the sidecar
+    names the new file and the model it copies (``copy_of``)."""
+    meta = json.loads(sidecar_path(src).read_text(encoding="utf-8"))
+    data = src.read_bytes()
+    if sha256_bytes(data) != meta.get("sha256"):
+        raise ModelFileError(f"The model file {src} changed while the run was writing it; not copied.")
+    atomic_write_bytes(dst, data)
+    side = dict(meta, model_file=dst.name, copy_of=str(src.relative_to(dst.parent)) if src.is_relative_to(dst.parent)
+                else str(src))
+    atomic_write_text(sidecar_path(dst), json.dumps(_jsonable(side), indent=2, sort_keys=True) + "\n")
 
 
 def _write_predictions(path: Path, codes, trval: np.ndarray, split: Split, pred_all: dict) -> None:

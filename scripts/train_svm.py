@@ -26,8 +26,9 @@ EPILOG = """examples:
   python scripts/train_svm.py CACHE --layers fc6 fc7 --concat --norm sqrt --c-min 1e-5 --c-max 1e5
 
 Writes RUN_DIR/metrics.json (results[<layers>][<clf>]["test"]["accuracy"], ...), one model per
-(layers, classifier) under RUN_DIR/models/, confusion_matrix.png, c_curve.png and, for several
-layers, layer_comparison.png. Prints a summary table; the run folder is the last line of stdout.
+(layers, classifier) under RUN_DIR/models/, the best of them (by val accuracy) as
+RUN_DIR/model.joblib (what scripts/predict.py RUN_DIR uses), confusion_matrix.png, c_curve.png
+and, for several layers, layer_comparison.png. Prints a summary table; the run folder is the last line of stdout.
 
 exit status: 0 ok, 1 run error, 2 usage error."""
 
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.2, help="test fraction of a drawn split")
     p.add_argument("--n-jobs", type=int, default=-1, help="parallel fits (default -1: all cores)")
     p.add_argument("--max-iter", type=int, default=1000, help="starting iteration limit (raised x4 if needed)")
+    p.add_argument("--early-stop", type=int, default=2, metavar="N",
+                   help="stop the C sweep once the score has fallen below its best for N consecutive larger C "
+                        "(default 2; 0: evaluate the whole grid)")
     p.add_argument("--out", "-o", default=None, help="run folder (default artifacts/runs/<cache>__<layers>__<time>)")
     p.add_argument("--runs-root", default="artifacts/runs", help="parent of the default run folder")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty run folder (after success only)")
@@ -96,8 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         res = train_run(
             args.cache, args.layers, classifiers=args.clf, concat=args.concat, norm=args.norm, grid=_grid(args),
             cv=args.cv, seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-            n_jobs=args.n_jobs, max_iter=args.max_iter, out=args.out, runs_root=args.runs_root,
-            overwrite=args.overwrite, plots=not args.no_plots,
+            n_jobs=args.n_jobs, max_iter=args.max_iter, early_stop=args.early_stop, out=args.out,
+            runs_root=args.runs_root, overwrite=args.overwrite, plots=not args.no_plots,
         )
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

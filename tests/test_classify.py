@@ -123,10 +123,13 @@ def test_normalisers_values_and_dtype(digits):
         C.make_normaliser("l1")
 
 
-def test_svm_dual_chosen_by_shape():
-    assert C.make_classifier("svm", n_samples=1000, n_features=64).dual is False
+def test_svm_dual_chosen_by_C():
+    # the dual for C <= 1 whatever the shape (faster there in every shape measured), the primal above
+    assert C.make_classifier("svm", C=1.0, n_samples=1000, n_features=64).dual is True
+    assert C.make_classifier("svm", C=1e-3, n_samples=50000, n_features=4096).dual is True
     assert C.make_classifier("svm", C=1.0, n_samples=100, n_features=4096).dual is True
     assert C.make_classifier("svm", C=100.0, n_samples=100, n_features=4096).dual is False  # dual crawls there
+    assert C.make_classifier("svm", C=10.0, n_samples=1000, n_features=64).dual is False
     with pytest.raises(UsageError, match="'C' parameter"):
         C.make_classifier("svm", C=-1)
     with pytest.raises(UsageError, match="svm, softmax"):
@@ -136,21 +139,73 @@ def test_svm_dual_chosen_by_shape():
 # --------------------------------------------------------------------------- the C sweep
 
 
-def test_svm_sweep_on_val_equals_direct_grid_evaluation(digits_split):
-    X, y, sp = digits_split
-    grid = np.logspace(-4, 4, 9)
-    res = C.sweep_C(X[sp.train], y[sp.train], X[sp.val], y[sp.val], clf="svm", norm="l2", grid=grid, n_jobs=1)
+def _direct_val_scores(X, y, sp, grid, seed=0):
+    """What a user computes by hand: one sklearn pipeline per C (the dual for C <= 1, as the library
+    chooses: both solve the same problem, and the test compares exact accuracies), scored on val."""
     direct = []
     for c in grid:
-        m = sk_make_pipeline(Normalizer(), LinearSVC(C=c, dual=False, random_state=0, max_iter=1000))
+        m = sk_make_pipeline(Normalizer(), LinearSVC(C=c, dual=bool(c <= 1), random_state=seed, max_iter=1000))
         m.fit(X[sp.train], y[sp.train])
         direct.append(accuracy_score(y[sp.val], m.predict(X[sp.val])))
+    return np.asarray(direct)
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_svm_sweep_on_val_equals_direct_grid_evaluation(digits_split, n_jobs):
+    X, y, sp = digits_split
+    grid = np.logspace(-4, 4, 9)
+    direct = _direct_val_scores(X, y, sp, grid)
+    res = C.sweep_C(X[sp.train], y[sp.train], X[sp.val], y[sp.val], clf="svm", norm="l2", grid=grid,
+                    n_jobs=n_jobs, early_stop=0)
     np.testing.assert_allclose(res.scores, direct)
     assert res.best_index == int(np.argmax(direct)) and res.best_C == grid[np.argmax(direct)]
-    assert res.method == "val" and res.converged.all()
+    assert res.method == "val" and res.converged.all() and res.evaluated.all() and res.stopped_at is None
     assert np.log10(res.grid[-1] / res.grid[0]) >= 8
     # the stored predictions are the val predictions at each C
     assert accuracy_score(y[sp.val], res.predictions[res.best_index]) == res.scores[res.best_index]
+    # with the default early stop: the same scores on the C values it fitted, the same best C
+    es = C.sweep_C(X[sp.train], y[sp.train], X[sp.val], y[sp.val], clf="svm", norm="l2", grid=grid, n_jobs=n_jobs)
+    k = int(es.evaluated.sum())
+    assert es.evaluated[:k].all() and k >= int(np.argmax(direct)) + 1
+    np.testing.assert_allclose(es.scores[:k], direct[:k])
+    assert es.best_C == grid[np.argmax(direct)]
+
+
+def test_peaked_needs_consecutive_strict_drops():
+    assert not C._peaked([0.5, 0.9, 0.8], 2)
+    assert C._peaked([0.5, 0.9, 0.8, 0.85], 2)
+    assert not C._peaked([0.5, 0.9, 0.9, 0.8], 2)  # a tie is no drop
+    assert not C._peaked([0.5, 0.9, 0.8, 0.95], 2)  # rose again to a new best
+    assert C._peaked([0.5, 0.9, 0.8, 0.7, 0.6], 3) and not C._peaked([0.5, 0.9, 0.8, 0.7], 3)
+    assert not C._peaked([0.9, 0.8, 0.7], 0) and not C._peaked([0.9, 0.8, 0.7], None)
+
+
+def test_early_stop_fits_no_C_beyond_the_stop(digits_split, monkeypatch):
+    """The sweep stops after `patience` drops; the larger C values are never fitted, and the record says so."""
+    X, y, sp = digits_split
+    grid = np.logspace(-4, 4, 9)
+    direct = _direct_val_scores(X, y, sp, grid)
+    fitted = []
+    real = C._fit_predict_one
+
+    def spy(norm, clf, c, *a, **k):
+        fitted.append(float(c))
+        return real(norm, clf, c, *a, **k)
+
+    monkeypatch.setattr(C, "_fit_predict_one", spy)
+    res = C.sweep_C(X[sp.train], y[sp.train], X[sp.val], y[sp.val], clf="svm", grid=grid, n_jobs=1, early_stop=1)
+    # where a direct evaluation first drops below its running best, the sweep stops
+    best_so_far = np.maximum.accumulate(direct)
+    stop = int(np.flatnonzero(direct[1:] < best_so_far[:-1])[0]) + 1
+    assert fitted == list(grid[: stop + 1]) and res.stopped_at == grid[stop]
+    assert res.evaluated.tolist() == [i <= stop for i in range(9)]
+    assert np.isnan(res.scores[stop + 1:]).all() and res.best_index == int(np.argmax(direct[: stop + 1]))
+    curve = res.curve()
+    assert [p["evaluated"] for p in curve] == res.evaluated.tolist()
+    assert all(p["score"] is None for p in curve[stop + 1:]) and curve[stop]["score"] == direct[stop]
+    assert any("stopped early" in n and f"{grid[-1]:g}" in n for n in res.notes)
+    with pytest.raises(UsageError, match="'early_stop' parameter"):
+        C.sweep_C(X[sp.train], y[sp.train], X[sp.val], y[sp.val], grid=grid, n_jobs=1, early_stop=-1)
 
 
 def test_softmax_sweep_is_warm_started_and_matches_cold_fits(digits_split):
@@ -176,18 +231,24 @@ def test_cv_sweep_equals_direct_stratified_kfold(digits):
     X, y = digits
     X, y = X[::3], y[::3]
     grid = np.logspace(-4, 4, 9)
-    res = C.sweep_C(X, y, clf="svm", norm="l2", grid=grid, cv=4, seed=7, n_jobs=2)
+    res = C.sweep_C(X, y, clf="svm", norm="l2", grid=grid, cv=4, seed=7, n_jobs=2, early_stop=0)
     folds = list(StratifiedKFold(4, shuffle=True, random_state=7).split(X, y))
     direct = []
     for c in grid:
         accs = []
         for tr, te in folds:
-            m = sk_make_pipeline(Normalizer(), LinearSVC(C=c, dual=False, random_state=7)).fit(X[tr], y[tr])
+            m = sk_make_pipeline(Normalizer(), LinearSVC(C=c, dual=bool(c <= 1), random_state=7)).fit(X[tr], y[tr])
             accs.append(accuracy_score(y[te], m.predict(X[te])))
         direct.append(np.mean(accs))
     np.testing.assert_allclose(res.scores, direct)
     assert res.method == "cv" and res.n_folds == 4 and res.best_index == int(np.argmax(direct))
     assert res.predictions.shape == (9, len(y))  # out-of-fold predictions of every train row
+    # early stop: the same mean fold scores on the C values fitted, the same best C
+    es = C.sweep_C(X, y, clf="svm", norm="l2", grid=grid, cv=4, seed=7, n_jobs=2, early_stop=1)
+    k = int(es.evaluated.sum())
+    assert k < 9 and es.evaluated[:k].all() and es.stopped_at == grid[k - 1]
+    np.testing.assert_allclose(es.scores[:k], direct[:k])
+    assert es.best_index == int(np.argmax(direct))
 
 
 def test_cv_falls_back_to_fewer_folds_for_a_tiny_class(digits):
@@ -503,9 +564,44 @@ def test_train_run_values_and_files(tmp_path):
     assert m["split"]["counts"] == sp.counts()
     pred = model.predict(codes.X[sp.test])
     assert r["test"]["accuracy"] == accuracy_score(codes.labels[sp.test], pred) > 0.9
-    # the C is the argmax of the recorded curve, and the val metrics are the curve's value there
-    curve = [p["score"] for p in r["c_curve"]]
+    # the C is the argmax of the recorded curve (C values past an early stop have no score), and the
+    # val metrics are the curve's value there
+    curve = [-1.0 if p["score"] is None else p["score"] for p in r["c_curve"]]
     assert r["C"] == r["c_curve"][int(np.argmax(curve))]["C"] and r["val"]["accuracy"] == max(curve)
+    assert [p["evaluated"] for p in r["c_curve"]] == [p["score"] is not None for p in r["c_curve"]]
     assert meta["C"] == r["C"] and meta["fingerprint"] == codes.fingerprint
     assert meta["records"]["fc6"] == codes.records["fc6"].to_dict() and meta["norm"] == "l2"
     assert m["best"]["model"] == r["model"] and res.run_dir == tmp_path / "run"
+    assert m["settings"]["early_stop"] == 2 and r["selection"]["early_stop"] == 2
+
+
+def test_best_model_at_the_top_of_the_run_folder(tmp_path):
+    """RUN/model.joblib is the best model by val accuracy: same bytes and predictions as its models/ copy,
+    its own sidecar (sha256 checked on load), and the default of find_model / predict."""
+    cache = digits_cache(tmp_path / "digits.h5")
+    run = tmp_path / "run"
+    C.train_run(cache, ["fc6", "fc7"], classifiers=["svm", "softmax"], out=run, n_jobs=1, plots=False)
+    m = json.loads((run / "metrics.json").read_text())
+    best = max(((k, c) for k, d in m["results"].items() for c in d),
+               key=lambda kc: m["results"][kc[0]][kc[1]]["val"]["accuracy"])
+    assert m["best"]["model"] == f"models/{best[0]}__{best[1]}.joblib" and m["best"]["file"] == "model.joblib"
+    top, top_meta = C.load_model(run / "model.joblib")
+    copy, copy_meta = C.load_model(run / m["best"]["model"])
+    assert (run / "model.joblib").read_bytes() == (run / m["best"]["model"]).read_bytes()
+    assert top_meta["sha256"] == copy_meta["sha256"] and top_meta["model_file"] == "model.joblib"
+    assert top_meta["copy_of"] == m["best"]["model"] and top_meta["layers"] == [best[0]]
+    assert top_meta["classifier"] == best[1] and top_meta["C"] == m["results"][best[0]][best[1]]["C"]
+    codes = load_codes(cache, [best[0]])
+    np.testing.assert_array_equal(top.predict(codes.X), copy.predict(codes.X))
+    assert C.find_model(run) == run / "model.joblib"
+    assert C.find_model(run, "fc6__svm") == run / "models" / "fc6__svm.joblib"
+    # tampered: refused before unpickling, like every model file
+    data = bytearray((run / "model.joblib").read_bytes())
+    data[-20] ^= 0x01
+    (run / "model.joblib").write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="does not match its sidecar"):
+        C.load_model(C.find_model(run))
+    # a run written before model.joblib existed: the best named by metrics.json
+    (run / "model.joblib").unlink()
+    (run / "model.json").unlink()
+    assert C.find_model(run) == run / m["best"]["model"]

@@ -59,6 +59,9 @@ def test_compare_layers_and_classifiers(cache, tmp_path, capsys):
             assert len(r["c_curve"]) == 9 and r["c_curve"][0]["C"] == 1e-4 and r["c_curve"][-1]["C"] == 1e4
             assert r["selection"]["method"] == "val" and r["converged"] is True
             assert (out / r["model"]).is_file() and (out / r["model"]).with_suffix(".json").is_file()
+    # the best model by val accuracy, at the top of the run folder
+    assert (out / "model.joblib").read_bytes() == (out / m["best"]["model"]).read_bytes()
+    assert load_model(out / "model.joblib")[1]["copy_of"] == m["best"]["model"]
     for png in ("confusion_matrix.png", "c_curve.png", "layer_comparison.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the terminal table: one row per (layer, classifier), then the run folder as the last line
@@ -135,6 +138,7 @@ def test_missing_layer_is_a_usage_error(cache, tmp_path, capsys):
     (["--layers", "fc6", "--c-min", "10", "--c-max", "1"], "--c-min < --c-max"),
     (["--layers", "fc6", "--val-fraction", "0.6", "--test-fraction", "0.5"], "must be < 1"),
     (["--layers", "fc6", "--cv", "1", "--val-fraction", "0"], "'cv' parameter"),
+    (["--layers", "fc6", "--early-stop", "-1"], "'early_stop' parameter"),
     ([], "--layers"),
 ])
 def test_usage_errors_exit_2_with_one_line(cache, tmp_path, capsys, argv, needle):
@@ -142,6 +146,24 @@ def test_usage_errors_exit_2_with_one_line(cache, tmp_path, capsys, argv, needle
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_early_stop_option(cache, tmp_path):
+    """--early-stop 0 fits the whole grid; --early-stop 1 stops after the first drop, records where, and
+    picks the same C as the whole grid whenever the curve has a single peak (digits' curves have one)."""
+    full, short = tmp_path / "full", tmp_path / "short"
+    assert train.main([str(cache), "--layers", "fc6", "--clf", "svm", "--out", str(full), *FAST,
+                       "--early-stop", "0"]) == 0
+    assert train.main([str(cache), "--layers", "fc6", "--clf", "svm", "--out", str(short), *FAST,
+                       "--early-stop", "1"]) == 0
+    f = json.loads((full / "metrics.json").read_text())["results"]["fc6"]["svm"]
+    s = json.loads((short / "metrics.json").read_text())["results"]["fc6"]["svm"]
+    assert all(p["evaluated"] for p in f["c_curve"]) and f["selection"]["stopped_at"] is None
+    k = sum(p["evaluated"] for p in s["c_curve"])
+    assert k < 9 and s["selection"]["stopped_at"] == s["c_curve"][k - 1]["C"]
+    assert [p["score"] for p in s["c_curve"][:k]] == [p["score"] for p in f["c_curve"][:k]]
+    assert s["C"] == f["C"] and s["test"]["accuracy"] == f["test"]["accuracy"]
+    assert any("stopped early" in n for n in s["selection"]["notes"])
 
 
 def test_missing_cache_is_a_run_error(tmp_path, capsys):

@@ -7,11 +7,11 @@ Heavy imports (torch) happen only when a forward pass is needed, so ``--help``,
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Sequence
 
-from .errors import CnnCodesError, UsageError
+from ._cli import Parser, run_cli
+from .errors import UsageError
 
 DESCRIPTION = """Extract CNN codes (activations of chosen layers of a pretrained CNN) for a labelled
 image folder or CSV list into an HDF5 cache. Re-running the same command is a cache hit;
@@ -27,7 +27,7 @@ exit status: 0 ok, 1 run error, 2 usage error. The cache path is the last line o
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="extract.py", description=DESCRIPTION, epilog=EPILOG,
+    p = Parser(prog="extract.py", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", nargs="?", help="image folder (DATA/<class>/<image>, optional train/val/test) or CSV path,label[,split]")
     p.add_argument("--model", "-m", help="backbone name (see --list-models)")
@@ -91,52 +91,38 @@ def _print_layers(model: str) -> None:
         print(f"{ld.alias:<16} {ld.node:<16} {ld.stage:<8} {kind:<7} {ld.description}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s" if args.quiet else "%(message)s", stream=sys.stderr)
+def _run(args: argparse.Namespace) -> int:
     from .extract import DEFAULT_OUT
 
     out = args.out or DEFAULT_OUT
-    try:
-        if args.list_models:
-            from .backbones import get_backbone, list_backbones
+    if args.list_models:
+        from .backbones import get_backbone, list_backbones
 
-            for name in list_backbones():
-                print(f"{name:<20} {get_backbone(name).description}")
-            return 0
-        if args.list:
-            _print_caches(out)
-            return 0
-        if args.list_layers:
-            if not args.model:
-                raise UsageError("--list-layers needs --model NAME")
-            _print_layers(args.model)
-            return 0
-        missing = [n for n, v in (("DATA", args.data), ("--model", args.model), ("--layers", args.layers)) if not v]
-        if missing:
-            raise UsageError(f"missing {', '.join(missing)}. Usage: extract.py DATA --model NAME --layers L1 [L2 ...]")
-        if args.grid < 1:
-            raise UsageError(f"--grid must be >= 1, got {args.grid}")
-        pool = args.pool if args.grid == 1 or args.pool == "none" else f"{args.pool}{args.grid}x{args.grid}"
-        from .extract import extract
+        for name in list_backbones():
+            print(f"{name:<20} {get_backbone(name).description}")
+        return 0
+    if args.list:
+        _print_caches(out)
+        return 0
+    if args.list_layers:
+        if not args.model:
+            raise UsageError("--list-layers needs --model NAME")
+        _print_layers(args.model)
+        return 0
+    missing = [n for n, v in (("DATA", args.data), ("--model", args.model), ("--layers", args.layers)) if not v]
+    if missing:
+        raise UsageError(f"missing {', '.join(missing)}. Usage: extract.py DATA --model NAME --layers L1 [L2 ...]")
+    if args.grid < 1:
+        raise UsageError(f"--grid must be >= 1, got {args.grid}")
+    pool = args.pool if args.grid == 1 or args.pool == "none" else f"{args.pool}{args.grid}x{args.grid}"
+    from .extract import extract
 
-        res = extract(
-            args.data, args.model, args.layers, weights=args.weights, pool=pool, out=out, device=args.device,
-            batch_size=args.batch_size, workers=args.workers, dtype=args.dtype, precision=args.precision,
-            draft=not args.no_draft, compression=args.compression, error_budget=args.error_budget,
-            overwrite=args.overwrite, name=args.name, progress=not (args.no_progress or args.quiet),
-        )
-    except UsageError as e:
-        print(f"extract.py: error: {e}", file=sys.stderr)
-        return 2
-    except CnnCodesError as e:
-        print(f"extract.py: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("extract.py: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    res = extract(
+        args.data, args.model, args.layers, weights=args.weights, pool=pool, out=out, device=args.device,
+        batch_size=args.batch_size, workers=args.workers, dtype=args.dtype, precision=args.precision,
+        draft=not args.no_draft, compression=args.compression, error_budget=args.error_budget,
+        overwrite=args.overwrite, name=args.name, progress=not (args.no_progress or args.quiet),
+    )
     if res.skipped:
         print(f"{len(res.skipped)} image(s) skipped (status 'error', NaN codes):", file=sys.stderr)
         for _p, m in res.skipped[:10]:
@@ -144,3 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"layers: {' '.join(res.keys)}  rows: {res.info.n_rows}", file=sys.stderr)
     print(res.path)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``scripts/extract.py``: exit 0 ok, 1 run error, 2 usage error."""
+    return run_cli("extract.py", build_parser(), _run, argv,
+                   interrupted="interrupted; run the same command again to resume")

@@ -1,0 +1,46 @@
+"""What the command-line wrappers share: one-line usage errors and one exit-code policy.
+
+Exit status: 0 ok, 1 run error (``CnnCodesError``, ``OSError``), 2 usage error
+(``UsageError`` or bad arguments), 130 interrupted. No traceback for any of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Sequence
+
+from .errors import CnnCodesError, UsageError
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are :class:`UsageError` (exit 2 through :func:`run_cli`)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see --help)")
+
+
+def run_cli(prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int],
+            argv: Sequence[str] | None, *, interrupted: str = "interrupted") -> int:
+    """Parse ``argv``, set up logging (``--quiet``), run ``body(args)`` and map errors to exit codes."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                        format="%(message)s", stream=sys.stderr)
+    try:
+        return body(args)
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except (CnnCodesError, OSError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 130

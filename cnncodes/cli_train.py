@@ -1,0 +1,87 @@
+"""Command line of ``scripts/train_svm.py``: train linear SVM and softmax classifiers on cached codes.
+
+A thin layer over :func:`cnncodes.classify.train_run`; no torch import.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from ._cli import Parser, run_cli
+from .errors import UsageError
+
+PROG = "train_svm.py"
+
+EPILOG = """examples:
+  python scripts/train_svm.py artifacts/codes/flowers5__alexnet.h5 --layers fc6 fc7
+  python scripts/train_svm.py CACHE --layers conv5 fc6 fc7 --clf svm softmax --out artifacts/runs/cmp
+  python scripts/train_svm.py CACHE --layers fc6 fc7 --concat --norm sqrt --c-min 1e-5 --c-max 1e5
+
+Writes RUN_DIR/metrics.json (results[<layers>][<clf>]["test"]["accuracy"], ...), one model per
+(layers, classifier) under RUN_DIR/models/, the best of them (by val accuracy) as
+RUN_DIR/model.joblib (what scripts/predict.py RUN_DIR uses), confusion_matrix.png, c_curve.png
+and, for several layers, layer_comparison.png. Prints a summary table; the run folder is the last line of stdout.
+
+exit status: 0 ok, 1 run error, 2 usage error."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog=PROG, description="Train linear SVM and softmax classifiers on cached CNN codes.",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("cache", help="HDF5 cache written by scripts/extract.py")
+    p.add_argument("--layers", "-l", nargs="+", required=True, help="layer keys (fc7, conv5@max ...)")
+    p.add_argument("--clf", nargs="+", default=["svm", "softmax"], choices=["svm", "softmax"],
+                   help="classifiers (default: svm softmax)")
+    p.add_argument("--concat", action="store_true", help="one model on the concatenated layers, not one per layer")
+    p.add_argument("--norm", default="l2", choices=["l2", "standard", "sqrt", "none"],
+                   help="code normalisation (default l2; sqrt = signed square root then L2)")
+    p.add_argument("--grid", nargs="+", type=float, default=None, metavar="C", help="explicit C values")
+    p.add_argument("--c-min", type=float, default=1e-4, help="smallest C of the log grid (default 1e-4)")
+    p.add_argument("--c-max", type=float, default=1e4, help="largest C of the log grid (default 1e4)")
+    p.add_argument("--c-num", type=int, default=9, help="number of C values (default 9)")
+    p.add_argument("--cv", type=int, default=5, help="CV folds to choose C when there is no val split (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of a drawn split, of the folds and of LinearSVC")
+    p.add_argument("--val-fraction", type=float, default=0.15,
+                   help="val fraction of a drawn split (0: choose C by CV); ignored if the cache records splits")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="test fraction of a drawn split")
+    p.add_argument("--n-jobs", type=int, default=-1, help="parallel fits (default -1: all cores)")
+    p.add_argument("--max-iter", type=int, default=1000, help="starting iteration limit (raised x4 if needed)")
+    p.add_argument("--early-stop", type=int, default=2, metavar="N",
+                   help="stop the C sweep once the score has fallen below its best for N consecutive larger C "
+                        "(default 2; 0: evaluate the whole grid)")
+    p.add_argument("--out", "-o", default=None, help="run folder (default artifacts/runs/<cache>__<layers>__<time>)")
+    p.add_argument("--runs-root", default="artifacts/runs", help="parent of the default run folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty run folder (after success only)")
+    p.add_argument("--no-plots", action="store_true", help="do not write the PNG figures")
+    p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors on stderr")
+    return p
+
+
+def _grid(args) -> list[float]:
+    import numpy as np
+
+    if args.grid is not None:
+        return list(args.grid)
+    if not (args.c_min > 0 and args.c_max > args.c_min and args.c_num >= 2):
+        raise UsageError(f"need 0 < --c-min < --c-max and --c-num >= 2; got {args.c_min}, {args.c_max}, {args.c_num}")
+    return list(np.logspace(np.log10(args.c_min), np.log10(args.c_max), args.c_num))
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .classify import train_run
+
+    res = train_run(
+        args.cache, args.layers, classifiers=args.clf, concat=args.concat, norm=args.norm, grid=_grid(args),
+        cv=args.cv, seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+        n_jobs=args.n_jobs, max_iter=args.max_iter, early_stop=args.early_stop, out=args.out,
+        runs_root=args.runs_root, overwrite=args.overwrite, plots=not args.no_plots,
+    )
+    print(res.summary)
+    print(res.run_dir)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``scripts/train_svm.py``: exit 0 ok, 1 run error, 2 usage error."""
+    return run_cli(PROG, build_parser(), _train, argv)

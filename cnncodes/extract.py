@@ -783,17 +783,18 @@ def extract(
             todo = [b for b in range(len(batches[ji])) if (ji, b) not in done]
             if not todo:
                 continue
-            if runner is None:
-                runner = _Runner(spec, wts, final, dev, prec)
-            runner.activate(ks)
             paths = [manifest.abspath(manifest.rows[i]) for i in rows]
             local = [[int(i) for i in range(b * batch_size, b * batch_size + len(batches[ji][b]))] for b in todo]
             nw = _default_workers(dev) if workers is None else int(workers)
-            loader = _loader(paths, spec.preprocessing, draft, local, nw, dev)
+            # start the decoding workers first: the first batches decode while the model loads
+            batches_in = iter(_loader(paths, spec.preprocessing, draft, local, nw, dev))
+            if runner is None:
+                runner = _Runner(spec, wts, final, dev, prec)
+            runner.activate(ks)
             writer = _ShardWriter(pdir, _pause_at())
             bar = _progress(progress, sum(len(x) for x in local), path.name)
             try:
-                for b, (idx, x, status, notes) in zip(todo, loader):
+                for b, (idx, x, status, notes) in zip(todo, batches_in):
                     codes = runner(x)
                     codes = {k: codes[k] for k in ks}
                     bad = [i for i, s in enumerate(status) if s != "ok"]

@@ -22,8 +22,12 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# figures of the README's performance section (tens of minutes on 2 cores; not part of CI)
 bench: setup
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/bench_extract.py --limit 1024
+	$(BIN)/python benchmarks/bench_sweep.py --baseline-n 20000
+	$(BIN)/python benchmarks/bench_memory.py
+	$(BIN)/python benchmarks/soak.py --kills 50
 
 clean:
 	rm -rf artifacts/codes artifacts/runs artifacts/demo

@@ -206,7 +206,8 @@ class Codes:
 
 def _compression_kwargs(compression: str) -> dict:
     if compression == "gzip":
-        return {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+        # no byte shuffle: on float16 post-ReLU codes it made files 2-3 % larger at the same speed (measured)
+        return {"compression": "gzip", "compression_opts": 4}
     if compression == "lzf":
         return {"compression": "lzf", "shuffle": True}
     if compression == "zstd":

@@ -8,7 +8,6 @@ test runs the real extractor end to end with the tiny test backbone.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import sys
 import types
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
+from cnncodes import cli_predict as predict_script  # what scripts/predict.py runs
 from cnncodes import predict as P
 from cnncodes.classify import load_model, train_run
 from cnncodes.errors import CacheMismatchError, ModelFileError, UsageError
@@ -27,16 +27,6 @@ from test_classify import digits_cache
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-predict_script = _load_script("predict")
 
 
 @pytest.fixture(autouse=True)

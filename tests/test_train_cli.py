@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,22 +12,13 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
+from cnncodes import cli_train as train  # what scripts/train_svm.py runs
 from cnncodes.classify import load_model
 from cnncodes.store import load_codes
 
 from test_classify import digits_cache
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-train = _load_script("train_svm")
 
 FAST = ["--n-jobs", "1", "--c-min", "1e-3", "--c-max", "1e5", "--c-num", "9", "--no-plots", "-q"]
 

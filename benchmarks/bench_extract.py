@@ -45,17 +45,11 @@ from cnncodes import backbones as B  # noqa: E402
 from cnncodes.extract import _heap_for_big_blocks, _ImageDataset, _Runner, extract, plan_layers  # noqa: E402
 from cnncodes.images import IMAGE_EXTENSIONS  # noqa: E402
 from cnncodes.store import read_info  # noqa: E402
+from _machine import cpu_model  # noqa: E402
 
 
 def machine() -> str:
-    cpu = "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{platform.node()}: {cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 

@@ -68,17 +68,11 @@ import numpy as np  # noqa: E402
 
 from cnncodes import classify as C  # noqa: E402
 from cnncodes.fileio import atomic_write_text  # noqa: E402
+from _machine import cpu_model  # noqa: E402
 
 
 def machine() -> dict:
-    cpu = "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     import sklearn
     from threadpoolctl import threadpool_info
 

@@ -278,8 +278,9 @@ class _Runner:
         self.device = device
         self.precision = precision
         self.model = build_model(spec, weights).to(device)
-        if device == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        # channels_last on every device: faster on GPUs, and on this project's CPUs 1.3-1.7x for
+        # EfficientNet-Lite0 (neutral for AlexNet), measured forward-only at batch 64
+        self.model = self.model.to(memory_format=torch.channels_last)
         pre = spec.preprocessing
         self.mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
@@ -341,8 +342,7 @@ class _Runner:
         """Run a uint8 (B, 3, H, W) batch; return {key: float32 (B, dim)}."""
         torch = self.torch
         x = batch_u8.to(self.device, non_blocking=True)
-        if self.device == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
         x = (x.float().div_(255.0) - self.mean) / self.std
         self.outputs = {}
         self._fired = 0

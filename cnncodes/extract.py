@@ -484,24 +484,34 @@ def _write_shard(pdir: Path, job: int, batch: int, rows: np.ndarray, status, mes
     return path
 
 
-def _read_shard(path: Path) -> dict[str, np.ndarray]:
+def _shard_bytes(path: Path) -> bytes | None:
+    """A shard file's bytes, or None when they no longer match the sha256 in its name."""
     m = _SHARD_RE.match(path.name)
     data = path.read_bytes()
-    if m is None or hashlib.sha256(data).hexdigest()[:16] != m.group(4):
+    return data if m is not None and hashlib.sha256(data).hexdigest()[:16] == m.group(4) else None
+
+
+def _read_shard(path: Path) -> dict[str, np.ndarray]:
+    data = _shard_bytes(path)
+    if data is None:
         raise CacheCorruptError(f"shard {path} changed after it was written (sha256 mismatch)")
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 
 
-def _scan_shards(pdir: Path) -> dict[tuple[int, int], Path]:
-    """Finished shards by (job, batch); shards whose bytes changed are deleted (recomputed)."""
+def _scan_shards(pdir: Path, *, verify: bool = True) -> dict[tuple[int, int], Path]:
+    """Finished shards by (job, batch).
+
+    With ``verify``, shards whose bytes changed are deleted (and so recomputed); without it the
+    names are only listed, for a caller that reads every shard through :func:`_read_shard`, which
+    verifies it.
+    """
     found = {}
     for p in pdir.glob("shard-*.npz"):
         m = _SHARD_RE.match(p.name)
         if m is None:
             continue
-        data = p.read_bytes()
-        if hashlib.sha256(data).hexdigest()[:16] != m.group(4):
+        if verify and _shard_bytes(p) is None:
             log.warning("Shard %s is corrupt (sha256 mismatch); it will be recomputed", p.name)
             p.unlink()
             continue
@@ -980,7 +990,7 @@ def _consolidate(path, pdir, manifest, jobs, batches, final, old_info, reuse_idx
                  compression, map_shapes, plan) -> store.CacheInfo:
     """Stream old codes and shards, in manifest order, into a new cache file (atomic)."""
     n = len(manifest.rows)
-    shards = _scan_shards(pdir)
+    shards = _scan_shards(pdir, verify=False)  # each one is verified when it is read below
     for ji in range(len(jobs)):
         for b in range(len(batches[ji])):
             if (ji, b) not in shards:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from ._cli import Parser, run_cli
 from .errors import UsageError
@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage type of codes")
     p.add_argument("--compression", default="gzip", choices=["gzip", "lzf", "zstd", "none"])
     p.add_argument("--no-draft", action="store_true", help="decode big JPEGs at full size (no DCT downscale)")
+    p.add_argument("--decoder", default="torchvision", choices=["torchvision", "pil"],
+                   help="torchvision (default): JPEG decoding and resizing in torch, as torchvision's tensor "
+                        "transforms, less CPU per image; pil: Pillow, bit-exact with transforms on PIL images")
     p.add_argument("--error-budget", type=float, default=0.05, help="fraction of images allowed to fail (default 0.05)")
     p.add_argument("--overwrite", action="store_true", help="discard an unfinished extraction with another spec")
     p.add_argument("--list", action="store_true", help="list the caches in --out and exit")
@@ -120,7 +123,7 @@ def _run(args: argparse.Namespace) -> int:
     res = extract(
         args.data, args.model, args.layers, weights=args.weights, pool=pool, out=out, device=args.device,
         batch_size=args.batch_size, workers=args.workers, dtype=args.dtype, precision=args.precision,
-        draft=not args.no_draft, compression=args.compression, error_budget=args.error_budget,
+        draft=not args.no_draft, decoder=args.decoder, compression=args.compression, error_budget=args.error_budget,
         overwrite=args.overwrite, name=args.name, progress=not (args.no_progress or args.quiet),
     )
     if res.skipped:

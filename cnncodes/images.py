@@ -19,8 +19,8 @@ import os
 import posixpath
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -29,11 +29,12 @@ from cnncodes.errors import DatasetError, ImageDecodeError, UsageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
-    "Row",
     "Manifest",
-    "scan_folder",
-    "read_csv_list",
+    "Row",
+    "is_plain_jpeg",
     "load_image",
+    "read_csv_list",
+    "scan_folder",
 ]
 
 logger = logging.getLogger(__name__)
@@ -631,6 +632,36 @@ def _to_rgb(img: Image.Image) -> tuple[Image.Image, str]:
     return img.convert("RGB"), f"{mode} converted to RGB"
 
 
+def is_plain_jpeg(path: str | os.PathLike[str], *, draft: int | None = None) -> bool:
+    """Whether a plain JPEG decoder gives exactly what :func:`load_image` would.
+
+    True for a single-frame RGB or grey JPEG in a file named ``.jpg``/``.jpeg``
+    (or an extension that promises no other format), without an EXIF rotation,
+    within Pillow's pixel limit, and that ``draft`` would not downscale. For
+    such a file, :func:`load_image` adds no note and any libjpeg-turbo decoder
+    (``torchvision.io.decode_jpeg`` with ``mode=RGB``) returns the same pixels.
+    Reads the header only; any doubt (a file Pillow cannot open) is False, so
+    that :func:`load_image` gives the diagnosis.
+    """
+    path_str = os.fspath(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path_str) as img:
+                if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                    return False
+                if _EXPECTED_FORMAT.get(_ext(path_str), "JPEG") != "JPEG":
+                    return False
+                if getattr(img, "n_frames", 1) != 1 or "transparency" in img.info:
+                    return False
+                if draft is not None and img.mode == "RGB" and min(img.size) > 2 * draft:
+                    return False
+                orientation = img.getexif().get(0x0112)
+                return not (isinstance(orientation, int) and 2 <= orientation <= 8)
+    except Exception:  # noqa: BLE001 - load_image will say what is wrong
+        return False
+
+
 def load_image(
     path: str | os.PathLike[str], *, draft: int | None = None
 ) -> tuple[Image.Image, str]:
@@ -726,7 +757,7 @@ def load_image(
         raise ImageDecodeError(
             f"{path_str}: not an image (Pillow cannot identify the format)"
         ) from e
-    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad image
+    except Exception as e:
         raise ImageDecodeError(
             f"{path_str}: corrupt or truncated image ({type(e).__name__}: {e})"
         ) from e

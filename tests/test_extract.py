@@ -10,13 +10,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import HYMENOPTERA, link_subset, need
 
 from cnncodes import load_codes
 from cnncodes.cli_extract import main as extract_main
+from cnncodes.errors import UsageError
 from cnncodes.extract import extract
 from cnncodes.store import read_info, read_rows
-
-from conftest import HYMENOPTERA, link_subset, need
 
 
 def _independent_alexnet(paths, state_dict_path, layer_slice):
@@ -107,11 +107,12 @@ def test_cache_hit_miss_append_and_new_layer(flowers_small, tmp_path):
     kw = dict(weights="none", out=tmp_path / "codes", device="cpu", workers=0, batch_size=4)
     first = extract(flowers_small, "tiny", ["fc1", "conv2"], **kw)
     assert not first.hit and first.n_computed == 12
+    assert 0 < first.stream_seconds < first.seconds  # the streaming part excludes model load and final write
     mtime = os.stat(first.path).st_mtime_ns
     before = load_codes(first.path, ["fc1", "conv2"])
 
     hit = extract(flowers_small, "tiny", ["fc1"], **kw)
-    assert hit.hit and hit.n_computed == 0 and hit.path == first.path
+    assert hit.hit and hit.n_computed == 0 and hit.path == first.path and hit.stream_seconds == 0
     assert os.stat(first.path).st_mtime_ns == mtime  # nothing rewritten
 
     # a changed spec never reuses a stale entry: other dtype -> other file; other pool -> other key
@@ -157,7 +158,8 @@ def test_round_trip_of_every_stored_field(tmp_path):
     spec = c.spec
     assert spec["backbone"] == "tiny" and spec["dtype"] == "float16" and spec["weights"]["kind"] == "none"
     assert spec["preprocessing"] == {"resize": 36, "crop": 32, "interpolation": "bilinear",
-                                     "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "draft": True}
+                                     "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "draft": True,
+                                     "decoder": "torchvision"}
     assert [r["key"] for r in spec["layers"]] == ["fc1", "conv1@max"]
     # a user reads the file with plain h5py
     with h5py.File(res.path, "r") as f:
@@ -227,6 +229,73 @@ def test_resize_crop_equals_torchvision(interp, tmp_path):
             pre = Preprocessing(resize, crop, interp)
             ref = T.Compose([T.Resize(resize, interpolation=T.InterpolationMode(interp)), T.CenterCrop(crop)])(img)
             np.testing.assert_array_equal(resize_crop(img, pre), np.asarray(ref))
+
+
+@pytest.mark.parametrize("interp", ["bilinear", "bicubic"])
+def test_resize_crop_tensor_equals_torchvision_tensor_transforms(interp):
+    import torchvision.transforms.v2 as T
+
+    from cnncodes.backbones import Preprocessing
+    from cnncodes.extract import resize_crop_tensor
+
+    rng = np.random.default_rng(0)
+    for w, h in [(227, 227), (500, 375), (375, 500), (100, 100), (641, 299), (256, 256)]:
+        t = torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8))
+        for resize, crop in [(256, 224), (342, 299), (232, 224)]:
+            pre = Preprocessing(resize, crop, interp)
+            ref = T.Compose([T.Resize(resize, interpolation=T.InterpolationMode(interp), antialias=True),
+                             T.CenterCrop(crop)])(t)
+            out = resize_crop_tensor(t, pre)
+            assert out.dtype == torch.uint8 and out.is_contiguous()
+            torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("interp", ["bilinear", "bicubic"])
+def test_each_decoder_equals_its_torchvision_pipeline_on_real_files(interp, tmp_path):
+    """decoder='torchvision' = decode_image + v2 tensor transforms; 'pil' = PIL + transforms; both close."""
+    import torchvision.transforms.v2 as T
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_image
+
+    from cnncodes.backbones import Preprocessing
+    from cnncodes.extract import _ImageDataset
+
+    root = link_subset(need(HYMENOPTERA) / "train", tmp_path / "hym", 3)
+    paths = sorted(str(p) for p in root.rglob("*.jpg"))
+    png = tmp_path / "photo.png"  # not a JPEG: Pillow decodes it in both back ends
+    Image.open(paths[0]).convert("RGB").save(png)
+    paths.append(str(png))
+    pre = Preprocessing(256, 224, interp)
+    tf = T.Compose([T.Resize(256, interpolation=T.InterpolationMode(interp), antialias=True), T.CenterCrop(224)])
+    fast, exact = _ImageDataset(paths, pre, False, "torchvision"), _ImageDataset(paths, pre, False, "pil")
+    for i, p in enumerate(paths):
+        _, a, status, note = fast[i]
+        _, b, status_b, _ = exact[i]
+        assert status == status_b == "ok" and note == ""
+        torch.testing.assert_close(a, tf(decode_image(p, mode=ImageReadMode.RGB)), rtol=0, atol=0)
+        torch.testing.assert_close(b, torch.from_numpy(np.asarray(tf(Image.open(p).convert("RGB")))).permute(2, 0, 1),
+                                   rtol=0, atol=0)
+        diff = (a.int() - b.int()).abs()
+        assert diff.max() <= 2 and (diff > 0).float().mean() < 0.05, (p, diff.max(), (diff > 0).float().mean())
+
+
+def test_decoder_is_part_of_the_fingerprint_and_predict_uses_the_recorded_one(flowers_small, tmp_path):
+    from cnncodes.extract import extract_images
+
+    kw = dict(weights="none", out=tmp_path / "codes", device="cpu", workers=0, dtype="float32")
+    fast = extract(flowers_small, "tiny", ["fc1"], **kw)
+    exact = extract(flowers_small, "tiny", ["fc1"], decoder="pil", **kw)
+    assert fast.path != exact.path and not exact.hit
+    assert read_info(exact.path).fingerprint != read_info(fast.path).fingerprint
+    a, b = load_codes(fast.path, "fc1"), load_codes(exact.path, "fc1")
+    np.testing.assert_allclose(a.X, b.X, atol=0.05 * float(np.abs(b.X).max()))
+    assert "decoder" not in b.spec["preprocessing"]  # Pillow: the spec of caches written before the choice
+    for c in (a, b):  # new images get the preprocessing their training codes had, bit for bit
+        again = extract_images([flowers_small / p for p in c.paths[:4]], spec=c.spec, layer_keys=["fc1"],
+                               device="cpu", workers=0)
+        np.testing.assert_array_equal(again["codes"]["fc1"], c.X[:4])
+    with pytest.raises(UsageError, match="Unknown decoder"):
+        extract(flowers_small, "tiny", ["fc1"], decoder="cv2", **kw)
 
 
 _HEAP_PROBE = """

@@ -19,6 +19,7 @@ from cnncodes.images import (
     IMAGE_EXTENSIONS,
     Manifest,
     Row,
+    is_plain_jpeg,
     load_image,
     read_csv_list,
     scan_folder,
@@ -793,6 +794,45 @@ def test_draft_skipped_for_small_and_grey_and_non_jpeg(tmp_path):
     png = _write_rgb(tmp_path / "big.png", size=(800, 800), fmt="PNG")
     img, _ = load_image(png, draft=64)
     assert img.size == (800, 800)
+
+
+def test_is_plain_jpeg_only_where_a_plain_decoder_gives_load_images_pixels(tmp_path):
+    """The fast decoder path may only take files whose load_image result has no note and no transform."""
+    rgb = tmp_path / "rgb.jpg"
+    rgb.write_bytes(_jpeg_bytes((500, 300)))
+    grey = tmp_path / "grey.jpeg"
+    Image.new("L", (40, 30), 90).save(grey)
+    assert is_plain_jpeg(rgb) and is_plain_jpeg(grey) and is_plain_jpeg(rgb, draft=256)
+    assert not is_plain_jpeg(rgb, draft=100)  # Pillow would decode it at half size
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(cmyk)
+    rotated = tmp_path / "rot.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (16, 8)).save(rotated, exif=exif.tobytes())
+    upright = tmp_path / "upright.jpg"
+    exif[0x0112] = 1
+    Image.new("RGB", (16, 8)).save(upright, exif=exif.tobytes())
+    png = _write_rgb(tmp_path / "x.png", fmt="PNG")
+    jpeg_as_png = tmp_path / "jpeg.png"
+    jpeg_as_png.write_bytes(_jpeg_bytes())
+    gif_as_jpg = tmp_path / "gif.jpg"
+    Image.new("P", (8, 8)).save(gif_as_jpg, format="GIF")
+    text = tmp_path / "text.jpg"
+    text.write_text("not an image")
+    assert is_plain_jpeg(upright)
+    for p in (cmyk, rotated, png, jpeg_as_png, gif_as_jpg, text, tmp_path / "missing.jpg"):
+        assert not is_plain_jpeg(p), p.name
+    # the promise: equal pixels, no note
+    img, note = load_image(rgb)
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    np.testing.assert_array_equal(decode_jpeg(read_file(str(rgb)), mode=ImageReadMode.RGB).permute(1, 2, 0).numpy(),
+                                  np.asarray(img))
+    img, note2 = load_image(grey)
+    np.testing.assert_array_equal(decode_jpeg(read_file(str(grey)), mode=ImageReadMode.RGB).permute(1, 2, 0).numpy(),
+                                  np.asarray(img))
+    assert note == note2 == ""
 
 
 def test_images_module_does_not_import_torch():

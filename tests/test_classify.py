@@ -605,3 +605,18 @@ def test_best_model_at_the_top_of_the_run_folder(tmp_path):
     (run / "model.joblib").unlink()
     (run / "model.json").unlink()
     assert C.find_model(run) == run / m["best"]["model"]
+
+
+def test_softmax_predictions_do_not_depend_on_float16_storage():
+    """float16 codes must give the predictions of float32 codes: the solver stops late enough that
+    the rounding (2**-11 relative), not where lbfgs happened to stop, is all that differs.
+    With sklearn's default tol=1e-4 this gave 1 and 3 different predictions at C=10 and 100."""
+    X, y = load_digits(return_X_y=True)
+    rng = np.random.default_rng(0)
+    Z = np.maximum(X @ rng.standard_normal((64, 512)) / 8, 0).astype(np.float32)  # post-ReLU codes
+    Z16 = Z.astype(np.float16).astype(np.float32)
+    tr, te = np.arange(0, 1200), np.arange(1200, len(y))
+    for c in (1.0, 10.0, 100.0):
+        p32, _ = C.refit(Z[tr], y[tr], clf="softmax", norm="l2", C=c)
+        p16, _ = C.refit(Z16[tr], y[tr], clf="softmax", norm="l2", C=c)
+        np.testing.assert_array_equal(p32.predict(Z[te]), p16.predict(Z16[te]))

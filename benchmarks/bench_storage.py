@@ -1,4 +1,4 @@
-"""Storage of codes: bytes per image and write/read speed for float16/float32 x gzip/lzf/zstd/none.
+"""Storage of codes: bytes per image and write/read speed for float16/float32 x gzip/sparse/lzf/zstd/none.
 
 Takes the codes of an existing **float32** cache (so float16 is exactly what a float16 extraction
 would store: the same float32 codes rounded), rewrites each layer with every (dtype, compression)
@@ -49,9 +49,9 @@ def main(argv=None) -> int:
     try:
         import hdf5plugin  # noqa: F401
 
-        comps = ["gzip", "lzf", "zstd", "none"]
+        comps = ["gzip", "sparse", "lzf", "zstd", "none"]
     except ImportError:
-        comps = ["gzip", "lzf", "none"]
+        comps = ["gzip", "sparse", "lzf", "none"]
     tmp = Path(tempfile.mkdtemp(prefix="cnncodes-storage-"))
     results = []
     for key in args.layers:
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
                                   compression=comp)
                 wsec = time.perf_counter() - t
                 with h5py.File(path, "r") as f:
-                    nbytes = f["codes"][key].id.get_storage_size()
+                    nbytes = store.layer_storage_bytes(f["codes"][key])
                 t = time.perf_counter()
                 back = store.load_codes(path, key).X
                 rsec = time.perf_counter() - t

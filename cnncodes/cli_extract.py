@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", "-b", type=int, default=64)
     p.add_argument("--workers", "-j", type=int, default=None, help="image decoding processes (default: by device)")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage type of codes")
-    p.add_argument("--compression", default="gzip", choices=["gzip", "lzf", "zstd", "none"])
+    p.add_argument("--compression", default="gzip", choices=["gzip", "sparse", "lzf", "zstd", "none"],
+                   help="gzip (default): one (N, D) dataset per layer, readable by any HDF5 tool; sparse: zeros "
+                        "as bits + byte-shuffled values, about 20 %% smaller for post-ReLU codes, read by cnncodes")
     p.add_argument("--no-draft", action="store_true", help="decode big JPEGs at full size (no DCT downscale)")
     p.add_argument("--decoder", default="torchvision", choices=["torchvision", "pil"],
                    help="torchvision (default): JPEG decoding and resizing in torch, as torchvision's tensor "

@@ -298,6 +298,32 @@ def test_decoder_is_part_of_the_fingerprint_and_predict_uses_the_recorded_one(fl
         extract(flowers_small, "tiny", ["fc1"], decoder="cv2", **kw)
 
 
+def test_sparse_storage_holds_the_same_codes_through_appends(flowers_small, tmp_path):
+    kw = dict(weights="none", device="cpu", workers=0, batch_size=4)
+    extra = tmp_path / "extra"
+    shutil.copytree(flowers_small, extra)
+    moved = sorted(extra.rglob("*.jpg"))[:3]
+    for p in moved:  # left out of the first run, added later
+        p.rename(tmp_path / p.name)
+    first = extract(extra, "tiny", ["fc1", "conv2"], out=tmp_path / "sparse", compression="sparse", **kw)
+    for p in moved:
+        p.parent.mkdir(exist_ok=True)
+        (tmp_path / p.name).rename(p)
+    app = extract(extra, "tiny", ["fc1"], out=tmp_path / "sparse", compression="sparse", **kw)
+    assert app.path == first.path and app.n_computed == 3 and app.n_reused == 9
+    # a new layer for the old rows: the old layers are read back through the sparse reader
+    app = extract(extra, "tiny", ["fc1", "conv1"], pool="max", out=tmp_path / "sparse", compression="sparse", **kw)
+    assert app.path == first.path and app.n_computed == 12 and app.keys == ["fc1", "conv1@max"]
+    dense = extract(extra, "tiny", ["fc1", "conv2"], out=tmp_path / "dense", **kw)
+    extract(extra, "tiny", ["conv1"], pool="max", out=tmp_path / "dense", **kw)
+    for key in ("fc1", "conv2", "conv1@max"):
+        a, b = load_codes(app.path, key), load_codes(dense.path, key)
+        assert list(a.paths) == list(b.paths)
+        np.testing.assert_array_equal(a.X, b.X)
+    with h5py.File(app.path, "r") as f:
+        assert all(f["codes"][k].attrs["layout"] == "sparse" for k in ("fc1", "conv2", "conv1@max"))
+
+
 _HEAP_PROBE = """
 import ctypes, torch
 from cnncodes.extract import _heap_for_big_blocks

@@ -324,6 +324,82 @@ def test_sparse_storage_holds_the_same_codes_through_appends(flowers_small, tmp_
         assert all(f["codes"][k].attrs["layout"] == "sparse" for k in ("fc1", "conv2", "conv1@max"))
 
 
+def _gated_dataset(flowers_small, gate):
+    from cnncodes.backbones import get_backbone
+    from cnncodes.extract import _ImageDataset
+
+    paths = sorted(str(p) for p in flowers_small.rglob("*.jpg"))
+    return _ImageDataset(paths, get_backbone("tiny").preprocessing, True, "torchvision", gate)
+
+
+def test_gated_worker_decodes_only_while_the_gate_is_open(flowers_small):
+    import multiprocessing
+    import time
+
+    ctx = multiprocessing.get_context("fork")
+    gate = ctx.Event()  # closed, as during a forward pass
+    ds = _gated_dataset(flowers_small, gate)
+    done = ctx.Queue()
+    worker = ctx.Process(target=lambda: done.put(ds[0][2]))
+    worker.start()
+    try:
+        time.sleep(1.5)
+        assert done.empty() and worker.is_alive()  # waiting, not decoding
+        gate.set()
+        assert done.get(timeout=30) == "ok"
+    finally:
+        worker.join(10)
+        if worker.is_alive():
+            worker.kill()
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(line.split()[1] for line in f if line.startswith("State:"))
+    except (FileNotFoundError, StopIteration, ProcessLookupError):
+        return "gone"
+
+
+def test_gated_worker_exits_when_its_extraction_dies(flowers_small):
+    """A worker waiting at a closed gate must not outlive a killed extraction."""
+    import multiprocessing
+    import time
+
+    ctx = multiprocessing.get_context("fork")
+    pids = ctx.Queue()
+
+    def extraction():  # owns the dataset and a worker, then dies without opening the gate
+        gate = ctx.Event()
+        ds = _gated_dataset(flowers_small, gate)
+        worker = ctx.Process(target=lambda: ds[0])
+        worker.start()
+        pids.put(worker.pid)
+        time.sleep(0.5)
+        os._exit(1)
+
+    parent = ctx.Process(target=extraction)
+    parent.start()
+    pid = pids.get(timeout=30)
+    parent.join(30)
+    deadline = time.monotonic() + 10
+    while _state(pid) not in ("gone", "Z") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    state = _state(pid)
+    if state not in ("gone", "Z"):
+        os.kill(pid, 9)
+    assert state in ("gone", "Z"), f"worker {pid} still {state} after its extraction died"
+
+
+def test_gated_and_ungated_extractions_give_the_same_codes(flowers_small, tmp_path, monkeypatch):
+    kw = dict(weights="none", device="cpu", workers=2, batch_size=4)
+    gated = extract(flowers_small, "tiny", ["fc1", "conv2"], out=tmp_path / "a", **kw)
+    monkeypatch.setenv("CNNCODES_GATE", "0")
+    free = extract(flowers_small, "tiny", ["fc1", "conv2"], out=tmp_path / "b", **kw)
+    for key in ("fc1", "conv2"):
+        np.testing.assert_array_equal(load_codes(gated.path, key).X, load_codes(free.path, key).X)
+
+
 _HEAP_PROBE = """
 import ctypes, torch
 from cnncodes.extract import _heap_for_big_blocks

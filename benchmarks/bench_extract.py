@@ -20,8 +20,10 @@ Every ratio is measured side by side in one run, on one machine (named in the ou
 - a dataset with fewer images than ``--limit`` is cycled (each image linked again under another
   name) so that every row times the same number of decodes; ``distinct`` says how many files;
 - cache hit: the same ``scripts/extract.py`` command again, wall time of the whole process;
-- every method is timed from model construction to codes, runs ``--repeats`` times (interleaved) and
-  its best run counts: identical runs on these VMs differ by up to 25 %;
+- every method is timed from model construction to codes, each run in a fresh process of its own
+  (no method inherits another's heap: the hand loop's speed depends on glibc's state), runs
+  ``--repeats`` times (interleaved) and its best run counts: identical runs on these VMs differ by
+  up to 25 %;
 - bytes per image of the stored codes (float16 + gzip vs raw float32).
 
 Usage::
@@ -186,9 +188,39 @@ def feature_extractor_loop(name: str, spec, root: Path, n: int, batch_size: int,
     return n / (time.perf_counter() - t)
 
 
+def run_method(method: str, ds_root: Path, name: str, layer: str, batch_size: int, workers: int | None,
+               out: Path) -> dict:
+    """One timed run of one method, in this (fresh) process: img/s (and the streaming rate for ours)."""
+    spec = B.get_backbone(name)
+    root = sorted(p for p in ds_root.rglob("*") if p.is_file() or p.is_symlink())
+    if method == "forward":
+        return {"img_s": forward_only(spec, layer, root, batch_size)}
+    if method == "ours":
+        weights = "none" if name != "efficientnet_lite0" else "default"
+        t = time.perf_counter()
+        res = extract(ds_root, name, [layer], weights=weights, out=out, device="cpu", batch_size=batch_size,
+                      workers=workers)
+        return {"img_s": len(root) / (time.perf_counter() - t), "stream_img_s": res.n_computed / res.stream_seconds,
+                "path": str(res.path)}
+    if method == "hand":
+        return {"img_s": hand_loop(name, spec, root, batch_size)}
+    if method == "fe":
+        return {"img_s": feature_extractor_loop(name, spec, ds_root, len(root), batch_size, workers=2)}
+    raise ValueError(method)
+
+
+def _fresh(method: str, ds_root: Path, name: str, layer: str, batch_size: int, workers: int | None,
+           out: Path) -> dict:
+    """``run_method`` in a new Python process: no method inherits another's heap, threads or caches."""
+    cmd = [sys.executable, __file__, "--method", method, str(ds_root), name, layer, "--batch-size", str(batch_size),
+           "--out", str(out)] + (["--workers", str(workers)] if workers is not None else [])
+    res = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(res.strip().splitlines()[-1])
+
+
 def measure_one(ds: str, name: str, layer: str, limit: int, batch_size: int, workers: int | None,
                 repeats: int = 2) -> dict:
-    """All figures of one (dataset, model) pair, in this (fresh) process."""
+    """All figures of one (dataset, model) pair; every timed run in a fresh process of its own."""
     tmp = Path(tempfile.mkdtemp(prefix="cnncodes-bench-"))
     root = subset(SHARED / ds, limit, tmp / ds)
     spec = B.get_backbone(name)
@@ -198,14 +230,11 @@ def measure_one(ds: str, name: str, layer: str, limit: int, batch_size: int, wor
     fwd = e2e = stream = hand = fe = 0.0
     dec = decode_ms(spec, root)
     for r in range(repeats):
-        fwd = max(fwd, forward_only(spec, layer, root, batch_size))
-        t = time.perf_counter()
-        res = extract(tmp / ds, name, [layer], weights=weights, out=tmp / f"codes{r}", device="cpu",
-                      batch_size=batch_size, workers=workers)
-        e2e = max(e2e, len(root) / (time.perf_counter() - t))
-        stream = max(stream, res.n_computed / res.stream_seconds)
-        hand = max(hand, hand_loop(name, spec, root, batch_size))
-        fe = max(fe, feature_extractor_loop(name, spec, tmp / ds, len(root), batch_size, workers=2))
+        fwd = max(fwd, _fresh("forward", tmp / ds, name, layer, batch_size, workers, tmp)["img_s"])
+        res = _fresh("ours", tmp / ds, name, layer, batch_size, workers, tmp / f"codes{r}")
+        e2e, stream = max(e2e, res["img_s"]), max(stream, res["stream_img_s"])
+        hand = max(hand, _fresh("hand", tmp / ds, name, layer, batch_size, workers, tmp)["img_s"])
+        fe = max(fe, _fresh("fe", tmp / ds, name, layer, batch_size, workers, tmp)["img_s"])
     # the cache hit, as a user sees it: the whole command again
     cmd = [sys.executable, str(REPO / "scripts" / "extract.py"), str(tmp / ds), "--model", name, "--layers",
            layer, "--weights", weights, "--out", str(tmp / "codes0"), "--device", "cpu",
@@ -213,7 +242,7 @@ def measure_one(ds: str, name: str, layer: str, limit: int, batch_size: int, wor
     t = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True)
     hit = time.perf_counter() - t
-    info = read_info(res.path)
+    info = read_info(res["path"])
     return {
         "dataset": ds, "model": name, "layer": layer, "images": len(root),
         "distinct": len({os.path.realpath(p) for p in root}), "decode_ms": round(dec, 2),
@@ -226,7 +255,7 @@ def measure_one(ds: str, name: str, layer: str, limit: int, batch_size: int, wor
         "feature_extractor_img_s": round(fe, 2), "speedup_vs_feature_extractor": round(e2e / fe, 3),
         "repeats": repeats, "cache_hit_s": round(hit, 3),
         "file_bytes_per_image": round(info.size_bytes / info.n_rows, 1),
-        "raw_float32_bytes_per_image": 4 * info.layers[res.keys[0]].dim,
+        "raw_float32_bytes_per_image": 4 * next(iter(info.layers.values())).dim,
     }
 
 
@@ -246,8 +275,13 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=None, help="cnncodes decode workers (default: its own choice)")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each method; the best counts (default 2)")
     ap.add_argument("--one", nargs=3, metavar=("DATASET", "MODEL", "LAYER"), help=argparse.SUPPRESS)
+    ap.add_argument("--method", nargs=4, metavar=("METHOD", "ROOT", "MODEL", "LAYER"), help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(REPO / "artifacts" / "bench" / "extract.json"))
     args = ap.parse_args(argv)
+    if args.method:  # a grandchild: one timed run of one method, JSON on the last line
+        m, root, name, layer = args.method
+        print(json.dumps(run_method(m, Path(root), name, layer, args.batch_size, args.workers, Path(args.out))))
+        return 0
     if args.one:  # a child: one measurement, JSON on the last line
         print(json.dumps(measure_one(*args.one, args.limit, args.batch_size, args.workers, args.repeats)))
         return 0

@@ -8,7 +8,13 @@ import pytest
 
 from cnncodes import store
 from cnncodes.errors import CacheCorruptError
-from cnncodes.store import LayerRecord, fingerprint_of, iter_layer_blocks, load_codes, write_cache
+from cnncodes.store import (
+    LayerRecord,
+    fingerprint_of,
+    iter_layer_blocks,
+    load_codes,
+    write_cache,
+)
 
 
 def _post_relu(n: int, d: int, seed: int, dtype) -> np.ndarray:

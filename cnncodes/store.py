@@ -304,7 +304,7 @@ def write_cache(
             g = f.create_group("codes")
             for key, (rec, blocks) in layers.items():
                 dim = int(rec.dim)
-                writer = (_SparseLayerWriter(g, key, n, dim, dtype) if compression == "sparse"
+                writer = (_SparseLayerWriter(g, key, n, dim, dtype, comp) if compression == "sparse"
                           else _DenseLayerWriter(g, key, n, dim, dtype, comp))
                 ds = writer.node
                 h = hashlib.sha256()
@@ -361,10 +361,10 @@ def _nonzero_bits(block: np.ndarray) -> np.ndarray:
 class _SparseLayerWriter:
     """A layer as bit mask + non-zero values + row starts (see the module docstring)."""
 
-    def __init__(self, g, key: str, n: int, dim: int, dtype: str):
+    def __init__(self, g, key: str, n: int, dim: int, dtype: str, gz: dict):
         self.node = g.create_group(key)
         self.node.attrs["layout"] = "sparse"
-        gz = {"compression": "gzip", "compression_opts": 4}
+        self._gz = gz
         nb = (dim + 7) // 8
         self.mask = self.node.create_dataset("mask", shape=(n, nb), dtype=np.uint8,
                                              chunks=(max(1, min(n, (1 << 20) // max(1, nb))), nb) if n else None, **gz)
@@ -384,7 +384,7 @@ class _SparseLayerWriter:
         self.nnz += len(vals)
 
     def close(self) -> None:
-        self.node.create_dataset("row_start", data=self.row_start, compression="gzip", compression_opts=4)
+        self.node.create_dataset("row_start", data=self.row_start, **self._gz)
 
 
 def _is_sparse(node) -> bool:
@@ -397,7 +397,7 @@ def _read_dense(node, lo: int, hi: int) -> np.ndarray:
         return node[lo:hi]
     dim = int(node.attrs["dim"])
     bits = np.unpackbits(node["mask"][lo:hi], axis=1, count=dim).astype(bool)
-    rs = node["row_start"][lo:hi + 1] if hi > lo else np.zeros(1, dtype=np.int64)
+    rs = node["row_start"][lo:hi + 1]
     out = np.zeros((hi - lo, dim), dtype=node["values"].dtype)
     vals = node["values"][int(rs[0]):int(rs[-1])]
     if len(vals) != int(bits.sum()) or np.any(np.diff(rs) != bits.sum(axis=1)):

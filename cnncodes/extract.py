@@ -420,8 +420,8 @@ def resize_crop_tensor(t, pre):
 
     Equal to ``torchvision.transforms.v2``'s ``Resize(pre.resize)`` + ``CenterCrop(pre.crop)`` on a
     uint8 tensor image (v1 transforms on tensors resample in float and may differ by 1); 2-6x
-    faster than Pillow's resampling on this project's CPUs. It differs from the PIL pipeline by at most 1 (bilinear) or 2 (bicubic)
-    grey levels in a few pixels (measured on the shared datasets).
+    faster than Pillow's resampling on this project's CPUs. It differs from the PIL pipeline by at
+    most 1 (bilinear) or 2 (bicubic) grey levels in a few pixels (measured on the shared datasets).
     """
     import torch
 
@@ -493,7 +493,6 @@ class _ImageDataset:
         tv = _tv_decode()
         if tv is not None and is_plain_jpeg(path, draft=self.draft):
             ImageReadMode, decode_jpeg, read_file = tv
-
             try:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
@@ -1294,8 +1293,9 @@ def extract_images(
         prec = "fp32"
         log.warning("The codes were computed with fp16 autocast on a GPU; on the CPU fp32 is used")
     base = {k: v for k, v in spec.items() if k not in ("layers", "weights_path")}
-    rebuilt = _base_spec(bb, wts, spec["dtype"], spec.get("precision", "fp32"), spec["preprocessing"]["draft"],
-                         spec["preprocessing"].get("decoder", "pil"))
+    draft = spec["preprocessing"]["draft"]
+    decoder = spec["preprocessing"].get("decoder", "pil")  # absent: written before the choice, by Pillow
+    rebuilt = _base_spec(bb, wts, spec["dtype"], spec.get("precision", "fp32"), draft, decoder)
     diff = [k for k in rebuilt if rebuilt[k] != base.get(k)]
     if diff:
         raise CacheMismatchError(f"This installation cannot reproduce the recorded spec: {', '.join(diff)} differ")
@@ -1320,8 +1320,7 @@ def extract_images(
     messages = np.array([""] * n, dtype=object)
     dt = np.float16 if spec["dtype"] == "float16" else np.float32
     with _heap_for_big_blocks(dev):
-        loader, _gate = _loader(paths, _pre_of(spec), spec["preprocessing"]["draft"],
-                                spec["preprocessing"].get("decoder", "pil"), batches, nw, dev)
+        loader, _gate = _loader(paths, _pre_of(spec), draft, decoder, batches, nw, dev)
         for idx, x, st, notes in loader:
             out = runner(x)
             for i, (s, m) in enumerate(zip(st, notes)):

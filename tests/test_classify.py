@@ -24,8 +24,8 @@ from sklearn.svm import LinearSVC
 from threadpoolctl import threadpool_limits
 
 from cnncodes import classify as C
-from cnncodes.errors import CacheMismatchError, ModelFileError, TrainingDataError, UsageError
-from cnncodes.store import LayerRecord, fingerprint_of, load_codes, write_cache
+from cnncodes.errors import CacheError, CacheMismatchError, ModelFileError, TrainingDataError, UsageError
+from cnncodes.store import Codes, LayerRecord, fingerprint_of, load_codes, write_cache
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -693,3 +693,47 @@ def test_softmax_predictions_do_not_depend_on_float16_storage():
         p32, _ = C.refit(Z[tr], y[tr], clf="softmax", norm="l2", C=c)
         p16, _ = C.refit(Z16[tr], y[tr], clf="softmax", norm="l2", C=c)
         np.testing.assert_array_equal(p32.predict(Z[te]), p16.predict(Z16[te]))
+
+
+# --------------------------------------------------------------------------- one snapshot of the cache
+
+
+def test_cache_rewritten_between_layers_is_read_as_one_snapshot(tmp_path, monkeypatch):
+    """A cache replaced (another row set) while a run reads its layers: the run must use only the
+    version it opened. Reading each layer anew applied the split drawn on the old rows to the new."""
+    import shutil
+
+    cache = digits_cache(tmp_path / "digits.h5")
+    twin = tmp_path / "twin.h5"
+    shutil.copyfile(cache, twin)  # the old version, for the reference run
+    kw = dict(classifiers=["svm"], n_jobs=1, plots=False, grid=np.logspace(-3, 5, 9))
+    ref = C.train_run(twin, ["fc6", "fc7"], out=tmp_path / "ref", **kw).metrics
+
+    real_check = C.check_codes
+    calls = []
+
+    def rewrite_after_first_layer(*a, **k):
+        if not calls:  # between the reads of fc6 and fc7: an extraction replaces the cache (by rename)
+            digits_cache(cache, n=900, labels=np.arange(900) % 3)
+        calls.append(1)
+        return real_check(*a, **k)
+
+    monkeypatch.setattr(C, "check_codes", rewrite_after_first_layer)
+    got = C.train_run(cache, ["fc6", "fc7"], out=tmp_path / "run", **kw).metrics
+    assert len(calls) == 2 and load_codes(cache, "fc7").X.shape[0] == 900  # the file did change
+    assert got["split"] == ref["split"] and got["cache"]["rows_sha256"] == ref["cache"]["rows_sha256"]
+    for layer in ("fc6", "fc7"):
+        a, b = got["results"][layer]["svm"], ref["results"][layer]["svm"]
+        for key in ("C", "c_curve", "train", "val", "test"):
+            assert a[key] == b[key], (layer, key)
+
+
+def test_layers_of_two_cache_versions_are_refused():
+    a = Codes
+    base = dict(X=np.zeros((1, 1)), labels=np.zeros(1), paths=np.array(["p"]), splits=np.array([""]),
+                status=np.array(["ok"]), messages=np.array([""]), class_names=["a"], records={}, spec={},
+                fingerprint="f" * 8, path=Path("c.h5"))
+    first = a(layers=["fc6"], rows_sha256="1" * 64, **base)
+    C._check_same_snapshot(first, a(layers=["fc7"], rows_sha256="1" * 64, **base), "c.h5")
+    with pytest.raises(CacheError, match="changed while the run read it"):
+        C._check_same_snapshot(first, a(layers=["fc7"], rows_sha256="2" * 64, **base), "c.h5")

@@ -375,3 +375,64 @@ def test_bad_training_options_exit_2_before_any_work(cache, tmp_path, capsys, mo
     err = capsys.readouterr().err.strip()
     assert rc == 2 and needle in err and len(err.splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- honest splits on real images
+
+
+def _extract_tiny(root: Path, out: Path) -> Path:
+    from cnncodes.extract import extract
+
+    return extract(root, "tiny", ["fc1"], weights="none", out=out, device="cpu", workers=0, batch_size=16,
+                   dtype="float32").path
+
+
+@pytest.mark.slow
+def test_class_missing_from_the_test_folder_is_said_loudly(tmp_path):
+    """Real photos, train/ and test/ folders, no rose in test/: the run still trains, and says so on
+    stderr, in the printed summary and in metrics.json."""
+    from conftest import FLOWERS, link_subset
+
+    root = tmp_path / "data"
+    link_subset(FLOWERS, root / "train", 6, ["daisy", "rose"])
+    link_subset(FLOWERS, root / "test", 4, ["daisy"], offset=6)
+    cache = _extract_tiny(root, tmp_path / "codes")
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, str(REPO / "scripts" / "train_svm.py"), str(cache), "--layers", "fc1",
+                        "--clf", "svm", "--cv", "3", "--out", str(out), *FAST], cwd=tmp_path, capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stderr
+    want = ("class rose (6 usable images) has no image in the test split: it is not tested (the test accuracy and "
+            "balanced accuracy leave it out)")
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["warnings"] == [want] and m["split"]["warnings"] == [want]
+    assert want in p.stderr  # with -q too: a warning
+    assert f"WARNING: {want}" in p.stdout.splitlines()
+    assert m["results"]["fc1"]["svm"]["test"]["per_class"]["rose"]["support"] == 0
+
+
+@pytest.mark.slow
+def test_train_and_val_folders_without_test_train(tmp_path):
+    """hymenoptera ships train/ and val/ only: it used to be refused ("recorded test split is empty")."""
+    from conftest import HYMENOPTERA, link_subset, need
+
+    root = tmp_path / "hym"
+    link_subset(need(HYMENOPTERA) / "train", root / "train", 10)
+    link_subset(HYMENOPTERA / "val", root / "val", 6)
+    cache = _extract_tiny(root, tmp_path / "codes")
+    out = tmp_path / "run"
+    assert train.main([str(cache), "--layers", "fc1", "--clf", "svm", "softmax", "--val-fraction", "0.2",
+                       "--out", str(out), *FAST]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["split"]["counts"] == {"train": 16, "val": 4, "test": 12}
+    assert m["split"]["roles"]["test"] == "recorded val" and m["split"]["seed"] == 0
+    assert "recorded val split (12 images) is used as the test split" in m["notes"][0] and m["warnings"] == []
+    codes = load_codes(cache, "fc1")
+    recorded_val = sorted(codes.paths[codes.splits == "val"])
+    with open(out / "predictions" / "fc1__svm.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["path"] for r in rows if r["split"] == "test") == recorded_val
+    for clf in ("svm", "softmax"):
+        r = m["results"]["fc1"][clf]
+        assert r["selection"]["method"] == "val" and r["val"]["n"] == 4 and r["test"]["n"] == 12
+        assert r["val"]["per_class"]["ants"]["support"] == 2 == r["val"]["per_class"]["bees"]["support"]

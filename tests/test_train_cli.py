@@ -241,30 +241,40 @@ def test_run_folder_carries_its_marker_and_only_it_is_replaced(cache, tmp_path):
     assert list(json.loads((out / "metrics.json").read_text())["results"]) == ["fc6"]
 
 
-@pytest.mark.parametrize("where", ["cwd", "parent_of_cwd", "root", "home", "file", "cache_folder",
-                                   "cache_parent", "cache_file"])
-def test_protected_out_paths_are_refused_without_traceback(cache, tmp_path, capsys, monkeypatch, where):
+@pytest.mark.parametrize("where,needle", [
+    ("cwd", "is the current folder"), ("empty_cwd", "is the current folder"),
+    ("parent_of_cwd", "is the current folder or a folder above it"), ("root", "is the root of the file system"),
+    ("home", "is your home folder"), ("file", "is a file, not a folder"),
+    ("cache_folder", "is the folder of the cache"), ("marked_cache_folder", "is the folder of the cache"),
+    ("cache_parent", "is the folder of the cache or a folder above it"), ("cache_file", "is the cache file itself"),
+])
+def test_protected_out_paths_are_refused_without_traceback(cache, tmp_path, capsys, monkeypatch, where, needle):
+    """Never deleted, even with --overwrite and even when empty or holding a run marker."""
     work = tmp_path / "work"
     (work / "sub").mkdir(parents=True)
     (work / "sub" / "keep.txt").write_text("keep")
+    (work / "empty").mkdir()
     home = tmp_path / "home"
     home.mkdir()
     (home / "keep.txt").write_text("keep")
     monkeypatch.setenv("HOME", str(home))
-    monkeypatch.chdir(work / "sub")
+    monkeypatch.chdir(work / ("empty" if where == "empty_cwd" else "sub"))
     codes_dir = tmp_path / "codes" / "deep"
     codes_dir.mkdir(parents=True)
     local = codes_dir / "c.h5"
     local.write_bytes(cache.read_bytes())
     (codes_dir.parent / "keep.txt").write_text("keep")
-    out = {"cwd": ".", "parent_of_cwd": "..", "root": "/", "home": str(home), "file": str(work / "sub" / "keep.txt"),
-           "cache_folder": str(codes_dir), "cache_parent": str(codes_dir.parent), "cache_file": str(local)}[where]
+    if where == "marked_cache_folder":
+        (codes_dir / ".cnncodes-run.json").write_text('{"format": "cnncodes.run/1"}')
+    out = {"cwd": ".", "empty_cwd": ".", "parent_of_cwd": "..", "root": "/", "home": str(home),
+           "file": str(work / "sub" / "keep.txt"), "cache_folder": str(codes_dir),
+           "marked_cache_folder": str(codes_dir), "cache_parent": str(codes_dir.parent), "cache_file": str(local)}[where]
     before = _tree(tmp_path)
     rc = train.main([str(local), "--layers", "fc6", "--clf", "svm", "--out", out, "--overwrite", *FAST])
     err = capsys.readouterr().err.strip()
     assert rc == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err and "run folder" in err
-    assert _tree(tmp_path) == before
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and needle in err
+    assert _tree(tmp_path) == before and (work / "empty").is_dir()
 
 
 def _run_script(cache: Path, argv: list[str], patch: str, cwd: Path) -> subprocess.Popen:

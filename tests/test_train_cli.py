@@ -268,7 +268,8 @@ def test_protected_out_paths_are_refused_without_traceback(cache, tmp_path, caps
         (codes_dir / ".cnncodes-run.json").write_text('{"format": "cnncodes.run/1"}')
     out = {"cwd": ".", "empty_cwd": ".", "parent_of_cwd": "..", "root": "/", "home": str(home),
            "file": str(work / "sub" / "keep.txt"), "cache_folder": str(codes_dir),
-           "marked_cache_folder": str(codes_dir), "cache_parent": str(codes_dir.parent), "cache_file": str(local)}[where]
+           "marked_cache_folder": str(codes_dir), "cache_parent": str(codes_dir.parent),
+           "cache_file": str(local)}[where]
     before = _tree(tmp_path)
     rc = train.main([str(local), "--layers", "fc6", "--clf", "svm", "--out", out, "--overwrite", *FAST])
     err = capsys.readouterr().err.strip()

@@ -20,7 +20,7 @@ EPILOG = """examples:
 
 Writes RUN_DIR/metrics.json (results[<layers>][<clf>]["test"]["accuracy"], ...), one model per
 (layers, classifier) under RUN_DIR/models/, the best of them (by val accuracy) as
-RUN_DIR/model.joblib (what scripts/predict.py RUN_DIR uses), confusion_matrix.png, c_curve.png
+RUN_DIR/model.skops (what scripts/predict.py RUN_DIR uses), confusion_matrix.png, c_curve.png
 and, for several layers, layer_comparison.png. Prints a summary table; the run folder is the last line of stdout.
 
 exit status: 0 ok, 1 run error, 2 usage error."""

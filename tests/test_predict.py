@@ -123,7 +123,7 @@ def test_predict_reproduces_training_time_predictions(trained, monkeypatch):
     _fake_extract(monkeypatch, trained["codes"], trained["images"], calls=calls)
     for name in ("fc7__svm", "fc6__softmax"):
         rows = P.predict(trained["run"], [trained["images"]], model=name, device="cpu")
-        model, meta = load_model(trained["run"] / "models" / f"{name}.joblib")
+        model, meta = load_model(trained["run"] / "models" / f"{name}.skops")
         assert calls[-1]["spec"] == meta["spec"] and calls[-1]["layer_keys"] == meta["layers"]
         with open(trained["run"] / "predictions" / f"{name}.csv", newline="") as f:
             at_training = {r["path"]: r for r in csv.DictReader(f)}
@@ -171,7 +171,7 @@ def test_tampered_model_is_refused_before_extraction(trained, monkeypatch, tmp_p
     shutil.copytree(trained["run"], run)
     calls = []
     _fake_extract(monkeypatch, trained["codes"], trained["images"], calls=calls)
-    f = run / "models" / "fc7__svm.joblib"
+    f = run / "models" / "fc7__svm.skops"
     data = bytearray(f.read_bytes())
     data[-20] ^= 0x01
     f.write_bytes(bytes(data))

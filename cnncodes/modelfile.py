@@ -482,7 +482,7 @@ def save_torch_state(path: str | os.PathLike, state_dict: Mapping[str, Any], met
             raise UsageError(f"A state dict maps names to tensors; {k!r} maps to a {type(v).__name__}.")
         t = v.detach().to("cpu")
         ptr = t.untyped_storage().data_ptr() if t.numel() else None
-        t = t.clone() if ptr in seen else t.contiguous()
+        t = t.clone(memory_format=torch.contiguous_format) if ptr in seen else t.contiguous()
         if ptr is not None:
             seen.add(ptr)
         tensors[k] = t

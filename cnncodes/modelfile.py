@@ -189,8 +189,8 @@ def _skops_io():
 
     skops builds its default list of trusted types with sklearn's ``all_estimators()``,
     which walks every sklearn package with :func:`pkgutil.walk_packages` and so imports
-    ``sklearn.externals.array_api_compat.torch``, i.e. torch: 4.2-4.6 s instead of 1.0-1.2 s
-    here (benchmarks/bench_model_import.py), and training would import torch. cnncodes
+    ``sklearn.externals.array_api_compat.torch``, i.e. torch: 5.3 s instead of 1.3 s here
+    (benchmarks/bench_model_files.py, best of 3), and training would import torch. cnncodes
     does not use that list, so torch is hidden from this thread while skops loads
     (walk_packages skips packages that fail with ImportError); nothing else changes.
     """

@@ -98,7 +98,8 @@ def main(argv=None) -> int:
           f"torch imported {imp['hidden']['torch_imported']}), plain {imp['plain']['best_s']:.2f} s (median "
           f"{imp['plain']['median_s']:.2f}, torch imported {imp['plain']['torch_imported']})")
     for k, v in report["files"].items():
-        print(f"{k}: write {v['write_best_s'] * 1e3:.1f} ms, read {v['read_best_s'] * 1e3:.1f} ms, {v['bytes']:,} bytes")
+        print(f"{k}: write {v['write_best_s'] * 1e3:.1f} ms, read {v['read_best_s'] * 1e3:.1f} ms, "
+              f"{v['bytes']:,} bytes")
     out = REPO / "artifacts" / "bench" / "model_files.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

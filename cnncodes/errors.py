@@ -97,7 +97,7 @@ class ExtractionWriteError(CacheError):
 
 
 class ModelFileError(CnnCodesError, OSError):
-    """A trained-model file is missing, corrupt, or does not match its sidecar."""
+    """A trained-model file is missing, corrupt, does not match its sidecar, or names a type cnncodes does not write."""
 
 
 class TrainingDataError(CnnCodesError, ValueError):

@@ -1,6 +1,7 @@
 """Predict labels of new images with a trained run: same backbone, weights, preprocessing and layers.
 
-:func:`predict` loads a model and its sidecar (sha256 checked before unpickling),
+:func:`predict` loads a model and its sidecar (:func:`cnncodes.modelfile.load_model`: skops,
+only the types cnncodes writes; sha256 checked; pickles of older runs only when trusted),
 extracts the codes of the images with exactly the recorded extraction spec
 (:func:`cnncodes.extract.extract_images`, which refuses other weights), checks that
 the new codes match the training codes field by field
@@ -108,13 +109,14 @@ def predict(
     model: str | None = None,
     device: str = "auto",
     batch_size: int = 64,
+    trust_pickle: bool = False,
 ) -> list[dict[str, Any]]:
     """Predict the class of images with a trained model.
 
     Parameters
     ----------
     run_dir_or_model : path-like
-        A run folder (its best model by val accuracy, or ``model``) or a ``.joblib`` file.
+        A run folder (its best model by val accuracy, or ``model``) or a ``.skops`` file.
     image_paths : sequence of path-like
         Image files and folders (expanded to their image files).
     model : str, optional
@@ -122,6 +124,9 @@ def predict(
     device : str
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
     batch_size : int
+    trust_pickle : bool
+        Load a pickle (``.joblib``) model of an older run. Unpickling runs any code the
+        file holds: only for files you wrote yourself.
 
     Returns
     -------
@@ -135,7 +140,8 @@ def predict(
     UsageError
         Missing images or folders, an unknown model name.
     ModelFileError
-        A missing, tampered or mismatched model file or sidecar.
+        A missing, tampered or mismatched model file or sidecar, a model file naming a
+        type cnncodes does not write, or a pickle without ``trust_pickle``.
     CacheMismatchError
         The weights on this machine, or the new codes' layer or spec, differ from the
         model's training codes (each differing field named).
@@ -143,7 +149,7 @@ def predict(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"The 'batch_size' parameter must be an int >= 1. Got {batch_size!r} instead.")
     path = find_model(run_dir_or_model, model)
-    est, meta = load_model(path)
+    est, meta = load_model(path, trust_pickle=trust_pickle)
     files = expand_paths(image_paths)
     import importlib
 

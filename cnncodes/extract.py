@@ -279,11 +279,32 @@ def _load_manifest(data: str | os.PathLike) -> Manifest:
     return scan_folder(p)
 
 
+def _dataset_identity(manifest: Manifest) -> str:
+    """What names a dataset: its resolved root, how it was listed, and for a CSV the list itself
+    (every list of one folder shares that folder as its root)."""
+    ident = f"{manifest.root}|{manifest.source}"  # an image folder's identity, as in caches written before lists had one
+    return f"{ident}|{manifest.list_path}" if manifest.list_path else ident
+
+
 def _cache_path(out: Path, manifest: Manifest, spec_name: str, base_fp: str, name: str | None) -> Path:
     stem = name or Path(manifest.root).name or "data"
+    if manifest.list_path and not name:
+        stem = f"{stem}_{Path(manifest.list_path).stem}"  # data_train.csv and data_test.csv read apart
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem)
-    tag = hashlib.sha256(f"{base_fp}|{manifest.root}|{manifest.source}".encode()).hexdigest()[:10]
+    tag = hashlib.sha256(f"{base_fp}|{_dataset_identity(manifest)}".encode()).hexdigest()[:10]
     return out / f"{stem}-{spec_name}-{tag}.h5"
+
+
+def _check_same_dataset(info: store.CacheInfo, manifest: Manifest) -> None:
+    """Refuse a cache file whose recorded dataset is not this one (a renamed file, a name collision)."""
+    if (info.dataset_root, info.dataset_list) != (manifest.root, manifest.list_path):
+        def show(root, lst):
+            return lst or root
+
+        raise CacheMismatchError(
+            f"{info.path} holds the codes of {show(info.dataset_root, info.dataset_list)}, not of "
+            f"{show(manifest.root, manifest.list_path)}. Give another --out folder, or pass --overwrite to replace it."
+        )
 
 
 # --------------------------------------------------------------------------- model runner
@@ -813,6 +834,7 @@ def extract(
         old_info = store.read_info(path)
         if old_info.fingerprint != base_fp:
             raise CacheMismatchError(f"{path} holds another spec (fingerprint {old_info.fingerprint[:12]}); use --overwrite")
+        _check_same_dataset(old_info, manifest)
     old_rows = store.read_rows(path) if old_info is not None else None
     reuse_idx = np.full(n, -1, dtype=np.int64)  # row in the old file, or -1
     if old_rows is not None:
@@ -861,6 +883,7 @@ def extract(
         "manifest_hash": manifest.digest(),
         "manifest_state": store.fingerprint_of([(r.relpath, r.size, r.mtime_ns) for r in manifest.rows]),
         "dataset_root": manifest.root,
+        "dataset_list": manifest.list_path,
         "n_rows": n,
         "n_todo": int(sum(len(r) for r, _ in jobs)),
         "jobs": [{"rows": len(r), "keys": ks} for r, ks in jobs],
@@ -1216,6 +1239,7 @@ def _consolidate(path, pdir, manifest, jobs, batches, final, old_info, reuse_idx
     spec = dict(base, layers=[r.to_dict() for r in records], weights_path=plan.get("weights_path"))
     return store.write_cache(
         path, spec=spec, fingerprint=base_fp, manifest_hash=manifest.digest(), dataset_root=manifest.root,
+        dataset_list=manifest.list_path,
         class_names=list(manifest.class_names), rows=rows, layers=layers, dtype=dtype, compression=compression,
         created=None if old_info is None else old_info.created, versions=_versions(),
     )

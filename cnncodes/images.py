@@ -127,12 +127,16 @@ class Manifest:
         Sorted class names; a row's ``label`` indexes into it.
     source : str
         ``"folder"`` or ``"csv"``.
+    list_path : str
+        The resolved path of the CSV list (``""`` for a folder): several lists in one
+        folder share their root, so the list itself is part of a cache's identity.
     """
 
     root: str
     rows: tuple[Row, ...]
     class_names: tuple[str, ...]
     source: str
+    list_path: str = ""
 
     def digest(self) -> str:
         """Return a stable identity of the labelled image list.
@@ -567,7 +571,8 @@ def read_csv_list(csv_path: str | os.PathLike[str]) -> Manifest:
         Row(relpath=rp, label=index[lab], class_name=lab, split=s, size=sz, mtime_ns=mt)
         for rp, lab, s, sz, mt in parsed
     )
-    return Manifest(root=root, rows=rows, class_names=class_names, source="csv")
+    return Manifest(root=root, rows=rows, class_names=class_names, source="csv",
+                    list_path=os.path.realpath(csv_abs))
 
 
 def _read_records(fh: Iterator[str]) -> list[tuple[int, list[str]]]:

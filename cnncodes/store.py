@@ -166,6 +166,8 @@ class CacheInfo:
     size_bytes: int
     rows_sha256: str
     versions: dict = field(default_factory=dict)
+    dataset_list: str = ""  # the CSV list the rows came from ("" for an image folder)
+    class_names: list[str] = field(default_factory=list)
 
     @property
     def backbone(self) -> str:
@@ -260,6 +262,7 @@ def write_cache(
     compression: str = "gzip",
     created: str | None = None,
     versions: dict | None = None,
+    dataset_list: str = "",
 ) -> CacheInfo:
     """Write a complete cache file atomically.
 
@@ -330,6 +333,7 @@ def write_cache(
                 "spec_json": canonical_json(spec),
                 "manifest_hash": manifest_hash,
                 "dataset_root": dataset_root,
+                "dataset_list": dataset_list,
                 "created": created or now,
                 "updated": now,
                 "versions_json": canonical_json(versions or {}),
@@ -491,6 +495,8 @@ def _info_from_open(f, path: Path) -> CacheInfo:
         size_bytes=path.stat().st_size,
         rows_sha256=str(f.attrs["rows_sha256"]),
         versions=json.loads(f.attrs["versions_json"]),
+        dataset_list=str(f.attrs.get("dataset_list", "")),
+        class_names=[str(c) for c in f["class_names"].asstr()[:]],
     )
 
 
@@ -647,7 +653,8 @@ def list_caches(folder: str | os.PathLike) -> list[dict]:
         try:
             info = read_info(p)
             out.append({
-                "path": str(p), "status": "complete", "dataset": info.dataset_root, "backbone": info.backbone,
+                "path": str(p), "status": "complete", "dataset": info.dataset_list or info.dataset_root,
+                "backbone": info.backbone,
                 "layers": list(info.layers), "rows": info.n_rows, "failed": info.n_failed,
                 "size_bytes": info.size_bytes, "updated": info.updated,
                 "progress": "", "dtype": info.spec.get("dtype", ""),
@@ -665,7 +672,8 @@ def list_caches(folder: str | os.PathLike) -> list[dict]:
             plan = {}
         spec = plan.get("spec", {})
         out.append({
-            "path": str(target), "status": "partial", "dataset": plan.get("dataset_root", ""),
+            "path": str(target), "status": "partial",
+            "dataset": plan.get("dataset_list") or plan.get("dataset_root", ""),
             "backbone": spec.get("backbone", ""), "layers": [r["key"] for r in plan.get("layers", [])],
             "rows": plan.get("n_rows", 0), "failed": 0, "size_bytes": sum(q.stat().st_size for q in pdir.iterdir()),
             "updated": plan.get("created", ""), "progress": f"{done}/{todo} images", "dtype": spec.get("dtype", ""),

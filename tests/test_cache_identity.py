@@ -1,0 +1,88 @@
+"""Issue 9 §3: a cache never mixes up what the user did not ask for.
+
+Every case is provoked for real: real image files (links to ../shared/datasets, or copies where a
+file's bytes must change), real ``extract`` calls with the ``tiny`` backbone, and the rows and codes
+of the resulting cache files checked against what the user listed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import FLOWERS, link_subset, need
+
+from cnncodes import load_codes
+from cnncodes.errors import CacheMismatchError
+from cnncodes.extract import extract
+
+KW = dict(weights="none", device="cpu", workers=0, batch_size=4)
+
+
+def _images(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+
+
+def _write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
+    path.write_text("path,label\n" + "".join(f"{p},{lab}\n" for p, lab in rows))
+    return path
+
+
+def _reference_codes(files: list[Path], tmp: Path, layer: str = "fc1") -> dict[str, np.ndarray]:
+    """Codes of ``files`` extracted alone, by file name: what a clean run gives each image."""
+    ref = tmp / f"ref-{len(list(tmp.glob('ref-*')))}"
+    (ref / "k").mkdir(parents=True)
+    for f in files:
+        shutil.copy(f, ref / "k" / f.name)
+    c = load_codes(extract(ref, "tiny", [layer], out=ref / "codes", **KW).path, layer)
+    return {Path(p).name: x for p, x in zip(c.paths, c.X)}
+
+
+# --------------------------------------------------------------------------- 1. which list
+
+
+@pytest.mark.parametrize("name", [None, "same"])
+def test_two_csv_lists_of_one_folder_get_their_own_caches(flowers_small, tmp_path, name):
+    files = _images(flowers_small)
+    a = _write_csv(flowers_small / "A.csv", [(f.relative_to(flowers_small), f.parent.name) for f in files[:6]])
+    b = _write_csv(flowers_small / "B.csv", [(f.relative_to(flowers_small), f.parent.name) for f in files[6:]])
+    out = tmp_path / "codes"
+    ra = extract(a, "tiny", ["fc1"], out=out, name=name, **KW)
+    before = load_codes(ra.path, "fc1")
+    rb = extract(b, "tiny", ["fc1"], out=out, name=name, **KW)
+    assert rb.path != ra.path and not rb.hit and rb.n_computed == 6
+    after = load_codes(ra.path, "fc1")  # B's extraction left A's cache as it was
+    assert list(after.paths) == [str(f.relative_to(flowers_small)) for f in files[:6]]
+    np.testing.assert_array_equal(after.X, before.X)
+    assert list(load_codes(rb.path, "fc1").paths) == [str(f.relative_to(flowers_small)) for f in files[6:]]
+    again = extract(a, "tiny", ["fc1"], out=out, name=name, **KW)
+    assert again.hit and again.path == ra.path
+    if name is None:
+        assert "_A-" in ra.path.name and "_B-" in rb.path.name  # the file names say which list
+
+
+def test_same_folder_name_in_two_places_does_not_collide(tmp_path):
+    x = link_subset(need(FLOWERS), tmp_path / "x" / "data", 3, ["daisy", "rose"])
+    y = link_subset(need(FLOWERS), tmp_path / "y" / "data", 3, ["tulip", "sunflower"])
+    out = tmp_path / "codes"
+    for name in (None, "same"):
+        rx = extract(x, "tiny", ["fc1"], out=out, name=name, **KW)
+        ry = extract(y, "tiny", ["fc1"], out=out, name=name, **KW)
+        assert rx.path != ry.path and not ry.hit
+        assert load_codes(rx.path, "fc1").class_names == ["daisy", "rose"]
+        assert load_codes(ry.path, "fc1").class_names == ["sunflower", "tulip"]
+
+
+def test_a_cache_file_of_another_list_is_refused_not_reused(flowers_small, tmp_path):
+    files = _images(flowers_small)
+    a = _write_csv(flowers_small / "A.csv", [(f.relative_to(flowers_small), f.parent.name) for f in files[:6]])
+    b = _write_csv(flowers_small / "B.csv", [(f.relative_to(flowers_small), f.parent.name) for f in files[:6]])
+    out = tmp_path / "codes"
+    pa = extract(a, "tiny", ["fc1"], out=out, **KW).path
+    pb = extract(b, "tiny", ["fc1"], out=out, **KW).path
+    os.replace(pb, pa)  # B's file under A's name: the same rows, but not A's list
+    with pytest.raises(CacheMismatchError, match="B.csv"):
+        extract(a, "tiny", ["fc1"], out=out, **KW)

@@ -858,7 +858,8 @@ def extract(
         jobs.append((reused, new_keys))
     dropped = 0 if old_rows is None else len(old_rows["paths"]) - len(reused)
 
-    if not jobs and old_info is not None and dropped == 0 and n == old_info.n_rows and _same_rows(old_rows, manifest):
+    if (not jobs and old_info is not None and dropped == 0 and n == old_info.n_rows
+            and _same_rows(old_rows, old_info.class_names, manifest)):
         if store.partial_dir(path).is_dir() or _leftovers(path):
             with contextlib.suppress(CacheLockedError), store.CacheLock(path):
                 _remove_leftovers(path)
@@ -1049,10 +1050,16 @@ def _probe_device() -> str:
     return "cuda" if os.path.exists("/dev/nvidiactl") else "cpu"
 
 
-def _same_rows(old_rows: dict, manifest: Manifest) -> bool:
-    """True when the cache's row table (order, labels, splits) equals the manifest's."""
+def _same_rows(old_rows: dict, old_class_names: Sequence[str], manifest: Manifest) -> bool:
+    """True when the cache's row table (order, labels, splits, class names) equals the manifest's.
+
+    A renamed class keeps every label index (``rose`` -> ``rosa`` sorts alike) but not its name:
+    the class names are compared too. Codes do not depend on labels, so a difference here only
+    rewrites the row table (no forward pass).
+    """
     return (
-        list(old_rows["paths"]) == [r.relpath for r in manifest.rows]
+        list(old_class_names) == list(manifest.class_names)
+        and list(old_rows["paths"]) == [r.relpath for r in manifest.rows]
         and old_rows["labels"].tolist() == [r.label for r in manifest.rows]
         and list(old_rows["split"]) == [r.split for r in manifest.rows]
     )

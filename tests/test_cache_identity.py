@@ -86,3 +86,38 @@ def test_a_cache_file_of_another_list_is_refused_not_reused(flowers_small, tmp_p
     os.replace(pb, pa)  # B's file under A's name: the same rows, but not A's list
     with pytest.raises(CacheMismatchError, match="B.csv"):
         extract(a, "tiny", ["fc1"], out=out, **KW)
+
+
+# --------------------------------------------------------------------------- 2. labels
+
+
+def test_renamed_label_updates_the_row_table_without_a_forward_pass(flowers_small, tmp_path, monkeypatch):
+    files = _images(flowers_small)
+    rows = [(f.relative_to(flowers_small), f.parent.name) for f in files]
+    lst = _write_csv(tmp_path / "list.csv", [(flowers_small / p, lab) for p, lab in rows])
+    out = tmp_path / "codes"
+    first = extract(lst, "tiny", ["fc1"], out=out, **KW)
+    before = load_codes(first.path, "fc1")
+    assert before.class_names == ["daisy", "rose", "tulip"]
+
+    # "rose" -> "rosa": the same rows, the same label indices (sorted alike), another name
+    _write_csv(lst, [(flowers_small / p, "rosa" if lab == "rose" else lab) for p, lab in rows])
+    import cnncodes.extract as ex
+
+    def no_forward(*a, **k):
+        raise AssertionError("a label-only change ran the network")
+
+    monkeypatch.setattr(ex, "_Runner", no_forward)
+    res = extract(lst, "tiny", ["fc1"], out=out, **KW)
+    assert not res.hit and res.n_computed == 0 and res.n_reused == len(rows) and res.path == first.path
+    after = load_codes(res.path, "fc1")
+    assert after.class_names == ["daisy", "rosa", "tulip"]
+    assert [after.class_names[i] for i in after.labels] == ["rosa" if lab == "rose" else lab for _p, lab in rows]
+    np.testing.assert_array_equal(after.X, before.X)
+    assert extract(lst, "tiny", ["fc1"], out=out, **KW).hit  # and the next run is a hit on the new names
+
+    # a relabelled row (another index) also reaches the file
+    _write_csv(lst, [(flowers_small / p, "tulip" if i == 0 else lab) for i, (p, lab) in enumerate(rows)])
+    moved = load_codes(extract(lst, "tiny", ["fc1"], out=out, **KW).path, "fc1")
+    assert moved.class_names[moved.labels[0]] == "tulip"
+    np.testing.assert_array_equal(moved.X, before.X)

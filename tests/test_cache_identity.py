@@ -7,6 +7,8 @@ of the resulting cache files checked against what the user listed.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -121,3 +123,74 @@ def test_renamed_label_updates_the_row_table_without_a_forward_pass(flowers_smal
     moved = load_codes(extract(lst, "tiny", ["fc1"], out=out, **KW).path, "fc1")
     assert moved.class_names[moved.labels[0]] == "tulip"
     np.testing.assert_array_equal(moved.X, before.X)
+
+
+# --------------------------------------------------------------------------- 3. weights files
+
+
+def _tiny_weights(path: Path, seed: int) -> Path:
+    import torch
+
+    from cnncodes.backbones import get_backbone
+
+    torch.manual_seed(seed)
+    model = get_backbone("tiny").build()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    tmp = path.with_name(path.name + ".new")
+    torch.save(model.state_dict(), tmp)
+    return tmp
+
+
+@pytest.mark.parametrize("how", ["in place", "by rename"])
+def test_weights_replaced_with_size_and_mtime_kept_are_hashed_again(flowers_small, tmp_path, monkeypatch, how):
+    import cnncodes.backbones as bb
+    from cnncodes.extract import extract_images
+    from cnncodes.store import read_info
+
+    monkeypatch.setattr(bb, "_HASH_MEMO", tmp_path / "memo" / "sha256.json")
+    monkeypatch.setattr(bb, "_RACY_NS", 0)  # memoise at once, as for a weights file downloaded long ago
+    w = tmp_path / "w.pth"
+    os.replace(_tiny_weights(w, 1), w)
+    kw = dict(KW, weights=str(w))
+    first = extract(flowers_small, "tiny", ["fc1"], out=tmp_path / "codes", **kw)
+    assert json.loads(bb._HASH_MEMO.read_text())  # the memo was written: the next look is a memo look-up
+    st = os.stat(w)
+
+    other = _tiny_weights(w, 2)
+    assert os.path.getsize(other) == st.st_size  # same architecture: the same number of bytes
+    if how == "in place":
+        w.write_bytes(other.read_bytes())
+        other.unlink()
+    else:
+        os.replace(other, w)
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns))  # the mtime restored
+    assert (os.stat(w).st_size, os.stat(w).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+    # predict with the recorded spec: the weights on disk are not those the codes were made with
+    spec = read_info(first.path).spec
+    with pytest.raises(CacheMismatchError, match="weights differ"):
+        extract_images(_images(flowers_small)[:2], spec=spec, layer_keys=["fc1"], device="cpu", workers=0)
+    second = extract(flowers_small, "tiny", ["fc1"], out=tmp_path / "codes", **kw)
+    assert not second.hit and second.path != first.path and second.n_computed == 12
+    # the new codes are those of the new weights: equal to a run with a fresh copy of them elsewhere
+    fresh = tmp_path / "fresh.pth"
+    shutil.copy(w, fresh)
+    ref = extract(flowers_small, "tiny", ["fc1"], out=tmp_path / "ref", **dict(KW, weights=str(fresh)))
+    np.testing.assert_array_equal(load_codes(second.path, "fc1").X, load_codes(ref.path, "fc1").X)
+    assert not np.array_equal(load_codes(second.path, "fc1").X, load_codes(first.path, "fc1").X)
+
+
+def test_a_weights_file_changed_moments_ago_is_not_memoised(tmp_path, monkeypatch):
+    import cnncodes.backbones as bb
+
+    monkeypatch.setattr(bb, "_HASH_MEMO", tmp_path / "sha256.json")
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 1000)
+    os.utime(f, ns=(10**18, 10**18))  # an old mtime, but the ctime is now: a rewrite may follow in this tick
+    assert bb.sha256_file(f) == hashlib.sha256(b"a" * 1000).hexdigest()
+    assert not bb._HASH_MEMO.exists()
+    monkeypatch.setattr(bb, "_RACY_NS", 0)
+    bb.sha256_file(f)
+    assert list(json.loads(bb._HASH_MEMO.read_text()).values()) == [hashlib.sha256(b"a" * 1000).hexdigest()]

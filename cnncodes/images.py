@@ -103,6 +103,12 @@ class Row:
         File size in bytes when listed.
     mtime_ns : int
         File modification time in nanoseconds when listed.
+    ctime_ns : int
+        File status-change time in nanoseconds when listed (-1: unknown). Any rewrite sets
+        it, even one whose mtime was put back with ``os.utime``.
+    inode : int
+        The file's inode number when listed (-1: unknown): a file replaced by another
+        (rename, copy) gets another one.
     """
 
     relpath: str
@@ -111,6 +117,8 @@ class Row:
     split: str
     size: int
     mtime_ns: int
+    ctime_ns: int = -1
+    inode: int = -1
 
 
 @dataclass(frozen=True)
@@ -175,6 +183,11 @@ class Manifest:
         if posixpath.isabs(row.relpath) or os.path.isabs(row.relpath):
             return row.relpath
         return os.path.join(self.root, *row.relpath.split("/"))
+
+
+def _row(relpath: str, label: int, class_name: str, split: str, st: os.stat_result) -> Row:
+    return Row(relpath=relpath, label=label, class_name=class_name, split=split, size=st.st_size,
+               mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, inode=st.st_ino)
 
 
 def _canonical_json(obj: object) -> bytes:
@@ -344,8 +357,8 @@ def scan_folder(root: str | os.PathLike[str]) -> Manifest:
         groups = [("", root_abs, "")]
 
     other_exts: Counter[str] = Counter()
-    # (relpath, class_name, split, size, mtime_ns)
-    found: list[tuple[str, str, str, int, int]] = []
+    # (relpath, class_name, split, stat of the image: of a link's target)
+    found: list[tuple[str, str, str, os.stat_result]] = []
     n_class_dirs = 0
     for split, group_path, group_rel in groups:
         try:
@@ -370,8 +383,7 @@ def scan_folder(root: str | os.PathLike[str]) -> Manifest:
             class_rel = f"{group_rel}/{class_name}" if group_rel else class_name
             n_before = len(found)
             for relpath, f in _walk_images(entry.path, class_rel, other_exts):
-                st = f.stat()
-                found.append((relpath, class_name, split, st.st_size, st.st_mtime_ns))
+                found.append((relpath, class_name, split, f.stat()))
             if len(found) == n_before:
                 logger.warning(
                     "Class folder %s holds no image file (extensions %s); it is "
@@ -389,13 +401,10 @@ def scan_folder(root: str | os.PathLike[str]) -> Manifest:
             "(case-insensitive)."
         )
 
-    class_names = tuple(sorted({c for _, c, _, _, _ in found}))
+    class_names = tuple(sorted({c for _, c, _, _ in found}))
     index = {c: i for i, c in enumerate(class_names)}
     found.sort(key=lambda t: t[0])
-    rows = tuple(
-        Row(relpath=rp, label=index[c], class_name=c, split=s, size=sz, mtime_ns=mt)
-        for rp, c, s, sz, mt in found
-    )
+    rows = tuple(_row(rp, index[c], c, s, st) for rp, c, s, st in found)
     logger.debug(
         "Scanned %s: %d images, %d classes%s",
         root_abs,
@@ -502,7 +511,7 @@ def read_csv_list(csv_path: str | os.PathLike[str]) -> Manifest:
     n_cols = len(names)
 
     problems: list[tuple[int, str]] = []
-    parsed: list[tuple[str, str, str, int, int]] = []
+    parsed: list[tuple[str, str, str, os.stat_result]] = []
     first_line_of: dict[str, int] = {}
     for line_no, rec in records[1:]:
         if len(rec) != n_cols:
@@ -543,7 +552,7 @@ def read_csv_list(csv_path: str | os.PathLike[str]) -> Manifest:
         if not os.path.isfile(absolute):
             problems.append((line_no, f"not a file: {absolute}"))
             continue
-        parsed.append((relpath, label, split, st.st_size, st.st_mtime_ns))
+        parsed.append((relpath, label, split, st))
 
     if problems:
         listed = "; ".join(
@@ -565,12 +574,9 @@ def read_csv_list(csv_path: str | os.PathLike[str]) -> Manifest:
             "per image (path,label[,split])."
         )
 
-    class_names = tuple(sorted({lab for _, lab, _, _, _ in parsed}))
+    class_names = tuple(sorted({lab for _, lab, _, _ in parsed}))
     index = {c: i for i, c in enumerate(class_names)}
-    rows = tuple(
-        Row(relpath=rp, label=index[lab], class_name=lab, split=s, size=sz, mtime_ns=mt)
-        for rp, lab, s, sz, mt in parsed
-    )
+    rows = tuple(_row(rp, index[lab], lab, s, st) for rp, lab, s, st in parsed)
     return Manifest(root=root, rows=rows, class_names=class_names, source="csv",
                     list_path=os.path.realpath(csv_abs))
 

@@ -20,6 +20,7 @@ from conftest import FLOWERS, link_subset, need
 from cnncodes import load_codes
 from cnncodes.errors import CacheMismatchError
 from cnncodes.extract import extract
+from cnncodes.store import read_info, read_rows
 
 KW = dict(weights="none", device="cpu", workers=0, batch_size=4)
 
@@ -194,3 +195,158 @@ def test_a_weights_file_changed_moments_ago_is_not_memoised(tmp_path, monkeypatc
     monkeypatch.setattr(bb, "_RACY_NS", 0)
     bb.sha256_file(f)
     assert list(json.loads(bb._HASH_MEMO.read_text()).values()) == [hashlib.sha256(b"a" * 1000).hexdigest()]
+
+
+# --------------------------------------------------------------------------- 4. image content
+
+
+def _bmp(path: Path, seed: int) -> Path:
+    """A 40x48 BMP of random pixels: every such file has the same size, whatever its content."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8), "RGB").save(path)
+    return path
+
+
+@pytest.fixture
+def bmp_data(tmp_path) -> Path:
+    root = tmp_path / "bmp"
+    for c, cls in enumerate(("a", "b")):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            _bmp(root / cls / f"{i}.bmp", 10 * c + i)
+    return root
+
+
+def _rewrite_keeping_size_and_mtime(path: Path, seed: int) -> None:
+    st = os.stat(path)
+    new = _bmp(path.with_suffix(".tmp.bmp"), seed)
+    path.write_bytes(new.read_bytes())  # in place: same inode, same size
+    new.unlink()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+def _codes_by_path(path: Path) -> dict[str, np.ndarray]:
+    c = load_codes(path, "fc1")
+    return {p: x for p, x in zip(c.paths, c.X)}
+
+
+def test_image_rewritten_with_size_and_mtime_kept_is_redone(bmp_data, tmp_path):
+    out = tmp_path / "codes"
+    first = extract(bmp_data, "tiny", ["fc1"], out=out, **KW)
+    before = _codes_by_path(first.path)
+    _rewrite_keeping_size_and_mtime(bmp_data / "a" / "1.bmp", 99)
+    res = extract(bmp_data, "tiny", ["fc1"], out=out, **KW)
+    assert not res.hit and res.n_computed == 1 and res.n_reused == 5
+    after = _codes_by_path(res.path)
+    ref = _reference_codes([bmp_data / "a" / "1.bmp"], tmp_path)["1.bmp"]
+    np.testing.assert_array_equal(after["a/1.bmp"], ref)
+    assert not np.array_equal(after["a/1.bmp"], before["a/1.bmp"])
+    for p in before:
+        if p != "a/1.bmp":
+            np.testing.assert_array_equal(after[p], before[p])
+    # each row records the bytes it was made of
+    rows = read_rows(res.path)
+    assert list(rows["content_sha256"]) == [hashlib.sha256((bmp_data / p).read_bytes()).hexdigest()
+                                            for p in rows["paths"]]
+    assert rows["file_inode"].tolist() == [os.stat(bmp_data / p).st_ino for p in rows["paths"]]
+    assert extract(bmp_data, "tiny", ["fc1"], out=out, **KW).hit
+
+
+def test_copied_dataset_is_rehashed_not_reextracted(bmp_data, tmp_path, monkeypatch):
+    out = tmp_path / "codes"
+    before = _codes_by_path(extract(bmp_data, "tiny", ["fc1"], out=out, **KW).path)
+    # the dataset replaced by a copy (new inodes and ctimes, mtimes kept), one file of it changed meanwhile
+    copy = shutil.copytree(bmp_data, tmp_path / "copy", copy_function=shutil.copy2)
+    _rewrite_keeping_size_and_mtime(copy / "b" / "2.bmp", 77)
+    shutil.rmtree(bmp_data)
+    os.replace(copy, bmp_data)
+    res = extract(bmp_data, "tiny", ["fc1"], out=out, **KW)
+    assert not res.hit and res.n_computed == 1 and res.n_reused == 5  # the bytes decided, row by row
+    after = _codes_by_path(res.path)
+    np.testing.assert_array_equal(after["b/2.bmp"], _reference_codes([bmp_data / "b" / "2.bmp"], tmp_path)["2.bmp"])
+    for p in before:
+        if p != "b/2.bmp":
+            np.testing.assert_array_equal(after[p], before[p])
+    import cnncodes.extract as ex
+
+    read = []
+    monkeypatch.setattr(ex, "_sha256_of", lambda p: read.append(p) or "")
+    again = extract(bmp_data, "tiny", ["fc1"], out=out, **KW)
+    assert again.hit and read == []  # the new identities were recorded: no file is read again
+
+
+def test_verify_content_catches_what_the_file_system_does_not_show(bmp_data, tmp_path):
+    from cnncodes.cli_extract import main as extract_main
+    from cnncodes.store import read_info, write_cache
+
+    out = tmp_path / "codes"
+    first = extract(bmp_data, "tiny", ["fc1"], out=out, **KW)
+    before = _codes_by_path(first.path)
+    victim = bmp_data / "b" / "0.bmp"
+    _rewrite_keeping_size_and_mtime(victim, 55)
+    # A file system whose timestamps are too coarse to tell the rewrite (FAT, some network mounts):
+    # the cache records the rewritten file's ctime and inode, as if the rewrite came before the listing.
+    info, rows, c = read_info(first.path), read_rows(first.path), load_codes(first.path, "fc1", dtype=None)
+    j = list(rows["paths"]).index("b/0.bmp")
+    rows["file_ctime_ns"][j] = os.stat(victim).st_ctime_ns
+    write_cache(first.path, spec=info.spec, fingerprint=info.fingerprint, manifest_hash=info.manifest_hash,
+                dataset_root=info.dataset_root, class_names=c.class_names, rows=rows,
+                layers={"fc1": (c.records["fc1"], [c.X])}, created=info.created)
+    assert extract(bmp_data, "tiny", ["fc1"], out=out, **KW).hit  # the default trusts the file system
+
+    argv = [str(bmp_data), "--model", "tiny", "--weights", "none", "--layers", "fc1", "--out", str(out),
+            "--workers", "0", "--device", "cpu", "--batch-size", "4", "--no-progress", "--verify-content"]
+    assert extract_main(argv) == 0
+    after = _codes_by_path(first.path)
+    np.testing.assert_array_equal(after["b/0.bmp"], _reference_codes([victim], tmp_path)["0.bmp"])
+    for p in before:
+        if p != "b/0.bmp":
+            np.testing.assert_array_equal(after[p], before[p])
+    res = extract(bmp_data, "tiny", ["fc1"], out=out, verify_content=True, **KW)
+    assert res.hit  # verified again: every hash matches now
+
+
+def _as_schema_1(path: Path) -> None:
+    """Rewrite a cache file as cnncodes wrote it before schema 2 (no inode, ctime or content hash)."""
+    import h5py
+
+    from cnncodes import store
+
+    rows, class_names = read_rows(path), read_info(path).class_names
+    with h5py.File(path, "r+") as f:
+        for name in store.ROW_IDENTITY_DEFAULTS:
+            del f[name]
+        f.attrs["schema_version"] = 1
+        del f.attrs["dataset_list"]
+        f.attrs["rows_sha256"] = store._rows_sha256(rows, class_names, store._ROW_FIELDS_V1)
+
+
+def test_schema_1_caches_are_read_and_upgraded(bmp_data, tmp_path):
+    import h5py
+
+    from cnncodes.errors import CacheError
+
+    out = tmp_path / "codes"
+    first = extract(bmp_data, "tiny", ["fc1"], out=out, **KW)
+    before = load_codes(first.path, "fc1")
+    _as_schema_1(first.path)
+    old = load_codes(first.path, "fc1")  # trainers keep reading old caches, verified
+    np.testing.assert_array_equal(old.X, before.X)
+    assert read_rows(first.path)["file_inode"].tolist() == [-1] * 6
+    res = extract(bmp_data, "tiny", ["fc1"], out=out, **KW)
+    assert res.path == first.path and not res.hit and res.n_computed == 0  # rewritten, not recomputed
+    assert read_info(res.path).schema_version == 2
+    assert read_rows(res.path)["file_inode"].tolist() == [os.stat(bmp_data / p).st_ino for p in before.paths]
+    np.testing.assert_array_equal(load_codes(res.path, "fc1").X, before.X)
+    assert extract(bmp_data, "tiny", ["fc1"], out=out, **KW).hit
+    # asked to verify, rows without a recorded hash cannot be trusted: they are redone
+    _as_schema_1(first.path)
+    assert extract(bmp_data, "tiny", ["fc1"], out=out, verify_content=True, **KW).n_computed == 6
+    # a schema this cnncodes does not know is refused with a message, never misread
+    with h5py.File(first.path, "r+") as f:
+        f.attrs["schema_version"] = 3
+    with pytest.raises(CacheError, match="schema version 3"):
+        load_codes(first.path, "fc1")

@@ -32,6 +32,7 @@ __all__ = [
     "Manifest",
     "Row",
     "is_plain_jpeg",
+    "list_image_files",
     "load_image",
     "read_csv_list",
     "scan_folder",
@@ -207,40 +208,79 @@ def _ext(name: str) -> str:
     return os.path.splitext(name)[1].lower()
 
 
-def _walk_images(
-    top: str, rel_top: str, other_exts: Counter[str]
-) -> Iterator[tuple[str, os.DirEntry[str]]]:
-    """Yield ``(relpath, entry)`` for every image below ``top``, recursively.
+def _within(path: str, folder: str) -> bool:
+    """Whether resolved ``path`` is ``folder`` or lies below it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
-    Hidden entries are skipped; non-image files are counted by extension in
-    ``other_exts``. Directory symlink loops are broken by (device, inode).
+
+class _Walk:
+    """The state of one walk over a dataset tree, shared by all its folders.
+
+    Each real folder is walked once, by (device, inode). A link to a folder is followed only
+    when it leads out of the tree to a folder not walked yet: a link back into the tree (a class
+    folder linked into another one, whose images would be listed twice under two labels) or to an
+    ancestor of the tree or of the folder holding it (a loop) is skipped with a warning. Links to
+    files are always followed.
     """
-    stack = [(top, rel_top)]
-    seen: set[tuple[int, int]] = set()
-    while stack:
-        path, rel = stack.pop()
+
+    def __init__(self, root: str):
+        self.root = os.path.realpath(root)
+        self.seen: set[tuple[int, int]] = set()
+
+    def enter(self, path: str, is_link: bool) -> bool:
+        """Whether to walk folder ``path`` (reached through a link if ``is_link``); marks it walked."""
         try:
             st = os.stat(path)
         except OSError as e:
             logger.warning("Cannot read folder %s (%s); skipped", path, e)
-            continue
+            return False
+        if is_link:
+            target = os.path.realpath(path)
+            holder = os.path.realpath(os.path.dirname(path))
+            if _within(target, self.root) or _within(self.root, target):
+                why = f"it points back into the dataset {self.root}"
+            elif _within(holder, target):
+                why = "it loops back to a folder that holds it"
+            else:
+                why = ""
+            if why:
+                logger.warning("Folder link %s -> %s skipped: %s (its images would be listed again, under "
+                               "another label)", path, target, why)
+                return False
         key = (st.st_dev, st.st_ino)
-        if key in seen:
+        if key in self.seen:
+            logger.warning("Folder %s skipped: it was already walked (reached again through a link)", path)
+            return False
+        self.seen.add(key)
+        return True
+
+
+def _walk_images(
+    top: str, rel_top: str, other_exts: Counter[str], walk: _Walk, top_is_link: bool = False
+) -> Iterator[tuple[str, os.DirEntry[str]]]:
+    """Yield ``(relpath, entry)`` for every image below ``top``, recursively, in name order.
+
+    Hidden entries are skipped; non-image files are counted by extension in
+    ``other_exts``. Folder links are followed as :class:`_Walk` allows.
+    """
+    stack = [(top, rel_top, top_is_link)]
+    while stack:
+        path, rel, is_link = stack.pop()
+        if not walk.enter(path, is_link):
             continue
-        seen.add(key)
         try:
-            with os.scandir(path) as it:
-                entries = list(it)
+            entries = _list_dir(path)
         except OSError as e:
             logger.warning("Cannot list folder %s (%s); skipped", path, e)
             continue
+        subdirs = []
         for entry in entries:
             if _is_hidden(entry.name):
                 continue
-            entry_rel = f"{rel}/{entry.name}"
+            entry_rel = f"{rel}/{entry.name}" if rel else entry.name
             try:
                 if entry.is_dir():
-                    stack.append((entry.path, entry_rel))
+                    subdirs.append((entry.path, entry_rel, entry.is_symlink()))
                     continue
                 if not entry.is_file():
                     continue
@@ -251,6 +291,18 @@ def _walk_images(
                 yield entry_rel, entry
             else:
                 other_exts[ext or "(no extension)"] += 1
+        stack.extend(reversed(subdirs))  # popped in name order
+
+
+def list_image_files(folder: str | os.PathLike[str]) -> list[str]:
+    """Every image file below ``folder`` (``folder`` joined with its relative path), sorted.
+
+    The same walk as :func:`scan_folder`'s: hidden entries skipped, folder links that lead back
+    into ``folder`` or loop skipped with a warning, file links followed.
+    """
+    top = os.fspath(folder)
+    found = _walk_images(top, "", Counter(), _Walk(top))
+    return sorted(os.path.join(top, *rel.split("/")) for rel, _entry in found)
 
 
 def _list_dir(path: str) -> list[os.DirEntry[str]]:
@@ -349,10 +401,13 @@ def scan_folder(root: str | os.PathLike[str]) -> Manifest:
         )
 
     split_layout = all(e.name.lower() in _SPLIT_ALIASES for e in top_dirs)
+    walk = _Walk(root_abs)  # one walk for the whole tree: no folder is listed twice
+    walk.enter(root_abs, False)
     # (split, folder path, relpath prefix)
     groups: list[tuple[str, str, str]]
     if split_layout:
-        groups = [(_SPLIT_ALIASES[e.name.lower()], e.path, e.name) for e in top_dirs]
+        groups = [(_SPLIT_ALIASES[e.name.lower()], e.path, e.name) for e in top_dirs
+                  if walk.enter(e.path, e.is_symlink())]
     else:
         groups = [("", root_abs, "")]
 
@@ -382,7 +437,7 @@ def scan_folder(root: str | os.PathLike[str]) -> Manifest:
             class_name = entry.name
             class_rel = f"{group_rel}/{class_name}" if group_rel else class_name
             n_before = len(found)
-            for relpath, f in _walk_images(entry.path, class_rel, other_exts):
+            for relpath, f in _walk_images(entry.path, class_rel, other_exts, walk, entry.is_symlink()):
                 found.append((relpath, class_name, split, f.stat()))
             if len(found) == n_before:
                 logger.warning(

@@ -350,3 +350,42 @@ def test_schema_1_caches_are_read_and_upgraded(bmp_data, tmp_path):
         f.attrs["schema_version"] = 3
     with pytest.raises(CacheError, match="schema version 3"):
         load_codes(first.path, "fc1")
+
+
+# --------------------------------------------------------------------------- 5. folder links
+
+
+def test_folder_links_back_into_the_dataset_are_skipped_not_relabelled(tmp_path, caplog):
+    data = link_subset(need(FLOWERS), tmp_path / "data", 3, ["daisy", "rose", "tulip"])  # file links: followed
+    expected = sorted(str(p.relative_to(data)) for p in _images(data))
+    ext = link_subset(FLOWERS, tmp_path / "elsewhere", 2, ["sunflower"]) / "sunflower"
+    os.symlink(data, data / "daisy" / "up")  # to the dataset root
+    os.symlink(data / "rose", data / "tulip" / "roses")  # into another class
+    os.symlink(tmp_path, data / "rose" / "top")  # to an ancestor of the dataset
+    os.symlink(ext, data / "daisy" / "more")  # out of the tree: followed...
+    os.symlink(ext.parent, ext / "loop")  # ...but not round its own loop
+    os.symlink(ext, data / "tulip" / "again")  # nor a second time
+    expected += sorted(f"daisy/more/{p.name}" for p in _images(ext))
+    with caplog.at_level("WARNING", logger="cnncodes.images"):
+        res = extract(data, "tiny", ["fc1"], out=tmp_path / "codes", **KW)
+    c = load_codes(res.path, "fc1")
+    assert sorted(c.paths) == sorted(expected)
+    assert c.class_names == ["daisy", "rose", "tulip"]
+    assert [c.class_names[i] for i in c.labels] == [p.split("/")[0] for p in c.paths]
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    for link in ("daisy/up", "tulip/roses", "rose/top", "daisy/more/loop"):
+        assert link in warned
+    assert "already walked" in warned  # tulip/again
+
+    # prediction expands a folder with the same walk
+    from cnncodes.predict import expand_paths
+
+    assert expand_paths([data]) == sorted(str(data / p) for p in expected)
+
+
+def test_split_folder_linked_to_another_split_is_skipped(tmp_path):
+    root = tmp_path / "data"
+    link_subset(need(FLOWERS), root / "train", 2, ["daisy", "rose"])
+    os.symlink(root / "train", root / "val")  # would list every train image again as val
+    c = load_codes(extract(root, "tiny", ["fc1"], out=tmp_path / "codes", **KW).path, "fc1")
+    assert set(c.splits) == {"train"} and len(c.paths) == 4

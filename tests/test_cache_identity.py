@@ -389,3 +389,17 @@ def test_split_folder_linked_to_another_split_is_skipped(tmp_path):
     os.symlink(root / "train", root / "val")  # would list every train image again as val
     c = load_codes(extract(root, "tiny", ["fc1"], out=tmp_path / "codes", **KW).path, "fc1")
     assert set(c.splits) == {"train"} and len(c.paths) == 4
+
+
+def test_a_hit_with_the_identity_checks_still_imports_no_torch(bmp_data, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "codes"
+    first = extract(bmp_data, "tiny", ["fc1"], out=out, **KW)
+    code = ("import sys; from cnncodes.extract import extract; "
+            f"r = extract({str(bmp_data)!r}, 'tiny', ['fc1'], out={str(out)!r}, weights='none', device='cpu'); "
+            "print(r.hit, str(r.path), any(m == 'torch' or m.startswith('torch.') for m in sys.modules))")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert got.stdout.split() == ["True", str(first.path), "False"]

@@ -33,14 +33,15 @@ log = logging.getLogger(__name__)
 
 FIELDS = ("path", "label", "score", "status", "message")
 
-try:
-    from .images import IMAGE_EXTENSIONS as _IMAGE_EXTENSIONS
-except ImportError:  # pragma: no cover - images.py is part of the package
-    _IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"})
+from .images import IMAGE_EXTENSIONS as _IMAGE_EXTENSIONS
+from .images import list_image_files
 
 
 def expand_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
     """Image files of ``paths``: files as given, folders expanded recursively (sorted).
+
+    A folder is walked as ``scan_folder`` walks a dataset (:func:`cnncodes.images.list_image_files`):
+    hidden entries skipped, file links followed, folder links that loop or lead back into it skipped.
 
     Raises
     ------
@@ -53,10 +54,7 @@ def expand_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            found = sorted(
-                str(q) for q in p.rglob("*")
-                if q.is_file() and q.suffix.lower() in _IMAGE_EXTENSIONS and not q.name.startswith(".")
-            )
+            found = list_image_files(p)
             if not found:
                 raise UsageError(
                     f"The folder {p} holds no image file (extensions {', '.join(sorted(_IMAGE_EXTENSIONS))})."

@@ -10,6 +10,7 @@ import sys
 from typing import Sequence
 
 from ._cli import Parser, run_cli
+from .images import DEFAULT_MAX_PIXELS
 
 PROG = "predict.py"
 
@@ -35,14 +36,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model of the run, e.g. fc7__svm (default: the best by val accuracy)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--batch-size", "-b", type=int, default=64)
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse images with more pixels, a decompression-bomb guard (default {DEFAULT_MAX_PIXELS}, "
+                        "Pillow's)")
     p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors on stderr")
     return p
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .predict import predict, write_predictions
+    from .predict import check_output_path, predict, write_predictions
 
-    rows = predict(args.run, args.paths, model=args.model, device=args.device, batch_size=args.batch_size)
+    if args.out:
+        check_output_path(args.out, "predict")  # before the work, not after it
+    rows = predict(args.run, args.paths, model=args.model, device=args.device, batch_size=args.batch_size,
+                   max_pixels=args.max_pixels)
     if args.out:
         write_predictions(rows, args.out)
     else:

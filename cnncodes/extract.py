@@ -430,7 +430,7 @@ def _source_window(w: int, h: int, pre) -> tuple[int, int, int, int] | None:
     if max(_resized_size(w, h, pre)) <= bound:
         return None
     short, long = min(w, h), max(w, h)
-    keep = math.ceil(bound * short / pre.resize)  # source pixels that resize to `bound`
+    keep = MAX_RESIZED_ASPECT * short  # source pixels that resize to `bound`, at the same scale
     keep = min(long, keep + (long - keep) % 2)
     start = (long - keep) // 2
     return (start, 0, start + keep, h) if w > h else (0, start, w, start + keep)

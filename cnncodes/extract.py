@@ -424,7 +424,8 @@ def _source_window(w: int, h: int, pre) -> tuple[int, int, int, int] | None:
     torchvision's ``Resize`` + ``CenterCrop``. A longer one is first cut, along its long side, to
     the centred window that resizes to that bound (an even margin on each side, so the window's
     centre is the image's), then resized and cropped the same way: the resize costs no more than
-    a 16:1 image's, and the crop still comes from the image's centre at almost the same scale.
+    a 16:1 image's, and the crop still comes from the image's centre at almost the same scale (within
+    about one output pixel in position, from the rounding of sizes and offsets).
     """
     bound = MAX_RESIZED_ASPECT * pre.resize
     if max(_resized_size(w, h, pre)) <= bound:

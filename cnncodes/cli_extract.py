@@ -10,8 +10,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from numbers import Integral
+
 from ._cli import Parser, run_cli
+from ._validation import Interval, validate_params
 from .errors import UsageError
+from .images import DEFAULT_MAX_PIXELS
 
 DESCRIPTION = """Extract CNN codes (activations of chosen layers of a pretrained CNN) for a labelled
 image folder or CSV list into an HDF5 cache. Re-running the same command is a cache hit;
@@ -51,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torchvision (default): JPEG decoding and resizing in torch, as torchvision's tensor "
                         "transforms, less CPU per image; pil: Pillow, bit-exact with transforms on PIL images")
     p.add_argument("--error-budget", type=float, default=0.05, help="fraction of images allowed to fail (default 0.05)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse images with more pixels, a decompression-bomb guard (default {DEFAULT_MAX_PIXELS}, "
+                        "Pillow's); raising it redoes the images an earlier run refused for their size")
     p.add_argument("--overwrite", action="store_true", help="discard an unfinished extraction with another spec")
     p.add_argument("--verify-content", action="store_true",
                    help="reuse a cached row only if its image's bytes hash to those it was extracted from (reads "
@@ -121,8 +128,7 @@ def _run(args: argparse.Namespace) -> int:
     missing = [n for n, v in (("DATA", args.data), ("--model", args.model), ("--layers", args.layers)) if not v]
     if missing:
         raise UsageError(f"missing {', '.join(missing)}. Usage: extract.py DATA --model NAME --layers L1 [L2 ...]")
-    if args.grid < 1:
-        raise UsageError(f"--grid must be >= 1, got {args.grid}")
+    validate_params({"grid": args.grid}, {"grid": [Interval(Integral, 1, None, closed="left")]}, "extract")
     pool = args.pool if args.grid == 1 or args.pool == "none" else f"{args.pool}{args.grid}x{args.grid}"
     from .extract import extract
 
@@ -130,8 +136,8 @@ def _run(args: argparse.Namespace) -> int:
         args.data, args.model, args.layers, weights=args.weights, pool=pool, out=out, device=args.device,
         batch_size=args.batch_size, workers=args.workers, dtype=args.dtype, precision=args.precision,
         draft=not args.no_draft, decoder=args.decoder, compression=args.compression, error_budget=args.error_budget,
-        overwrite=args.overwrite, name=args.name, progress=not (args.no_progress or args.quiet),
-        verify_content=args.verify_content,
+        max_pixels=args.max_pixels, overwrite=args.overwrite, name=args.name,
+        progress=not (args.no_progress or args.quiet), verify_content=args.verify_content,
     )
     if res.skipped:
         print(f"{len(res.skipped)} image(s) skipped (status 'error', NaN codes):", file=sys.stderr)

@@ -43,6 +43,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from numbers import Integral, Real
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -65,10 +66,20 @@ from .errors import (
     DatasetError,
     ErrorBudgetExceeded,
     ExtractionWriteError,
+    InvalidParameterError,
     UsageError,
 )
 from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir
-from .images import Manifest, is_plain_jpeg, load_image, read_csv_list, scan_folder
+from ._validation import Interval, PathLike, SequenceOf, StrOptions, validate_params
+from .images import (
+    DEFAULT_MAX_PIXELS,
+    Manifest,
+    is_plain_jpeg,
+    load_image,
+    pixels_over_limit,
+    read_csv_list,
+    scan_folder,
+)
 
 __all__ = ["DEFAULT_OUT", "ExtractConfig", "ExtractResult", "extract", "extract_images", "plan_layers"]
 
@@ -424,13 +435,44 @@ def _crop_box(new_w: int, new_h: int, c: int) -> tuple[int, int]:
     return int(round((new_h - c) / 2.0)), int(round((new_w - c) / 2.0))
 
 
+#: Longest resized side, in multiples of ``pre.resize``, that an image is resized to whole. A
+#: 3x40,000 strip would otherwise become 256x3,413,333 pixels (2.6 GB, 6 GB at the peak of a
+#: tensor resize) for the 224x224 that the centre crop keeps; see :func:`_source_window`.
+MAX_RESIZED_ASPECT = 16
+
+
+def _source_window(w: int, h: int, pre) -> tuple[int, int, int, int] | None:
+    """The centred part of a ``w`` x ``h`` image to resize, as (left, top, right, bottom), or None for all of it.
+
+    Images whose resized long side stays within ``MAX_RESIZED_ASPECT * pre.resize`` (aspect
+    ratios up to 16:1: every ordinary photo and panorama) are resized whole, exactly as
+    torchvision's ``Resize`` + ``CenterCrop``. A longer one is first cut, along its long side, to
+    the centred window that resizes to that bound (an even margin on each side, so the window's
+    centre is the image's), then resized and cropped the same way: the resize costs no more than
+    a 16:1 image's, and the crop still comes from the image's centre at almost the same scale (within
+    about one output pixel in position, from the rounding of sizes and offsets).
+    """
+    bound = MAX_RESIZED_ASPECT * pre.resize
+    if max(_resized_size(w, h, pre)) <= bound:
+        return None
+    short, long = min(w, h), max(w, h)
+    keep = MAX_RESIZED_ASPECT * short  # source pixels that resize to `bound`, at the same scale
+    keep = min(long, keep + (long - keep) % 2)
+    start = (long - keep) // 2
+    return (start, 0, start + keep, h) if w > h else (0, start, w, start + keep)
+
+
 def resize_crop(img, pre) -> np.ndarray:
     """Resize the shorter side to ``pre.resize`` and keep the centre ``pre.crop`` square, as uint8 HWC.
 
     The same output sizes, rounding and (antialiased) PIL resampling as torchvision's
     ``Resize(pre.resize)`` + ``CenterCrop(pre.crop)`` on a PIL image, without importing torchvision
-    in every decoding worker.
+    in every decoding worker. Images longer than 16:1 are first cut to their centre
+    (:func:`_source_window`), so that the resize stays small.
     """
+    window = _source_window(*img.size, pre)
+    if window is not None:
+        img = img.crop(window)
     w, h = img.size
     new_w, new_h = _resized_size(w, h, pre)
     if (new_w, new_h) != (w, h):
@@ -447,9 +489,14 @@ def resize_crop_tensor(t, pre):
     uint8 tensor image (v1 transforms on tensors resample in float and may differ by 1); 2-6x
     faster than Pillow's resampling on this project's CPUs. It differs from the PIL pipeline by at
     most 1 (bilinear) or 2 (bicubic) grey levels in a few pixels (measured on the shared datasets).
+    Images longer than 16:1 are first cut to their centre, as in :func:`resize_crop`.
     """
     import torch
 
+    window = _source_window(t.shape[2], t.shape[1], pre)
+    if window is not None:
+        left, top, right, bottom = window
+        t = t[:, top:bottom, left:right]
     _, h, w = t.shape
     new_w, new_h = _resized_size(w, h, pre)
     if (new_w, new_h) != (w, h):
@@ -487,7 +534,8 @@ def _tv_decode():
 class _ImageDataset:
     """Decodes and resizes one image to a uint8 CHW tensor; failures become a status, not an exception."""
 
-    def __init__(self, paths: Sequence[str], pre, draft: bool, decoder: str = "pil", gate=None):
+    def __init__(self, paths: Sequence[str], pre, draft: bool, decoder: str = "pil", gate=None,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
         if pre.resize < pre.crop:
             raise UsageError(f"preprocessing resizes to {pre.resize} px, less than its {pre.crop} px crop")
         _check_decoder(decoder, pre)
@@ -495,6 +543,7 @@ class _ImageDataset:
         self.pre = pre
         self.draft = pre.resize if draft else None
         self.decoder = decoder
+        self.max_pixels = max_pixels
         self.gate = gate  # see _loader
         self._parent = os.getpid()
         if decoder == "torchvision":
@@ -512,11 +561,11 @@ class _ImageDataset:
         import torch
 
         if self.decoder == "pil":
-            img, note = load_image(path, draft=self.draft)
+            img, note = load_image(path, draft=self.draft, max_pixels=self.max_pixels)
             return torch.from_numpy(resize_crop(img, self.pre).transpose(2, 0, 1).copy()), note
         t = None
         tv = _tv_decode()
-        if tv is not None and is_plain_jpeg(path, draft=self.draft):
+        if tv is not None and is_plain_jpeg(path, draft=self.draft, max_pixels=self.max_pixels):
             ImageReadMode, decode_jpeg, read_file = tv
             try:
                 with warnings.catch_warnings(record=True) as caught:
@@ -529,7 +578,7 @@ class _ImageDataset:
             except Exception:  # noqa: BLE001 - load_image below says what is wrong with the file
                 t = None
         if t is None:
-            img, note = load_image(path, draft=self.draft)
+            img, note = load_image(path, draft=self.draft, max_pixels=self.max_pixels)
             t = torch.from_numpy(np.array(img).transpose(2, 0, 1))
         return resize_crop_tensor(t, self.pre), note
 
@@ -589,7 +638,8 @@ def _default_workers(device: str) -> int:
     return min(8, n) if device == "cuda" else max(1, min(4, n))
 
 
-def _loader(paths, pre, draft, decoder, batches: list[list[int]], workers: int, device: str, gated: bool = False):
+def _loader(paths, pre, draft, decoder, batches: list[list[int]], workers: int, device: str, gated: bool = False,
+            max_pixels: int | None = DEFAULT_MAX_PIXELS):
     """A DataLoader of decoded batches, and its gate (None when not ``gated``).
 
     On a CPU the forward pass keeps every core busy, and a decoding worker that runs alongside
@@ -598,18 +648,19 @@ def _loader(paths, pre, draft, decoder, batches: list[list[int]], workers: int, 
     alone would cost 5 %). A gated loader's workers decode only while the gate is open; the
     extraction closes it for each forward pass, so that decoding (on all cores, in the workers)
     and the forward pass (on all cores, in the model) take turns instead of fighting.
-    ``CNNCODES_GATE=0`` turns it off.
+    ``CNNCODES_GATE=0`` turns it off. No more workers start than there are batches to decode.
     """
     import multiprocessing
 
     import torch
     from torch.utils.data import DataLoader
 
+    workers = min(workers, len(batches))
     gate = None
     if gated and workers > 0 and os.environ.get("CNNCODES_GATE", "1") != "0":
         gate = multiprocessing.get_context().Event()
         gate.set()
-    ds = _ImageDataset(paths, pre, draft, decoder, gate)
+    ds = _ImageDataset(paths, pre, draft, decoder, gate, max_pixels)
     kw = {}
     if workers > 0:
         kw = {"prefetch_factor": 4, "persistent_workers": False}
@@ -718,6 +769,44 @@ class _ShardWriter:
 
 # --------------------------------------------------------------------------- public API
 
+DEVICES = ("auto", "cpu", "cuda")
+_COUNT = Interval(Integral, 1, None, closed="left")
+#: What :func:`extract_images` (and so prediction) accepts; :func:`extract` adds its own below.
+_IMAGES_PARAMS = {
+    "paths": [SequenceOf(PathLike())],
+    "spec": [dict],
+    "layer_keys": [SequenceOf(str, min_len=1)],
+    "device": [StrOptions(DEVICES)],
+    "batch_size": [_COUNT],
+    "workers": [Interval(Integral, 0, None, closed="left"), None],
+    "max_pixels": [_COUNT, None],
+}
+_EXTRACT_PARAMS = {
+    **_IMAGES_PARAMS,
+    "data": [PathLike()],
+    "model": [str],
+    "layers": [str, SequenceOf(str, min_len=1)],
+    "weights": [PathLike()],
+    "pool": [str],
+    "out": [PathLike()],
+    "dtype": [StrOptions(("float16", "float32"))],
+    "precision": [StrOptions(("auto", "fp32", "bf16", "fp16"))],
+    "draft": ["boolean"],
+    "decoder": [StrOptions(DECODERS)],
+    "compression": [StrOptions(("gzip", "sparse", "lzf", "zstd", "none"))],
+    "error_budget": [Interval(Real, 0, 1, closed="both")],
+    "overwrite": ["boolean"],
+    "name": [str, None],
+    "progress": ["boolean"],
+    "verify_content": ["boolean"],
+}
+
+
+def _check_out_folder(out, caller: str) -> None:
+    if Path(out).exists() and not Path(out).is_dir():
+        raise InvalidParameterError("out", caller, f"must be a folder (it is created if missing). Got {str(out)!r}, "
+                                                   "a file, instead.")
+
 
 def extract(
     data: str | os.PathLike,
@@ -736,6 +825,7 @@ def extract(
     decoder: str = "torchvision",
     compression: str = "gzip",
     error_budget: float = 0.05,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
     overwrite: bool = False,
     name: str | None = None,
     progress: bool = False,
@@ -779,6 +869,11 @@ def extract(
         ``lzf``, ``zstd`` (needs hdf5plugin), ``none``.
     error_budget : float
         Fraction of images allowed to fail before the run stops.
+    max_pixels : int or None
+        Images with more pixels fail (decompression bomb guard; default Pillow's limit, about
+        89.5 million; ``None``: no limit). Rows of an existing cache that failed for their
+        size alone are redone when the limit now admits them. Does not change any codes, so
+        it is not part of the fingerprint.
     overwrite : bool
         Discard an unfinished extraction whose spec differs, and an existing file.
     progress : bool
@@ -795,8 +890,8 @@ def extract(
 
     Raises
     ------
-    UsageError, DatasetError, UnknownBackboneError, UnknownLayerError
-        Bad arguments, checked before any work.
+    InvalidParameterError, UsageError, DatasetError, UnknownBackboneError, UnknownLayerError
+        Bad arguments, checked before any work (nothing is built or written).
     WeightsUnavailableError
         Default weights neither on disk nor downloadable.
     CacheLockedError
@@ -809,18 +904,20 @@ def extract(
         The disk is full or not writable; finished shards are kept.
     """
     t0 = time.perf_counter()
+    validate_params(
+        {"data": data, "model": model, "layers": layers, "weights": weights, "pool": pool, "out": out,
+         "device": device, "batch_size": batch_size, "workers": workers, "dtype": dtype, "precision": precision,
+         "draft": draft, "decoder": decoder, "compression": compression, "error_budget": error_budget,
+         "max_pixels": max_pixels, "overwrite": overwrite, "name": name, "progress": progress,
+         "verify_content": verify_content},
+        _EXTRACT_PARAMS, "extract")
+    _check_out_folder(out, "extract")
     if isinstance(layers, str):
         layers = [layers]
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    if not 0 <= error_budget <= 1:
-        raise UsageError(f"--error-budget must be a fraction in [0, 1], got {error_budget}")
     store._compression_kwargs(compression)  # validate early
     spec = get_backbone(model)
     # validate layers and pooling before touching the data or the weights
     plan_layers(spec, layers, pool, "")
-    if device not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"Unknown device {device!r}: use auto, cpu or cuda")
     manifest = _load_manifest(data)
     wts = resolve_weights(spec, weights)
     # The precision is part of the fingerprint and "auto" depends on the device. A cache hit
@@ -848,6 +945,7 @@ def extract(
     old_rows = store.read_rows(path) if old_info is not None else None
     # row in the old file (or -1), and each image's content sha256 where known
     reuse_idx, content = _match_rows(old_rows, manifest, verify_content)
+    _retry_rows_refused_for_size(reuse_idx, old_rows, max_pixels)
     old_layers = {} if old_info is None else {k: rec for k, rec in old_info.layers.items()}
     new_keys = [key for key in keys if key not in old_layers or old_layers[key].fingerprint != _fp_of(lplan, key)]
     # layers of the final file: the old ones (still valid) plus the requested ones
@@ -879,7 +977,7 @@ def extract(
             return extract(data, model, layers, weights=weights, pool=pool, out=out, device=real,
                            batch_size=batch_size, workers=workers, dtype=dtype, precision=precision, draft=draft,
                            decoder=decoder, compression=compression, error_budget=error_budget, overwrite=overwrite, name=name,
-                           progress=progress, verify_content=verify_content)
+                           progress=progress, verify_content=verify_content, max_pixels=max_pixels)
     if old_info is not None and old_info.schema_version < store.SCHEMA_VERSION:
         log.info("%s was written in cache schema %d: its reused rows were checked by size and mtime, as when they "
                  "were written; it is rewritten in schema %d with each file's inode and ctime",
@@ -901,6 +999,7 @@ def extract(
         "n_todo": int(sum(len(r) for r, _ in jobs)),
         "jobs": [{"rows": len(r), "keys": ks} for r, ks in jobs],
         "batch_size": int(batch_size),
+        "max_pixels": max_pixels,
         "old_file": None if old_info is None else {"updated": old_info.updated, "rows_sha256": old_info.rows_sha256},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "weights_path": wts.path,
@@ -973,7 +1072,8 @@ def extract(
             local = [[int(i) for i in range(b * batch_size, b * batch_size + len(batches[ji][b]))] for b in todo]
             nw = _default_workers(dev) if workers is None else int(workers)
             # start the decoding workers first: the first batches decode while the model loads
-            loader, gate = _loader(paths, spec.preprocessing, draft, decoder, local, nw, dev, gated=(dev == "cpu"))
+            loader, gate = _loader(paths, spec.preprocessing, draft, decoder, local, nw, dev, gated=(dev == "cpu"),
+                                   max_pixels=max_pixels)
             batches_in = iter(loader)
             if runner is None:
                 runner = _Runner(spec, wts, final, dev, prec)
@@ -1053,6 +1153,23 @@ def extract(
                         seconds=time.perf_counter() - t0, stream_seconds=stream_seconds)
     log.info("%s", res.summary())
     return res
+
+
+def _retry_rows_refused_for_size(reuse_idx: np.ndarray, old_rows: dict, max_pixels: int | None) -> None:
+    """Mark for recomputation (-1 in ``reuse_idx``) the old rows that failed only for their pixel
+    count and that ``max_pixels`` now admits: raising the limit, as the error told, must not
+    give a cache hit that keeps the error."""
+    retried = 0
+    for j in np.flatnonzero(reuse_idx >= 0):
+        i = reuse_idx[j]
+        if old_rows["status"][i] == "ok":
+            continue
+        pixels = pixels_over_limit(str(old_rows["message"][i]))
+        if pixels is not None and (max_pixels is None or pixels <= max_pixels):
+            reuse_idx[j] = -1
+            retried += 1
+    if retried:
+        log.info("Retrying %d image(s) that an earlier, lower pixel limit refused", retried)
 
 
 def _probe_device() -> str:
@@ -1366,6 +1483,7 @@ def extract_images(
     device: str = "auto",
     batch_size: int = 64,
     workers: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> dict:
     """Codes of arbitrary images with exactly a recorded extraction spec (for prediction).
 
@@ -1377,6 +1495,8 @@ def extract_images(
         The ``spec`` stored in a cache file (or a model's sidecar).
     layer_keys : list of str
         Keys of ``spec["layers"]`` to compute.
+    device, batch_size, workers, max_pixels
+        As for :func:`extract`.
 
     Returns
     -------
@@ -1389,7 +1509,12 @@ def extract_images(
     CacheMismatchError
         The weights on this machine are not those the spec records (sha256), or the
         rebuilt spec's fingerprint differs (another library major version...).
+    InvalidParameterError
+        A bad argument, before any work.
     """
+    validate_params({"paths": paths, "spec": spec, "layer_keys": layer_keys, "device": device,
+                     "batch_size": batch_size, "workers": workers, "max_pixels": max_pixels},
+                    _IMAGES_PARAMS, "extract_images")
     bb = get_backbone(spec["backbone"])
     w = spec["weights"]
     if w["kind"] == "none":
@@ -1439,7 +1564,7 @@ def extract_images(
     messages = np.array([""] * n, dtype=object)
     dt = np.float16 if spec["dtype"] == "float16" else np.float32
     with _heap_for_big_blocks(dev):
-        loader, _gate = _loader(paths, _pre_of(spec), draft, decoder, batches, nw, dev)
+        loader, _gate = _loader(paths, _pre_of(spec), draft, decoder, batches, nw, dev, max_pixels=max_pixels)
         for idx, x, st, notes in loader:
             out = runner(x)
             for i, (s, m) in enumerate(zip(st, notes)):

@@ -296,7 +296,7 @@ def test_decoder_is_part_of_the_fingerprint_and_predict_uses_the_recorded_one(fl
         again = extract_images([flowers_small / p for p in c.paths], spec=c.spec, layer_keys=["fc1"],
                                device="cpu", workers=0)
         np.testing.assert_array_equal(again["codes"]["fc1"], c.X)
-    with pytest.raises(UsageError, match="Unknown decoder"):
+    with pytest.raises(UsageError, match="'decoder' parameter"):
         extract(flowers_small, "tiny", ["fc1"], decoder="cv2", **kw)
 
 

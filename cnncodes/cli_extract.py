@@ -54,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder", default="torchvision", choices=["torchvision", "pil"],
                    help="torchvision (default): JPEG decoding and resizing in torch, as torchvision's tensor "
                         "transforms, less CPU per image; pil: Pillow, bit-exact with transforms on PIL images")
+    p.add_argument("--fc-as-conv", action="store_true",
+                   help="alexnet/vgg16: run fc6/fc7/fc8 as convolutions, so larger inputs give maps of fc codes "
+                        "(pooled by --pool/--grid like any map)")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="crop size fed to the network (shorter side resized to it x the backbone's resize/crop "
+                        "ratio, e.g. 448 -> 512 for AlexNet), default: the backbone's")
+    p.add_argument("--views", default="center",
+                   help="center (default), flip, 5crop, 10crop or multiscale[:S1,S2,...]: views of each image whose "
+                        "codes are combined into one row")
+    p.add_argument("--combine", default="mean", choices=["mean", "max"], help="how view codes are combined")
     p.add_argument("--error-budget", type=float, default=0.05, help="fraction of images allowed to fail (default 0.05)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse images with more pixels, a decompression-bomb guard (default {DEFAULT_MAX_PIXELS}, "
@@ -138,6 +148,7 @@ def _run(args: argparse.Namespace) -> int:
         draft=not args.no_draft, decoder=args.decoder, compression=args.compression, error_budget=args.error_budget,
         max_pixels=args.max_pixels, overwrite=args.overwrite, name=args.name,
         progress=not (args.no_progress or args.quiet), verify_content=args.verify_content,
+        fc_as_conv=args.fc_as_conv, input_size=args.input_size, views=args.views, combine=args.combine,
     )
     if res.skipped:
         print(f"{len(res.skipped)} image(s) skipped (status 'error', NaN codes):", file=sys.stderr)

@@ -80,6 +80,8 @@ from .images import (
     read_csv_list,
     scan_folder,
 )
+from .views import ViewSet, check_combine, combine_codes, pil_views, tensor_views
+from .views import resolve as resolve_views
 
 __all__ = ["DEFAULT_OUT", "ExtractConfig", "ExtractResult", "extract", "extract_images", "plan_layers"]
 
@@ -237,8 +239,24 @@ def resolve_device(device: str) -> str:
     return "cpu"
 
 
+def effective_backbone(spec: BackboneSpec, fc_as_conv: bool = False, input_size: int | None = None) -> BackboneSpec:
+    """``spec`` with its fully connected layers as convolutions and/or another input size
+    (both recorded in the extraction spec through ``arch_args`` and the preprocessing)."""
+    from .fc_conv import with_fc_as_conv, with_input_size
+
+    if input_size is not None and fc_as_conv and input_size < spec.preprocessing.crop:
+        raise InvalidParameterError("input_size", "extract",
+                                    f"must be >= {spec.preprocessing.crop} with fc_as_conv (the fully connected layers' "
+                                    f"field). Got {input_size} instead.")
+    if fc_as_conv:
+        spec = with_fc_as_conv(spec)
+    if input_size is not None:
+        spec = with_input_size(spec, int(input_size))
+    return spec
+
+
 def _base_spec(spec: BackboneSpec, weights: ResolvedWeights, dtype: str, precision: str, draft: bool,
-               decoder: str) -> dict:
+               decoder: str, views: ViewSet = ViewSet("center"), combine: str = "mean") -> dict:
     if dtype not in ("float16", "float32"):
         raise UsageError(f"Unknown dtype {dtype!r}: use float16 or float32")
     _check_decoder(decoder, spec.preprocessing)
@@ -246,6 +264,9 @@ def _base_spec(spec: BackboneSpec, weights: ResolvedWeights, dtype: str, precisi
     pre["draft"] = bool(draft)
     if decoder != "pil":  # absent = Pillow, as in caches written before the choice existed
         pre["decoder"] = decoder
+    if views.kind != "center":  # absent = the centre crop alone, as before views existed
+        pre["views"] = views.name
+        pre["combine"] = combine
     v = _versions()
     return {
         "backbone": spec.name,
@@ -535,13 +556,16 @@ class _ImageDataset:
     """Decodes and resizes one image to a uint8 CHW tensor; failures become a status, not an exception."""
 
     def __init__(self, paths: Sequence[str], pre, draft: bool, decoder: str = "pil", gate=None,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, views: ViewSet = ViewSet("center")):
         if pre.resize < pre.crop:
             raise UsageError(f"preprocessing resizes to {pre.resize} px, less than its {pre.crop} px crop")
         _check_decoder(decoder, pre)
         self.paths = list(paths)
         self.pre = pre
-        self.draft = pre.resize if draft else None
+        self.views = views
+        # draft decoding keeps at least the largest size any view is resized to
+        self.draft_size = max((pre.resize, *views.scales))
+        self.draft = self.draft_size if draft else None
         self.decoder = decoder
         self.max_pixels = max_pixels
         self.gate = gate  # see _loader
@@ -562,7 +586,10 @@ class _ImageDataset:
 
         if self.decoder == "pil":
             img, note = load_image(path, draft=self.draft, max_pixels=self.max_pixels)
-            return torch.from_numpy(resize_crop(img, self.pre).transpose(2, 0, 1).copy()), note
+            if self.views.kind == "center":
+                return torch.from_numpy(resize_crop(img, self.pre).transpose(2, 0, 1).copy())[None], note
+            v = pil_views(img, self.pre, self.views, _PIL_RESAMPLE[self.pre.interpolation])
+            return torch.from_numpy(v.transpose(0, 3, 1, 2).copy()), note
         t = None
         tv = _tv_decode()
         if tv is not None and is_plain_jpeg(path, draft=self.draft, max_pixels=self.max_pixels):
@@ -580,7 +607,9 @@ class _ImageDataset:
         if t is None:
             img, note = load_image(path, draft=self.draft, max_pixels=self.max_pixels)
             t = torch.from_numpy(np.array(img).transpose(2, 0, 1))
-        return resize_crop_tensor(t, self.pre), note
+        if self.views.kind == "center":
+            return resize_crop_tensor(t, self.pre)[None], note
+        return tensor_views(t, self.pre, self.views), note
 
     def __getitem__(self, i: int):
         import torch
@@ -595,14 +624,15 @@ class _ImageDataset:
             msg = str(e)
         except Exception as e:  # noqa: BLE001 - any decoder/resizer failure is this row's status
             msg = f"{self.paths[i]}: {type(e).__name__}: {e}"
-        return i, torch.zeros(3, pre.crop, pre.crop, dtype=torch.uint8), "error", msg
+        return i, torch.zeros(self.views.count(), 3, pre.crop, pre.crop, dtype=torch.uint8), "error", msg
 
 
 def _collate(items):
     import torch
 
+    # each item holds its image's V views; they go through the network side by side
     idx = [it[0] for it in items]
-    return idx, torch.stack([it[1] for it in items]), [it[2] for it in items], [it[3] for it in items]
+    return idx, torch.cat([it[1] for it in items]), [it[2] for it in items], [it[3] for it in items]
 
 
 @contextlib.contextmanager
@@ -639,7 +669,7 @@ def _default_workers(device: str) -> int:
 
 
 def _loader(paths, pre, draft, decoder, batches: list[list[int]], workers: int, device: str, gated: bool = False,
-            max_pixels: int | None = DEFAULT_MAX_PIXELS):
+            max_pixels: int | None = DEFAULT_MAX_PIXELS, views: ViewSet = ViewSet("center")):
     """A DataLoader of decoded batches, and its gate (None when not ``gated``).
 
     On a CPU the forward pass keeps every core busy, and a decoding worker that runs alongside
@@ -660,7 +690,7 @@ def _loader(paths, pre, draft, decoder, batches: list[list[int]], workers: int, 
     if gated and workers > 0 and os.environ.get("CNNCODES_GATE", "1") != "0":
         gate = multiprocessing.get_context().Event()
         gate.set()
-    ds = _ImageDataset(paths, pre, draft, decoder, gate, max_pixels)
+    ds = _ImageDataset(paths, pre, draft, decoder, gate, max_pixels, views)
     kw = {}
     if workers > 0:
         kw = {"prefetch_factor": 4, "persistent_workers": False}
@@ -799,6 +829,10 @@ _EXTRACT_PARAMS = {
     "name": [str, None],
     "progress": ["boolean"],
     "verify_content": ["boolean"],
+    "fc_as_conv": ["boolean"],
+    "input_size": [Interval(Integral, 32, None, closed="left"), None],
+    "views": [str],
+    "combine": [StrOptions(("mean", "max"))],
 }
 
 
@@ -830,6 +864,10 @@ def extract(
     name: str | None = None,
     progress: bool = False,
     verify_content: bool = False,
+    fc_as_conv: bool = False,
+    input_size: int | None = None,
+    views: str = "center",
+    combine: str = "mean",
 ) -> ExtractResult:
     """Extract the codes of ``layers`` of ``model`` for every image of ``data`` into an HDF5 cache.
 
@@ -883,6 +921,17 @@ def extract(
         was extracted. By default a row is reused when the file's size, mtime, inode and ctime
         are those recorded (any rewrite changes the ctime), and only files whose inode or ctime
         changed with size and mtime kept (a copy, a restore) are hashed (see :func:`_match_rows`).
+    fc_as_conv : bool
+        AlexNet and VGG16 only: run the fully connected layers as convolutions, so that on
+        inputs larger than 224 px ``fc6``/``fc7``/``fc8`` are maps, pooled like conv maps.
+    input_size : int or None
+        Crop size fed to the network (the shorter side is resized to ``input_size`` x the
+        backbone's resize/crop ratio first); None keeps the backbone's preprocessing.
+    views : str
+        ``center`` (default), ``flip``, ``5crop``, ``10crop`` or ``multiscale[:S1,S2,...]``:
+        views of each image run in the same batch and combined into one row.
+    combine : str
+        ``mean`` (default) or ``max`` over the views.
 
     Returns
     -------
@@ -909,13 +958,16 @@ def extract(
          "device": device, "batch_size": batch_size, "workers": workers, "dtype": dtype, "precision": precision,
          "draft": draft, "decoder": decoder, "compression": compression, "error_budget": error_budget,
          "max_pixels": max_pixels, "overwrite": overwrite, "name": name, "progress": progress,
-         "verify_content": verify_content},
+         "verify_content": verify_content, "fc_as_conv": fc_as_conv, "input_size": input_size, "views": views,
+         "combine": combine},
         _EXTRACT_PARAMS, "extract")
     _check_out_folder(out, "extract")
     if isinstance(layers, str):
         layers = [layers]
     store._compression_kwargs(compression)  # validate early
-    spec = get_backbone(model)
+    spec = effective_backbone(get_backbone(model), fc_as_conv, input_size)
+    view_set = resolve_views(views, spec.preprocessing)
+    check_combine(combine)
     # validate layers and pooling before touching the data or the weights
     plan_layers(spec, layers, pool, "")
     manifest = _load_manifest(data)
@@ -925,7 +977,7 @@ def extract(
     # needed, torch decides and the plan is redone if the guess was wrong.
     dev = _probe_device() if device == "auto" else device
     prec = resolve_precision(precision, dev)
-    base = _base_spec(spec, wts, dtype, prec, draft, decoder)
+    base = _base_spec(spec, wts, dtype, prec, draft, decoder, view_set, combine)
     base_fp = store.fingerprint_of(base)
     lplan = plan_layers(spec, layers, pool, base_fp)
     keys = [key for _ld, _p, key, _fp in lplan]
@@ -977,7 +1029,8 @@ def extract(
             return extract(data, model, layers, weights=weights, pool=pool, out=out, device=real,
                            batch_size=batch_size, workers=workers, dtype=dtype, precision=precision, draft=draft,
                            decoder=decoder, compression=compression, error_budget=error_budget, overwrite=overwrite, name=name,
-                           progress=progress, verify_content=verify_content, max_pixels=max_pixels)
+                           progress=progress, verify_content=verify_content, max_pixels=max_pixels,
+                           fc_as_conv=fc_as_conv, input_size=input_size, views=views, combine=combine)
     if old_info is not None and old_info.schema_version < store.SCHEMA_VERSION:
         log.info("%s was written in cache schema %d: its reused rows were checked by size and mtime, as when they "
                  "were written; it is rewritten in schema %d with each file's inode and ctime",
@@ -1073,7 +1126,7 @@ def extract(
             nw = _default_workers(dev) if workers is None else int(workers)
             # start the decoding workers first: the first batches decode while the model loads
             loader, gate = _loader(paths, spec.preprocessing, draft, decoder, local, nw, dev, gated=(dev == "cpu"),
-                                   max_pixels=max_pixels)
+                                   max_pixels=max_pixels, views=view_set)
             batches_in = iter(loader)
             if runner is None:
                 runner = _Runner(spec, wts, final, dev, prec)
@@ -1092,7 +1145,7 @@ def extract(
                     finally:
                         if gate is not None:
                             gate.set()
-                    codes = {k: codes[k] for k in ks}
+                    codes = {k: combine_codes(codes[k], view_set.count(), combine) for k in ks}
                     bad = [i for i, s in enumerate(status) if s != "ok"]
                     for i in bad:
                         for k in codes:
@@ -1515,7 +1568,11 @@ def extract_images(
     validate_params({"paths": paths, "spec": spec, "layer_keys": layer_keys, "device": device,
                      "batch_size": batch_size, "workers": workers, "max_pixels": max_pixels},
                     _IMAGES_PARAMS, "extract_images")
-    bb = get_backbone(spec["backbone"])
+    pre_rec = spec["preprocessing"]
+    bb = effective_backbone(get_backbone(spec["backbone"]), bool(spec.get("arch_args", {}).get("fc_as_conv")),
+                            int(pre_rec["crop"]))
+    view_set = resolve_views(pre_rec.get("views", "center"), bb.preprocessing)
+    combine = pre_rec.get("combine", "mean")
     w = spec["weights"]
     if w["kind"] == "none":
         wts = ResolvedWeights("none", w["identity"])
@@ -1539,7 +1596,7 @@ def extract_images(
     base = {k: v for k, v in spec.items() if k not in ("layers", "weights_path")}
     draft = spec["preprocessing"]["draft"]
     decoder = spec["preprocessing"].get("decoder", "pil")  # absent: written before the choice, by Pillow
-    rebuilt = _base_spec(bb, wts, spec["dtype"], spec.get("precision", "fp32"), draft, decoder)
+    rebuilt = _base_spec(bb, wts, spec["dtype"], spec.get("precision", "fp32"), draft, decoder, view_set, combine)
     diff = [k for k in rebuilt if rebuilt[k] != base.get(k)]
     if diff:
         raise CacheMismatchError(f"This installation cannot reproduce the recorded spec: {', '.join(diff)} differ")
@@ -1564,9 +1621,10 @@ def extract_images(
     messages = np.array([""] * n, dtype=object)
     dt = np.float16 if spec["dtype"] == "float16" else np.float32
     with _heap_for_big_blocks(dev):
-        loader, _gate = _loader(paths, _pre_of(spec), draft, decoder, batches, nw, dev, max_pixels=max_pixels)
+        loader, _gate = _loader(paths, _pre_of(spec), draft, decoder, batches, nw, dev, max_pixels=max_pixels,
+                                views=view_set)
         for idx, x, st, notes in loader:
-            out = runner(x)
+            out = {k: combine_codes(v, view_set.count(), combine) for k, v in runner(x).items()}
             for i, (s, m) in enumerate(zip(st, notes)):
                 status[idx[i]] = s
                 messages[idx[i]] = m

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 _CHILD = r"""
 import json, resource, sys, time
-import cnncodes.extract as E
+import cnncodes.extraction as E
 folder, out, decoder, unbounded = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 if unbounded:
     E.MAX_RESIZED_ASPECT = 10**12

@@ -4,7 +4,7 @@ Every ratio is measured side by side in one run, on one machine (named in the ou
 
 - forward-only img/s: the same images decoded beforehand into memory, the same model,
   batch, device and threads, through cnncodes' hooked runner;
-- end-to-end img/s: ``cnncodes.extract`` (decode in DataLoader workers, forward, shard
+- end-to-end img/s: ``cnncodes.extraction`` (decode in DataLoader workers, forward, shard
   writes, HDF5 consolidation) into a fresh folder;
 - pipeline efficiency = end-to-end / forward-only (issue goal >= 0.90), twice: for the whole
   call (model loading and the final HDF5 write included) and for its streaming part (from the
@@ -55,7 +55,7 @@ import torch
 from _machine import cpu_model
 
 from cnncodes import backbones as B
-from cnncodes.extract import (
+from cnncodes.extraction import (
     _heap_for_big_blocks,
     _ImageDataset,
     _Runner,

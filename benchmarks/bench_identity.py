@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    from cnncodes.extract import _hash_files, extract
+    from cnncodes.extraction import _hash_files, extract
     from cnncodes.images import scan_folder
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -93,7 +93,7 @@ def accuracy(cache: Path, keys: list[str], runs: Path) -> dict:
 
 
 def fcconv_acc(per_class: int, weights: str | None, tmp: Path) -> dict:
-    from cnncodes.extract import extract
+    from cnncodes.extraction import extract
 
     data = subset(DATA / "flowers5", tmp / "flowers5", per_class)
     w = weights or str(_random_alexnet(tmp))
@@ -121,7 +121,7 @@ def _random_alexnet(tmp: Path) -> Path:
 
 
 def views_acc(per_class: int, tmp: Path, datasets: list[str]) -> dict:
-    from cnncodes.extract import extract
+    from cnncodes.extraction import extract
 
     out = {}
     for ds in datasets:

@@ -12,8 +12,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    "extract": ("cnncodes.extract", "extract"),
-    "ExtractConfig": ("cnncodes.extract", "ExtractConfig"),
+    "extract": ("cnncodes.extraction", "extract"),
+    "ExtractConfig": ("cnncodes.extraction", "ExtractConfig"),
     "load_codes": ("cnncodes.store", "load_codes"),
     "read_info": ("cnncodes.store", "read_info"),
     "list_caches": ("cnncodes.store", "list_caches"),

@@ -1,4 +1,4 @@
-"""Command line of ``scripts/extract.py``: argument parsing and reporting around :func:`cnncodes.extract.extract`.
+"""Command line of ``scripts/extract.py``: argument parsing and reporting around :func:`cnncodes.extraction.extract`.
 
 Heavy imports (torch) happen only when a forward pass is needed, so ``--help``,
 ``--list``, ``--list-layers`` and a cache hit stay fast.
@@ -118,7 +118,7 @@ def _print_layers(model: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .extract import DEFAULT_OUT
+    from .extraction import DEFAULT_OUT
 
     out = args.out or DEFAULT_OUT
     if args.list_models:
@@ -140,7 +140,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"missing {', '.join(missing)}. Usage: extract.py DATA --model NAME --layers L1 [L2 ...]")
     validate_params({"grid": args.grid}, {"grid": [Interval(Integral, 1, None, closed="left")]}, "extract")
     pool = args.pool if args.grid == 1 or args.pool == "none" else f"{args.pool}{args.grid}x{args.grid}"
-    from .extract import extract
+    from .extraction import extract
 
     res = extract(
         args.data, args.model, args.layers, weights=args.weights, pool=pool, out=out, device=args.device,

@@ -3,7 +3,7 @@
 :func:`predict` loads a model and its sidecar (:func:`cnncodes.modelfile.load_model`: skops,
 only the types cnncodes writes; sha256 checked; pickles of older runs only when trusted),
 extracts the codes of the images with exactly the recorded extraction spec
-(:func:`cnncodes.extract.extract_images`, which refuses other weights), checks that
+(:func:`cnncodes.extraction.extract_images`, which refuses other weights), checks that
 the new codes match the training codes field by field
 (:func:`cnncodes.classify.check_compatible`), and predicts.
 
@@ -171,14 +171,10 @@ def predict(
     path = find_model(run_dir_or_model, model)
     files = expand_paths(image_paths)
     est, meta = load_model(path, trust_pickle=trust_pickle)
-    import importlib
+    from .extraction import extract_images  # imports torch
 
-    # importlib, not "from . import extract": the package's lazy __getattr__ maps the
-    # name "extract" to the function cnncodes.extract.extract. This import loads torch.
-    _extract = importlib.import_module("cnncodes.extract")
-
-    res = _extract.extract_images(files, spec=meta["spec"], layer_keys=list(meta["layers"]), device=device,
-                                  batch_size=batch_size, max_pixels=max_pixels)
+    res = extract_images(files, spec=meta["spec"], layer_keys=list(meta["layers"]), device=device,
+                         batch_size=batch_size, max_pixels=max_pixels)
     check_compatible(meta, res["records"], res["spec"])
     X = np.concatenate([res["codes"][k] for k in meta["layers"]], axis=1) if files else np.zeros((0, 0))
     labels, scores, status, messages = predict_codes(est, meta, X, res["status"], res["messages"])

@@ -37,10 +37,10 @@ Rows are in the canonical order of the manifest (sorted relative paths); failed 
 hold NaN codes.
 
 Version 1 files (no ctime, inode or content hash) are still read: those rows' identity is unknown
-(-1, ""), and :func:`cnncodes.extract.extract` rewrites such a file in version 2 when it uses it.
+(-1, ""), and :func:`cnncodes.extraction.extract` rewrites such a file in version 2 when it uses it.
 
 A file only ever appears complete: it is written under a temporary name and renamed.
-An extraction in progress lives in ``<file>.partial/`` (see :mod:`cnncodes.extract`).
+An extraction in progress lives in ``<file>.partial/`` (see :mod:`cnncodes.extraction`).
 """
 
 from __future__ import annotations

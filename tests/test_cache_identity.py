@@ -19,7 +19,7 @@ from conftest import FLOWERS, link_subset, need
 
 from cnncodes import load_codes
 from cnncodes.errors import CacheMismatchError
-from cnncodes.extract import extract
+from cnncodes.extraction import extract
 from cnncodes.store import read_info, read_rows
 
 KW = dict(weights="none", device="cpu", workers=0, batch_size=4)
@@ -105,7 +105,7 @@ def test_renamed_label_updates_the_row_table_without_a_forward_pass(flowers_smal
 
     # "rose" -> "rosa": the same rows, the same label indices (sorted alike), another name
     _write_csv(lst, [(flowers_small / p, "rosa" if lab == "rose" else lab) for p, lab in rows])
-    import cnncodes.extract as ex
+    import cnncodes.extraction as ex
 
     def no_forward(*a, **k):
         raise AssertionError("a label-only change ran the network")
@@ -147,7 +147,7 @@ def _tiny_weights(path: Path, seed: int) -> Path:
 @pytest.mark.parametrize("how", ["in place", "by rename"])
 def test_weights_replaced_with_size_and_mtime_kept_are_hashed_again(flowers_small, tmp_path, monkeypatch, how):
     import cnncodes.backbones as bb
-    from cnncodes.extract import extract_images
+    from cnncodes.extraction import extract_images
     from cnncodes.store import read_info
 
     monkeypatch.setattr(bb, "_HASH_MEMO", tmp_path / "memo" / "sha256.json")
@@ -270,7 +270,7 @@ def test_copied_dataset_is_rehashed_not_reextracted(bmp_data, tmp_path, monkeypa
     for p in before:
         if p != "b/2.bmp":
             np.testing.assert_array_equal(after[p], before[p])
-    import cnncodes.extract as ex
+    import cnncodes.extraction as ex
 
     read = []
     monkeypatch.setattr(ex, "_sha256_of", lambda p: read.append(p) or "")
@@ -397,7 +397,7 @@ def test_a_hit_with_the_identity_checks_still_imports_no_torch(bmp_data, tmp_pat
 
     out = tmp_path / "codes"
     first = extract(bmp_data, "tiny", ["fc1"], out=out, **KW)
-    code = ("import sys; from cnncodes.extract import extract; "
+    code = ("import sys; from cnncodes.extraction import extract; "
             f"r = extract({str(bmp_data)!r}, 'tiny', ['fc1'], out={str(out)!r}, weights='none', device='cpu'); "
             "print(r.hit, str(r.path), any(m == 'torch' or m.startswith('torch.') for m in sys.modules))")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))

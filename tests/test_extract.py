@@ -15,7 +15,7 @@ from conftest import HYMENOPTERA, link_subset, need
 from cnncodes import load_codes
 from cnncodes.cli_extract import main as extract_main
 from cnncodes.errors import UsageError
-from cnncodes.extract import extract
+from cnncodes.extraction import extract
 from cnncodes.store import read_info, read_rows
 
 
@@ -220,7 +220,7 @@ def test_resize_crop_equals_torchvision(interp, tmp_path):
     from PIL import Image
 
     from cnncodes.backbones import Preprocessing
-    from cnncodes.extract import resize_crop
+    from cnncodes.extraction import resize_crop
 
     rng = np.random.default_rng(0)
     for w, h in [(227, 227), (500, 375), (375, 500), (100, 100), (641, 299), (256, 256)]:
@@ -236,7 +236,7 @@ def test_resize_crop_tensor_equals_torchvision_tensor_transforms(interp):
     import torchvision.transforms.v2 as T
 
     from cnncodes.backbones import Preprocessing
-    from cnncodes.extract import resize_crop_tensor
+    from cnncodes.extraction import resize_crop_tensor
 
     rng = np.random.default_rng(0)
     for w, h in [(227, 227), (500, 375), (375, 500), (100, 100), (641, 299), (256, 256)]:
@@ -258,7 +258,7 @@ def test_each_decoder_equals_its_torchvision_pipeline_on_real_files(interp, tmp_
     from torchvision.io import ImageReadMode, decode_image
 
     from cnncodes.backbones import Preprocessing
-    from cnncodes.extract import _ImageDataset
+    from cnncodes.extraction import _ImageDataset
 
     root = link_subset(need(HYMENOPTERA) / "train", tmp_path / "hym", 3)
     paths = sorted(str(p) for p in root.rglob("*.jpg"))
@@ -281,7 +281,7 @@ def test_each_decoder_equals_its_torchvision_pipeline_on_real_files(interp, tmp_
 
 
 def test_decoder_is_part_of_the_fingerprint_and_predict_uses_the_recorded_one(flowers_small, tmp_path):
-    from cnncodes.extract import extract_images
+    from cnncodes.extraction import extract_images
 
     kw = dict(weights="none", out=tmp_path / "codes", device="cpu", workers=0, dtype="float32")
     fast = extract(flowers_small, "tiny", ["fc1"], **kw)
@@ -329,7 +329,7 @@ def test_sparse_storage_holds_the_same_codes_through_appends(flowers_small, tmp_
 
 def _gated_dataset(flowers_small, gate):
     from cnncodes.backbones import get_backbone
-    from cnncodes.extract import _ImageDataset
+    from cnncodes.extraction import _ImageDataset
 
     paths = sorted(str(p) for p in flowers_small.rglob("*.jpg"))
     return _ImageDataset(paths, get_backbone("tiny").preprocessing, True, "torchvision", gate)
@@ -405,7 +405,7 @@ def test_gated_and_ungated_extractions_give_the_same_codes(flowers_small, tmp_pa
 
 _HEAP_PROBE = """
 import ctypes, torch
-from cnncodes.extract import _heap_for_big_blocks
+from cnncodes.extraction import _heap_for_big_blocks
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",

@@ -51,7 +51,7 @@ def trained(tmp_path_factory):
 
 
 def _fake_extract(monkeypatch, codes, images: Path, *, swap_layers: bool = False, calls: list | None = None):
-    """Put a stand-in for cnncodes.extract in sys.modules: codes looked up by the image's relative path."""
+    """Put a stand-in for cnncodes.extraction in sys.modules: codes looked up by the image's relative path."""
     index = {p: i for i, p in enumerate(codes.paths)}
 
     def extract_images(paths, *, spec, layer_keys, device="auto", batch_size=64, max_pixels=None):
@@ -78,9 +78,9 @@ def _fake_extract(monkeypatch, codes, images: Path, *, swap_layers: bool = False
         return {"codes": out, "status": status.astype(str), "messages": messages.astype(str), "records": recs,
                 "spec": spec, "fingerprint": codes.fingerprint}
 
-    fake = types.ModuleType("cnncodes.extract")
+    fake = types.ModuleType("cnncodes.extraction")
     fake.extract_images = extract_images
-    monkeypatch.setitem(sys.modules, "cnncodes.extract", fake)
+    monkeypatch.setitem(sys.modules, "cnncodes.extraction", fake)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -293,9 +293,8 @@ def test_script_missing_image_and_missing_sidecar(trained, tmp_path, capsys):
 
 def test_end_to_end_with_the_real_extractor(tmp_path):
     """Extract real photos with the tiny backbone, train, predict the same photos: same labels as at training."""
-    extract_mod = pytest.importorskip("cnncodes.extract")
-    if not hasattr(extract_mod, "extract_images"):
-        pytest.skip("cnncodes.extract.extract_images is not there yet")
+    import cnncodes.extraction as extract_mod  # an import error fails this test, never skips it
+
     flowers = DATASETS / "flowers5"
     if not flowers.is_dir():
         pytest.skip(f"{flowers} is not here")

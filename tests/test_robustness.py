@@ -78,7 +78,7 @@ def add_image(data: Path, cls: str = "daisy", index: int = 200) -> Path:
 
 def run_extract(data, out, layers=LAYERS, **kw):
     """In-process extraction with the settings the subprocesses use."""
-    from cnncodes.extract import extract
+    from cnncodes.extraction import extract
 
     kw.setdefault("weights", "none")
     kw.setdefault("batch_size", BATCH)
@@ -300,7 +300,7 @@ def test_kill_while_writing_the_cache_file(killed, tmp_path, monkeypatch):
 
 def test_kill_between_rename_and_cleanup(killed, tmp_path, monkeypatch):
     """Death after the new cache file is in place but before ``.partial`` is removed."""
-    import cnncodes.extract as ex
+    import cnncodes.extraction as ex
 
     out = tmp_path / "out"
     path = copy_killed(killed, out)
@@ -325,7 +325,7 @@ def test_kill_between_rename_and_cleanup(killed, tmp_path, monkeypatch):
 
 def test_stale_partial_does_not_block_the_next_append(killed, tmp_path, monkeypatch):
     """Same window, then new images: the incremental run must append, not report a false mismatch."""
-    import cnncodes.extract as ex
+    import cnncodes.extraction as ex
 
     data = tmp_path / "flowers"
     shutil.copytree(killed["data"], data, symlinks=True)
@@ -352,7 +352,7 @@ def test_kill_while_removing_the_partial_folder(killed, tmp_path, monkeypatch):
 
     Orphan shards must never be matched to the next run's batches: that would pair new rows with old codes.
     """
-    import cnncodes.extract as ex
+    import cnncodes.extraction as ex
 
     data = tmp_path / "flowers"
     shutil.copytree(killed["data"], data, symlinks=True)
@@ -750,7 +750,7 @@ def test_image_list_change_with_overwrite(killed, tmp_path):
 
 
 def test_disk_full_on_a_shard_keeps_finished_work(killed, tmp_path, monkeypatch):
-    import cnncodes.extract as ex
+    import cnncodes.extraction as ex
 
     real = ex.atomic_write_bytes
     calls = {"n": 0}

@@ -392,7 +392,7 @@ def test_bad_training_options_exit_2_before_any_work(cache, tmp_path, capsys, mo
 
 
 def _extract_tiny(root: Path, out: Path) -> Path:
-    from cnncodes.extract import extract
+    from cnncodes.extraction import extract
 
     return extract(root, "tiny", ["fc1"], weights="none", out=out, device="cpu", workers=0, batch_size=16,
                    dtype="float32").path

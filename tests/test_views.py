@@ -11,7 +11,7 @@ from cnncodes import load_codes
 from cnncodes.backbones import get_backbone, resolve_weights
 from cnncodes.cli_extract import main as extract_main
 from cnncodes.errors import UsageError
-from cnncodes.extract import extract, extract_images
+from cnncodes.extraction import extract, extract_images
 from cnncodes.store import read_info
 from cnncodes.views import combine_codes, parse_views
 
@@ -43,7 +43,7 @@ def test_each_view_equals_torchvision_transform(photos, views, decoder):
     from torchvision.io import ImageReadMode, decode_image
 
     from cnncodes.backbones import Preprocessing
-    from cnncodes.extract import _ImageDataset
+    from cnncodes.extraction import _ImageDataset
     from cnncodes.views import resolve
 
     pre = Preprocessing(256, 224, "bilinear")
@@ -191,7 +191,7 @@ def test_views_of_an_extreme_strip_are_cut_from_its_bounded_centre(views):
 
     from PIL import Image
 
-    from cnncodes.extract import MAX_RESIZED_ASPECT, _PIL_RESAMPLE, _source_window
+    from cnncodes.extraction import MAX_RESIZED_ASPECT, _PIL_RESAMPLE, _source_window
     from cnncodes.views import pil_views, resolve, tensor_views
 
     pre = get_backbone("tiny").preprocessing

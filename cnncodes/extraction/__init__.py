@@ -50,15 +50,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import store
-from .backbones import (
+from .. import store
+from ..backbones import (
     BackboneSpec,
     LayerDef,
     ResolvedWeights,
     get_backbone,
     resolve_weights,
 )
-from .errors import (
+from ..errors import (
     CacheCorruptError,
     CacheLockedError,
     CacheMismatchError,
@@ -69,9 +69,9 @@ from .errors import (
     InvalidParameterError,
     UsageError,
 )
-from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir
-from ._validation import Interval, PathLike, SequenceOf, StrOptions, validate_params
-from .images import (
+from ..fileio import atomic_write_bytes, atomic_write_text, fsync_dir
+from .._validation import Interval, PathLike, SequenceOf, StrOptions, validate_params
+from ..images import (
     DEFAULT_MAX_PIXELS,
     Manifest,
     is_plain_jpeg,
@@ -80,8 +80,8 @@ from .images import (
     read_csv_list,
     scan_folder,
 )
-from .views import ViewSet, check_combine, combine_codes, pil_views, tensor_views
-from .views import resolve as resolve_views
+from ..views import ViewSet, check_combine, combine_codes, pil_views, tensor_views
+from ..views import resolve as resolve_views
 
 __all__ = ["DEFAULT_OUT", "ExtractConfig", "ExtractResult", "extract", "extract_images", "plan_layers"]
 
@@ -195,7 +195,7 @@ def _versions() -> dict:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             out[pkg] = None
-    from . import __version__
+    from .. import __version__
 
     out["cnncodes"] = __version__
     return out
@@ -242,7 +242,7 @@ def resolve_device(device: str) -> str:
 def effective_backbone(spec: BackboneSpec, fc_as_conv: bool = False, input_size: int | None = None) -> BackboneSpec:
     """``spec`` with its fully connected layers as convolutions and/or another input size
     (both recorded in the extraction spec through ``arch_args`` and the preprocessing)."""
-    from .fc_conv import with_fc_as_conv, with_input_size
+    from ..fc_conv import with_fc_as_conv, with_input_size
 
     if input_size is not None and fc_as_conv and input_size < spec.preprocessing.crop:
         raise InvalidParameterError("input_size", "extract",
@@ -352,7 +352,7 @@ class _Runner:
     def __init__(self, spec: BackboneSpec, weights: ResolvedWeights, layers, device: str, precision: str):
         import torch
 
-        from .backbones import build_model
+        from ..backbones import build_model
 
         self.torch = torch
         self.device = device
@@ -1641,7 +1641,7 @@ def extract_images(
 
 
 def _pre_of(spec: dict):
-    from .backbones import Preprocessing
+    from ..backbones import Preprocessing
 
     p = spec["preprocessing"]
     return Preprocessing(int(p["resize"]), int(p["crop"]), p["interpolation"], tuple(p["mean"]), tuple(p["std"]),

@@ -1,0 +1,39 @@
+"""The package's public names: ``cnncodes.extract`` stays the function however often it is used."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_cnncodes_extract_stays_callable_after_every_submodule_import(tmp_path):
+    """Call ``cnncodes.extract`` twice in a fresh process, importing every cnncodes module in between: the
+    second call is a cache hit of the first (no submodule may shadow the function with a module)."""
+    code = textwrap.dedent("""
+        import importlib, pkgutil, sys
+        import numpy as np
+        from PIL import Image
+        import cnncodes
+
+        data = sys.argv[1] + "/data"
+        import os
+        for cls in ("a", "b"):
+            os.makedirs(f"{data}/{cls}")
+            for i in range(2):
+                Image.fromarray(np.full((40, 48, 3), 60 * i + (cls == "b") * 100, np.uint8)).save(f"{data}/{cls}/{i}.png")
+        kw = dict(weights="none", out=sys.argv[1] + "/codes", device="cpu", workers=0)
+        first = cnncodes.extract(data, "tiny", ["fc1"], **kw)
+        for m in pkgutil.walk_packages(cnncodes.__path__, "cnncodes."):
+            importlib.import_module(m.name)
+        second = cnncodes.extract(data, "tiny", ["fc1"], **kw)
+        assert callable(cnncodes.extract) and cnncodes.extract is cnncodes.extraction.extract
+        print(first.hit, second.hit, second.path == first.path)
+    """)
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=REPO,
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True", "True"]

@@ -25,9 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 _CHILD = r"""
 import json, resource, sys, time
 import cnncodes.extraction as E
+import cnncodes.transforms
 folder, out, decoder, unbounded = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 if unbounded:
-    E.MAX_RESIZED_ASPECT = 10**12
+    cnncodes.transforms.MAX_RESIZED_ASPECT = 10**12
 t = time.perf_counter()
 res = E.extract(folder, "alexnet", ["fc7"], out=out, weights="none", device="cpu", workers=0, decoder=decoder)
 print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -55,13 +55,10 @@ import torch
 from _machine import cpu_model
 
 from cnncodes import backbones as B
-from cnncodes.extraction import (
-    _heap_for_big_blocks,
-    _ImageDataset,
-    _Runner,
-    extract,
-    plan_layers,
-)
+from cnncodes.extraction import extract, plan_layers
+from cnncodes.extraction._features import _Runner
+from cnncodes.extraction._pipeline import _ImageDataset
+from cnncodes.extraction._runtime import _heap_for_big_blocks
 from cnncodes.images import IMAGE_EXTENSIONS
 from cnncodes.store import read_info
 

@@ -58,7 +58,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    from cnncodes.extraction import _hash_files, extract
+    from cnncodes.extraction import extract
+    from cnncodes.extraction._plan import _hash_files
     from cnncodes.images import scan_folder
 
     with tempfile.TemporaryDirectory() as tmp:

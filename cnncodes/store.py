@@ -40,7 +40,7 @@ Version 1 files (no ctime, inode or content hash) are still read: those rows' id
 (-1, ""), and :func:`cnncodes.extraction.extract` rewrites such a file in version 2 when it uses it.
 
 A file only ever appears complete: it is written under a temporary name and renamed.
-An extraction in progress lives in ``<file>.partial/`` (see :mod:`cnncodes.extraction`).
+An extraction in progress lives in ``<file>.partial/`` (see :mod:`cnncodes.workdir`).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -78,6 +79,7 @@ __all__ = [
     "open_cache",
     "list_caches",
     "partial_dir",
+    "ShardName",
     "partial_progress",
     "CacheLock",
 ]
@@ -452,6 +454,28 @@ def partial_dir(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".partial")
 
 
+_SHARD_RE = re.compile(r"^shard-(\d+)_(\d+)-(\d+)-([0-9a-f]{16})\.npz$")
+
+
+@dataclass(frozen=True)
+class ShardName:
+    """What a shard's file name says: its job, its batch, its number of rows and the start of its sha256."""
+
+    job: int
+    batch: int
+    n_rows: int
+    digest16: str
+
+    @classmethod
+    def parse(cls, name: str) -> "ShardName | None":
+        """The fields of a shard file name, or None for any other file."""
+        m = _SHARD_RE.match(name)
+        return None if m is None else cls(int(m.group(1)), int(m.group(2)), int(m.group(3)), m.group(4))
+
+    def __str__(self) -> str:
+        return f"shard-{self.job}_{self.batch:06d}-{self.n_rows}-{self.digest16}.npz"
+
+
 def partial_progress(path: str | os.PathLike) -> tuple[int, int] | None:
     """(images done, images planned) of an unfinished extraction, or None if there is none."""
     pdir = partial_dir(path)
@@ -459,13 +483,8 @@ def partial_progress(path: str | os.PathLike) -> tuple[int, int] | None:
         plan = json.loads((pdir / "plan.json").read_text())
     except (OSError, ValueError):
         return (0, 0) if pdir.is_dir() else None
-    done = 0
-    for p in pdir.glob("shard-*.npz"):
-        try:
-            done += int(p.name.split("-")[2])
-        except (IndexError, ValueError):
-            continue
-    return done, int(plan.get("n_todo", 0))
+    names = (ShardName.parse(p.name) for p in pdir.glob("shard-*.npz"))
+    return sum(s.n_rows for s in names if s is not None), int(plan.get("n_todo", 0))
 
 
 def _open(path: Path):

@@ -112,12 +112,12 @@ def _five_boxes(w: int, h: int, c: int) -> list[tuple[int, int]]:
 
 def _bounded_window(w: int, h: int, pre, vs: ViewSet):
     """The centred window of an image longer than 16:1 that views are cut from (None: all of it),
-    as the single centre crop does (:func:`cnncodes.extraction._source_window`), for the largest
+    as the single centre crop does (:func:`cnncodes.transforms._source_window`), for the largest
     size any view resizes to: no image costs more than a 16:1 one. For such a strip, the corner
     crops of ``5crop``/``10crop`` come from the ends of that window, not of the whole strip."""
     import dataclasses
 
-    from .extraction import _source_window
+    from .transforms import _source_window
 
     return _source_window(w, h, dataclasses.replace(pre, resize=max((pre.resize, *vs.scales))))
 

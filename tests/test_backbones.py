@@ -51,7 +51,8 @@ def test_inception_is_299():
 
 @pytest.mark.parametrize("name", TV + ["efficientnet_lite0", "tiny"])
 def test_every_layer_resolves_and_post_relu_is_nonnegative(name):
-    from cnncodes.extraction import _Runner, plan_layers
+    from cnncodes.extraction import plan_layers
+    from cnncodes.extraction._features import _Runner
 
     spec = B.get_backbone(name)
     plan = plan_layers(spec, list(spec.layers), "avg", "fp")
@@ -73,7 +74,8 @@ def test_every_layer_resolves_and_post_relu_is_nonnegative(name):
 
 
 def test_alexnet_dims():
-    from cnncodes.extraction import _Runner, plan_layers
+    from cnncodes.extraction import plan_layers
+    from cnncodes.extraction._features import _Runner
 
     spec = B.get_backbone("alexnet")
     plan = plan_layers(spec, ["conv5", "pool5", "fc6", "fc7", "fc8"], "none", "fp")

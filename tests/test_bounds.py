@@ -91,7 +91,7 @@ import json, resource, sys
 from PIL import Image
 import numpy as np
 from cnncodes.backbones import Preprocessing
-from cnncodes.extraction import _ImageDataset
+from cnncodes.extraction._pipeline import _ImageDataset
 
 folder, decoder = sys.argv[1], sys.argv[2]
 ds = _ImageDataset([f"{folder}/normal.png", f"{folder}/tall.png", f"{folder}/wide.png"],
@@ -275,7 +275,7 @@ EXTRACT_BAD = [
 
 @pytest.mark.parametrize("extra, option, needle", EXTRACT_BAD, ids=[" ".join(e[0]) for e in EXTRACT_BAD])
 def test_every_bad_extract_option_exits_2_before_any_work(extra, option, needle, tmp_path, capsys, monkeypatch):
-    import cnncodes.extraction as extract_module
+    import cnncodes.extraction._api as extract_module
     from cnncodes.cli_extract import main
 
     data = _folder_with_a_big_image(tmp_path / "data", (20, 20))
@@ -297,7 +297,7 @@ def test_every_bad_extract_option_exits_2_before_any_work(extra, option, needle,
 
 
 def test_extract_api_checks_every_argument_before_any_work(tmp_path, monkeypatch):
-    import cnncodes.extraction as extract_module
+    import cnncodes.extraction._api as extract_module
 
     monkeypatch.setattr(extract_module, "_Runner", None)
     data = _folder_with_a_big_image(tmp_path / "data", (20, 20))
@@ -356,7 +356,7 @@ def test_every_bad_predict_option_exits_2_before_any_work(tmp_path, capsys, monk
 
 
 def test_no_more_decoding_workers_than_batches(tmp_path):
-    from cnncodes.extraction import _loader
+    from cnncodes.extraction._pipeline import _loader
 
     data = _folder_with_a_big_image(tmp_path / "data", (20, 20))
     paths = sorted(str(p) for p in data.rglob("*.png"))

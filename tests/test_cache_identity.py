@@ -105,7 +105,7 @@ def test_renamed_label_updates_the_row_table_without_a_forward_pass(flowers_smal
 
     # "rose" -> "rosa": the same rows, the same label indices (sorted alike), another name
     _write_csv(lst, [(flowers_small / p, "rosa" if lab == "rose" else lab) for p, lab in rows])
-    import cnncodes.extraction as ex
+    import cnncodes.extraction._api as ex
 
     def no_forward(*a, **k):
         raise AssertionError("a label-only change ran the network")
@@ -270,7 +270,7 @@ def test_copied_dataset_is_rehashed_not_reextracted(bmp_data, tmp_path, monkeypa
     for p in before:
         if p != "b/2.bmp":
             np.testing.assert_array_equal(after[p], before[p])
-    import cnncodes.extraction as ex
+    import cnncodes.extraction._plan as ex
 
     read = []
     monkeypatch.setattr(ex, "_sha256_of", lambda p: read.append(p) or "")

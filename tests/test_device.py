@@ -8,7 +8,8 @@ import torch
 
 from cnncodes import load_codes
 from cnncodes.cli_extract import main as extract_main
-from cnncodes.extraction import _probe_device, extract, resolve_device, resolve_precision
+from cnncodes.extraction import extract, resolve_device, resolve_precision
+from cnncodes.extraction._runtime import _probe_device
 
 GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU; CI and this machine have none")

@@ -258,7 +258,7 @@ def test_each_decoder_equals_its_torchvision_pipeline_on_real_files(interp, tmp_
     from torchvision.io import ImageReadMode, decode_image
 
     from cnncodes.backbones import Preprocessing
-    from cnncodes.extraction import _ImageDataset
+    from cnncodes.extraction._pipeline import _ImageDataset
 
     root = link_subset(need(HYMENOPTERA) / "train", tmp_path / "hym", 3)
     paths = sorted(str(p) for p in root.rglob("*.jpg"))
@@ -329,7 +329,7 @@ def test_sparse_storage_holds_the_same_codes_through_appends(flowers_small, tmp_
 
 def _gated_dataset(flowers_small, gate):
     from cnncodes.backbones import get_backbone
-    from cnncodes.extraction import _ImageDataset
+    from cnncodes.extraction._pipeline import _ImageDataset
 
     paths = sorted(str(p) for p in flowers_small.rglob("*.jpg"))
     return _ImageDataset(paths, get_backbone("tiny").preprocessing, True, "torchvision", gate)
@@ -405,7 +405,7 @@ def test_gated_and_ungated_extractions_give_the_same_codes(flowers_small, tmp_pa
 
 _HEAP_PROBE = """
 import ctypes, torch
-from cnncodes.extraction import _heap_for_big_blocks
+from cnncodes.extraction._runtime import _heap_for_big_blocks
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",

@@ -300,17 +300,15 @@ def test_kill_while_writing_the_cache_file(killed, tmp_path, monkeypatch):
 
 def test_kill_between_rename_and_cleanup(killed, tmp_path, monkeypatch):
     """Death after the new cache file is in place but before ``.partial`` is removed."""
-    import cnncodes.extraction as ex
-
     out = tmp_path / "out"
     path = copy_killed(killed, out)
-    real_write = ex.store.write_cache
+    real_write = store.write_cache
 
     def dies(*a, **kw):
         real_write(*a, **kw)
         raise _Killed  # the new file is in place; nothing after this runs
 
-    monkeypatch.setattr(ex.store, "write_cache", dies)
+    monkeypatch.setattr(store, "write_cache", dies)
     with pytest.raises(_Killed):
         run_extract(killed["data"], out)
     monkeypatch.undo()
@@ -325,18 +323,16 @@ def test_kill_between_rename_and_cleanup(killed, tmp_path, monkeypatch):
 
 def test_stale_partial_does_not_block_the_next_append(killed, tmp_path, monkeypatch):
     """Same window, then new images: the incremental run must append, not report a false mismatch."""
-    import cnncodes.extraction as ex
-
     data = tmp_path / "flowers"
     shutil.copytree(killed["data"], data, symlinks=True)
     out = tmp_path / "out"
-    real_write = ex.store.write_cache
+    real_write = store.write_cache
 
     def dies(*a, **kw):
         real_write(*a, **kw)
         raise _Killed  # the new file is in place; nothing after this runs
 
-    monkeypatch.setattr(ex.store, "write_cache", dies)
+    monkeypatch.setattr(store, "write_cache", dies)
     with pytest.raises(_Killed):
         run_extract(data, out)
     monkeypatch.undo()
@@ -352,8 +348,6 @@ def test_kill_while_removing_the_partial_folder(killed, tmp_path, monkeypatch):
 
     Orphan shards must never be matched to the next run's batches: that would pair new rows with old codes.
     """
-    import cnncodes.extraction as ex
-
     data = tmp_path / "flowers"
     shutil.copytree(killed["data"], data, symlinks=True)
     out = tmp_path / "out"
@@ -367,7 +361,7 @@ def test_kill_while_removing_the_partial_folder(killed, tmp_path, monkeypatch):
             raise _Killed
         return real_rmtree(p, *a, **kw)
 
-    monkeypatch.setattr(ex.shutil, "rmtree", dies_half_way)
+    monkeypatch.setattr(shutil, "rmtree", dies_half_way)
     with pytest.raises(_Killed):
         run_extract(data, out)
     monkeypatch.undo()
@@ -750,7 +744,7 @@ def test_image_list_change_with_overwrite(killed, tmp_path):
 
 
 def test_disk_full_on_a_shard_keeps_finished_work(killed, tmp_path, monkeypatch):
-    import cnncodes.extraction as ex
+    import cnncodes.workdir as ex
 
     real = ex.atomic_write_bytes
     calls = {"n": 0}

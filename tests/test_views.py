@@ -43,7 +43,7 @@ def test_each_view_equals_torchvision_transform(photos, views, decoder):
     from torchvision.io import ImageReadMode, decode_image
 
     from cnncodes.backbones import Preprocessing
-    from cnncodes.extraction import _ImageDataset
+    from cnncodes.extraction._pipeline import _ImageDataset
     from cnncodes.views import resolve
 
     pre = Preprocessing(256, 224, "bilinear")
@@ -191,7 +191,7 @@ def test_views_of_an_extreme_strip_are_cut_from_its_bounded_centre(views):
 
     from PIL import Image
 
-    from cnncodes.extraction import MAX_RESIZED_ASPECT, _PIL_RESAMPLE, _source_window
+    from cnncodes.transforms import MAX_RESIZED_ASPECT, _PIL_RESAMPLE, _source_window
     from cnncodes.views import pil_views, resolve, tensor_views
 
     pre = get_backbone("tiny").preprocessing

@@ -1,0 +1,303 @@
+"""The work folder of an unfinished extraction, ``<cache>.partial/``: shards, the plan, consolidation.
+
+Each finished batch is a shard file (temporary name, fsync, rename; its sha256 is in its name,
+:func:`cnncodes.store.shard_name`). ``plan.json`` records what the shards are part of, so that the
+same command resumes from them; a plan that differs is refused. :func:`_consolidate` streams old
+codes and shards, in the manifest's order, into the new cache file. Folders are removed by renaming
+them out of the way first, so that a kill leaves all of a work folder or none of it.
+
+This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from . import store
+from .errors import CacheCorruptError
+from .fileio import atomic_write_bytes, fsync_dir
+
+log = logging.getLogger("cnncodes.extraction")
+
+
+def _write_shard(pdir: Path, job: int, batch: int, rows: np.ndarray, status, messages, codes: dict) -> Path:
+    buf = io.BytesIO()
+    arrays = {"rows": np.asarray(rows, dtype=np.int64), "status": np.asarray(status, dtype=str),
+              "message": np.asarray(messages, dtype=str)}
+    for k, v in codes.items():
+        arrays[f"codes/{k}"] = v
+    np.savez(buf, **arrays)
+    data = buf.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    path = pdir / str(store.ShardName(job, batch, len(rows), digest[:16]))
+    atomic_write_bytes(path, data)
+    return path
+
+
+def _shard_bytes(path: Path) -> bytes | None:
+    """A shard file's bytes, or None when they no longer match the sha256 in its name."""
+    name = store.ShardName.parse(path.name)
+    data = path.read_bytes()
+    return data if name is not None and hashlib.sha256(data).hexdigest()[:16] == name.digest16 else None
+
+
+def _read_shard(path: Path) -> dict[str, np.ndarray]:
+    data = _shard_bytes(path)
+    if data is None:
+        raise CacheCorruptError(f"shard {path} changed after it was written (sha256 mismatch)")
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _scan_shards(pdir: Path, *, verify: bool = True) -> dict[tuple[int, int], Path]:
+    """Finished shards by (job, batch).
+
+    With ``verify``, shards whose bytes changed are deleted (and so recomputed); without it the
+    names are only listed, for a caller that reads every shard through :func:`_read_shard`, which
+    verifies it.
+    """
+    found = {}
+    for p in pdir.glob("shard-*.npz"):
+        name = store.ShardName.parse(p.name)
+        if name is None:
+            continue
+        if verify and _shard_bytes(p) is None:
+            log.warning("Shard %s is corrupt (sha256 mismatch); it will be recomputed", p.name)
+            p.unlink()
+            continue
+        found[(name.job, name.batch)] = p
+    return found
+
+
+class _ShardWriter:
+    """Writes shards on a background thread so that the forward pass never waits for the disk."""
+
+    def __init__(self, pdir: Path, pause_at: int | None):
+        self.pdir = pdir
+        self.q: queue.Queue = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+        self.pause_at = pause_at
+        self.written = 0
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self):
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                _write_shard(self.pdir, *item)
+                self.written += 1
+                if self.pause_at is not None and self.written == self.pause_at:
+                    # test hook: a test kills the process while it waits here
+                    print(f"CNNCODES_PAUSED {self.written}", flush=True)
+                    time.sleep(3600)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                self.error = e
+
+    def put(self, item) -> None:
+        self.check()
+        self.q.put(item)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.t.join()
+        self.check()
+
+
+def _plan_diff(old: dict, new: dict) -> list[str]:
+    diff = []
+    o, n = old.get("spec", {}), new["spec"]
+    for field_ in ("backbone", "weights", "preprocessing", "dtype", "precision", "arch_args", "library_majors"):
+        if o.get(field_) != n.get(field_):
+            diff.append(field_)
+    if [lr["key"] for lr in old.get("layers", [])] != [lr["key"] for lr in new["layers"]]:
+        diff.append("layers")
+    if old.get("manifest_hash") != new["manifest_hash"] or old.get("manifest_state") != new["manifest_state"]:
+        diff.append("image list")
+    if old.get("jobs") != new["jobs"] and "image list" not in diff and "layers" not in diff:
+        diff.append("work plan")
+    return diff
+
+
+def _drop_stale_partial(path: Path, pdir: Path, old_info) -> bool:
+    """Remove ``pdir`` if the cache file was rewritten after its plan was made (the caller holds the lock).
+
+    A run killed between renaming the new cache file into place and removing its work folder
+    leaves a partial whose work is already in the file; its plan would otherwise block the next
+    incremental run with a false mismatch. A plan records the file it started from (``old_file``).
+    """
+    if old_info is None or not pdir.is_dir():
+        return False
+    try:
+        started_from = json.loads((pdir / "plan.json").read_text()).get("old_file")
+    except (OSError, ValueError):
+        return False
+    if started_from == {"updated": old_info.updated, "rows_sha256": old_info.rows_sha256}:
+        return False
+    log.info("Removing %s: its work is already in %s (an earlier run stopped just after writing it)",
+             pdir.name, path.name)
+    _remove_partial(pdir)
+    return True
+
+
+def _remove_partial(pdir: Path) -> None:
+    """Delete a work folder so that a kill at any moment leaves all of it or none of it.
+
+    It is renamed out of the way first (atomic), then deleted: a kill half-way through a plain
+    ``rmtree`` could leave shards without their ``plan.json``, which a later run must never adopt.
+    """
+    if not pdir.exists():
+        return
+    trash = pdir.with_name(f"{pdir.name}.trash-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        os.rename(pdir, trash)
+    except OSError:  # the codes are safe in the cache file by now: never fail the run here
+        shutil.rmtree(pdir, ignore_errors=True)
+        return
+    fsync_dir(pdir.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _leftovers(path: Path) -> list[Path]:
+    """Temporary cache files and retired work folders of ``path`` left by killed runs."""
+    pdir = store.partial_dir(path)
+    return (list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+            + list(path.parent.glob(f"{glob.escape(pdir.name)}.trash-*")))
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Remove :func:`_leftovers` (the caller holds the lock: no live run is writing them)."""
+    for p in _leftovers(path):
+        log.info("Removing %s, left by an interrupted run", p.name)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def _consolidate(path, pdir, manifest, jobs, batches, final, old_info, reuse_idx, content, base, base_fp, dtype,
+                 compression, map_shapes, plan, versions) -> store.CacheInfo:
+    """Stream old codes and shards, in manifest order, into a new cache file (atomic)."""
+    n = len(manifest.rows)
+    shards = _scan_shards(pdir, verify=False)  # each one is verified when it is read below
+    for ji in range(len(jobs)):
+        for b in range(len(batches[ji])):
+            if (ji, b) not in shards:
+                raise CacheCorruptError(f"shard {ji}/{b} of {pdir} is missing; run the same command again")
+    # row table: computed rows take their status from job 0 (all layers); reused rows from the old file
+    status = np.array(["ok"] * n, dtype=object)
+    message = np.array([""] * n, dtype=object)
+    if old_info is not None:
+        old_rows = store.read_rows(path)
+        has = reuse_idx >= 0
+        status[has] = old_rows["status"][reuse_idx[has]]
+        message[has] = old_rows["message"][reuse_idx[has]]
+    full_job = plan["fresh_job"]
+    if full_job is not None:
+        for b in range(len(batches[full_job])):
+            sh = _read_shard(shards[(full_job, b)])
+            status[sh["rows"]] = sh["status"]
+            message[sh["rows"]] = sh["message"]
+    rows = {
+        "paths": np.array([r.relpath for r in manifest.rows], dtype=object),
+        "labels": np.array([r.label for r in manifest.rows], dtype=np.int64),
+        "split": np.array([r.split for r in manifest.rows], dtype=object),
+        "status": status,
+        "message": message,
+        "file_size": np.array([r.size for r in manifest.rows], dtype=np.int64),
+        "file_mtime_ns": np.array([r.mtime_ns for r in manifest.rows], dtype=np.int64),
+        "file_ctime_ns": np.array([r.ctime_ns for r in manifest.rows], dtype=np.int64),
+        "file_inode": np.array([r.inode for r in manifest.rows], dtype=np.int64),
+        "content_sha256": np.asarray(content, dtype=object),
+    }
+
+    def blocks_for(key: str) -> Iterator[np.ndarray]:
+        # which job computed this layer for each row, in manifest order
+        src_job = np.full(n, -1, dtype=np.int64)
+        for ji, (jrows, ks) in enumerate(jobs):
+            if key in ks:
+                src_job[jrows] = ji
+        from_old = src_job < 0
+        if np.any(from_old & (reuse_idx < 0)):
+            raise CacheCorruptError(f"internal: rows without a source for layer {key}")
+        old_block_iter = None
+        if old_info is not None and np.any(from_old):
+            old_block_iter = _RowStream(store.iter_layer_blocks(path, key, reuse_idx[from_old]))
+        shard_iters = {ji: _RowStream(_read_shard(shards[(ji, b)])[f"codes/{key}"] for b in range(len(batches[ji])))
+                       for ji, (_r, ks) in enumerate(jobs) if key in ks}
+        step = 4096
+        for s in range(0, n, step):
+            sj = src_job[s:s + step]
+            out = None
+            for ji in np.unique(sj):
+                sel = np.flatnonzero(sj == ji)
+                part = old_block_iter.take(len(sel)) if ji < 0 else shard_iters[int(ji)].take(len(sel))
+                if out is None:
+                    out = np.empty((len(sj), part.shape[1]), dtype=part.dtype)
+                out[sel] = part
+            yield out
+
+    layers = {}
+    records = []
+    for ld, pool, key, fp in final:
+        dim = None
+        shape = map_shapes.get(key, ())
+        if old_info is not None and key in old_info.layers:
+            dim = old_info.layers[key].dim
+            shape = shape or old_info.layers[key].map_shape
+        if dim is None:
+            for (ji, _b), p in shards.items():
+                if key in jobs[ji][1]:
+                    dim = int(_read_shard(p)[f"codes/{key}"].shape[1])
+                    break
+        rec = store.LayerRecord(key, ld.alias, ld.node, ld.stage, pool, int(dim), tuple(shape), fp)
+        records.append(rec)
+        layers[key] = (rec, blocks_for(key))
+    spec = dict(base, layers=[r.to_dict() for r in records], weights_path=plan.get("weights_path"))
+    return store.write_cache(
+        path, spec=spec, fingerprint=base_fp, manifest_hash=manifest.digest(), dataset_root=manifest.root,
+        dataset_list=manifest.list_path,
+        class_names=list(manifest.class_names), rows=rows, layers=layers, dtype=dtype, compression=compression,
+        created=None if old_info is None else old_info.created, versions=versions,
+    )
+
+
+class _RowStream:
+    """Take rows, in order, from an iterator of 2-D blocks."""
+
+    def __init__(self, blocks: Iterable[np.ndarray]):
+        self.it = iter(blocks)
+        self.buf: np.ndarray | None = None
+
+    def take(self, k: int) -> np.ndarray:
+        parts, need = [], k
+        while need > 0:
+            if self.buf is None or len(self.buf) == 0:
+                self.buf = next(self.it)
+            part, self.buf = self.buf[:need], self.buf[need:]
+            parts.append(part)
+            need -= len(part)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)

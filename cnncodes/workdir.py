@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from . import store
-from .errors import CacheCorruptError
-from .fileio import atomic_write_bytes, fsync_dir
+from .errors import CacheCorruptError, CacheMismatchError, ExtractionWriteError
+from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir
 
 log = logging.getLogger("cnncodes.extraction")
 
@@ -201,65 +201,12 @@ def _remove_leftovers(path: Path) -> None:
 def _consolidate(path, pdir, manifest, jobs, batches, final, old_info, reuse_idx, content, base, base_fp, dtype,
                  compression, map_shapes, plan, versions) -> store.CacheInfo:
     """Stream old codes and shards, in manifest order, into a new cache file (atomic)."""
-    n = len(manifest.rows)
     shards = _scan_shards(pdir, verify=False)  # each one is verified when it is read below
     for ji in range(len(jobs)):
         for b in range(len(batches[ji])):
             if (ji, b) not in shards:
                 raise CacheCorruptError(f"shard {ji}/{b} of {pdir} is missing; run the same command again")
-    # row table: computed rows take their status from job 0 (all layers); reused rows from the old file
-    status = np.array(["ok"] * n, dtype=object)
-    message = np.array([""] * n, dtype=object)
-    if old_info is not None:
-        old_rows = store.read_rows(path)
-        has = reuse_idx >= 0
-        status[has] = old_rows["status"][reuse_idx[has]]
-        message[has] = old_rows["message"][reuse_idx[has]]
-    full_job = plan["fresh_job"]
-    if full_job is not None:
-        for b in range(len(batches[full_job])):
-            sh = _read_shard(shards[(full_job, b)])
-            status[sh["rows"]] = sh["status"]
-            message[sh["rows"]] = sh["message"]
-    rows = {
-        "paths": np.array([r.relpath for r in manifest.rows], dtype=object),
-        "labels": np.array([r.label for r in manifest.rows], dtype=np.int64),
-        "split": np.array([r.split for r in manifest.rows], dtype=object),
-        "status": status,
-        "message": message,
-        "file_size": np.array([r.size for r in manifest.rows], dtype=np.int64),
-        "file_mtime_ns": np.array([r.mtime_ns for r in manifest.rows], dtype=np.int64),
-        "file_ctime_ns": np.array([r.ctime_ns for r in manifest.rows], dtype=np.int64),
-        "file_inode": np.array([r.inode for r in manifest.rows], dtype=np.int64),
-        "content_sha256": np.asarray(content, dtype=object),
-    }
-
-    def blocks_for(key: str) -> Iterator[np.ndarray]:
-        # which job computed this layer for each row, in manifest order
-        src_job = np.full(n, -1, dtype=np.int64)
-        for ji, (jrows, ks) in enumerate(jobs):
-            if key in ks:
-                src_job[jrows] = ji
-        from_old = src_job < 0
-        if np.any(from_old & (reuse_idx < 0)):
-            raise CacheCorruptError(f"internal: rows without a source for layer {key}")
-        old_block_iter = None
-        if old_info is not None and np.any(from_old):
-            old_block_iter = _RowStream(store.iter_layer_blocks(path, key, reuse_idx[from_old]))
-        shard_iters = {ji: _RowStream(_read_shard(shards[(ji, b)])[f"codes/{key}"] for b in range(len(batches[ji])))
-                       for ji, (_r, ks) in enumerate(jobs) if key in ks}
-        step = 4096
-        for s in range(0, n, step):
-            sj = src_job[s:s + step]
-            out = None
-            for ji in np.unique(sj):
-                sel = np.flatnonzero(sj == ji)
-                part = old_block_iter.take(len(sel)) if ji < 0 else shard_iters[int(ji)].take(len(sel))
-                if out is None:
-                    out = np.empty((len(sj), part.shape[1]), dtype=part.dtype)
-                out[sel] = part
-            yield out
-
+    rows = _row_table(path, manifest, old_info, reuse_idx, content, shards, batches, plan["fresh_job"])
     layers = {}
     records = []
     for ld, pool, key, fp in final:
@@ -275,7 +222,7 @@ def _consolidate(path, pdir, manifest, jobs, batches, final, old_info, reuse_idx
                     break
         rec = store.LayerRecord(key, ld.alias, ld.node, ld.stage, pool, int(dim), tuple(shape), fp)
         records.append(rec)
-        layers[key] = (rec, blocks_for(key))
+        layers[key] = (rec, _layer_blocks(key, path, len(manifest.rows), jobs, batches, shards, old_info, reuse_idx))
     spec = dict(base, layers=[r.to_dict() for r in records], weights_path=plan.get("weights_path"))
     return store.write_cache(
         path, spec=spec, fingerprint=base_fp, manifest_hash=manifest.digest(), dataset_root=manifest.root,
@@ -283,6 +230,67 @@ def _consolidate(path, pdir, manifest, jobs, batches, final, old_info, reuse_idx
         class_names=list(manifest.class_names), rows=rows, layers=layers, dtype=dtype, compression=compression,
         created=None if old_info is None else old_info.created, versions=versions,
     )
+
+
+def _row_table(path, manifest, old_info, reuse_idx, content, shards, batches, full_job) -> dict[str, np.ndarray]:
+    """The new file's row table: computed rows take their status from the job with every layer, reused rows
+    theirs from the old file."""
+    n = len(manifest.rows)
+    status = np.array(["ok"] * n, dtype=object)
+    message = np.array([""] * n, dtype=object)
+    if old_info is not None:
+        old_rows = store.read_rows(path)
+        has = reuse_idx >= 0
+        status[has] = old_rows["status"][reuse_idx[has]]
+        message[has] = old_rows["message"][reuse_idx[has]]
+    if full_job is not None:
+        for b in range(len(batches[full_job])):
+            sh = _read_shard(shards[(full_job, b)])
+            status[sh["rows"]] = sh["status"]
+            message[sh["rows"]] = sh["message"]
+    return {
+        "paths": np.array([r.relpath for r in manifest.rows], dtype=object),
+        "labels": np.array([r.label for r in manifest.rows], dtype=np.int64),
+        "split": np.array([r.split for r in manifest.rows], dtype=object),
+        "status": status,
+        "message": message,
+        "file_size": np.array([r.size for r in manifest.rows], dtype=np.int64),
+        "file_mtime_ns": np.array([r.mtime_ns for r in manifest.rows], dtype=np.int64),
+        "file_ctime_ns": np.array([r.ctime_ns for r in manifest.rows], dtype=np.int64),
+        "file_inode": np.array([r.inode for r in manifest.rows], dtype=np.int64),
+        "content_sha256": np.asarray(content, dtype=object),
+    }
+
+
+#: Rows per block streamed into the new cache file.
+_BLOCK_ROWS = 4096
+
+
+def _layer_blocks(key, path, n, jobs, batches, shards, old_info, reuse_idx) -> Iterator[np.ndarray]:
+    """The codes of layer ``key`` for all ``n`` rows in manifest order, in blocks, from old file and shards."""
+    # which job computed this layer for each row, in manifest order
+    src_job = np.full(n, -1, dtype=np.int64)
+    for ji, (jrows, ks) in enumerate(jobs):
+        if key in ks:
+            src_job[jrows] = ji
+    from_old = src_job < 0
+    if np.any(from_old & (reuse_idx < 0)):
+        raise AssertionError(f"internal: rows without a source for layer {key}")
+    old_block_iter = None
+    if old_info is not None and np.any(from_old):
+        old_block_iter = _RowStream(store.iter_layer_blocks(path, key, reuse_idx[from_old]))
+    shard_iters = {ji: _RowStream(_read_shard(shards[(ji, b)])[f"codes/{key}"] for b in range(len(batches[ji])))
+                   for ji, (_r, ks) in enumerate(jobs) if key in ks}
+    for s in range(0, n, _BLOCK_ROWS):
+        sj = src_job[s:s + _BLOCK_ROWS]
+        out = None
+        for ji in np.unique(sj):
+            sel = np.flatnonzero(sj == ji)
+            part = old_block_iter.take(len(sel)) if ji < 0 else shard_iters[int(ji)].take(len(sel))
+            if out is None:
+                out = np.empty((len(sj), part.shape[1]), dtype=part.dtype)
+            out[sel] = part
+        yield out
 
 
 class _RowStream:
@@ -301,3 +309,77 @@ class _RowStream:
             parts.append(part)
             need -= len(part)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def open_workdir(path: Path, old_info, plan: dict, overwrite: bool) -> int:
+    """Make ``<path>.partial`` the work folder of ``plan`` (the caller holds the lock); the batch size to use.
+
+    Leftovers of killed runs are removed, a work folder whose work is already in the file is dropped,
+    and an unfinished one is adopted when its plan is this one (with its batch size, so that its
+    shards stay valid), discarded with ``overwrite``, refused otherwise.
+
+    Raises
+    ------
+    CacheMismatchError
+        An unfinished extraction with another plan, without ``overwrite``.
+    ExtractionWriteError
+        The folder cannot be written.
+    """
+    pdir = store.partial_dir(path)
+    _remove_leftovers(path)
+    _drop_stale_partial(path, pdir, old_info)
+    if pdir.exists():
+        _adopt_or_discard(path, pdir, plan, overwrite)
+    try:
+        pdir.mkdir(parents=True, exist_ok=True)
+        if not (pdir / "plan.json").exists():
+            atomic_write_text(pdir / "plan.json", json.dumps(plan, indent=1))
+    except OSError as e:
+        raise ExtractionWriteError(f"Cannot write to {pdir}: {e}. Free space or fix permissions and run again.") from e
+    return int(plan["batch_size"])
+
+
+def _adopt_or_discard(path: Path, pdir: Path, plan: dict, overwrite: bool) -> None:
+    """Keep an existing work folder whose plan is ``plan`` (taking its batch size into ``plan``), else remove it."""
+    try:
+        old_plan = json.loads((pdir / "plan.json").read_text())
+    except (OSError, ValueError):
+        old_plan = None
+    if old_plan is None:
+        if any(pdir.glob("shard-*.npz")):
+            # shards without their plan cannot be matched to images: never adopt them
+            log.warning("%s holds shards but no plan.json; they are discarded", pdir)
+            _remove_partial(pdir)
+        return
+    diff = _plan_diff(old_plan, plan)
+    if diff and not overwrite:
+        raise CacheMismatchError(
+            f"An unfinished extraction into {path} was started with a different "
+            f"{', '.join(diff)}. Re-run it with the same arguments to resume it, or pass "
+            f"--overwrite to discard its work and start this one."
+        )
+    if diff:
+        log.warning("--overwrite: discarding an unfinished extraction (different %s)", ", ".join(diff))
+        _remove_partial(pdir)
+    elif old_plan["batch_size"] != plan["batch_size"]:
+        log.info("Resuming with the batch size of the interrupted run (%d)", old_plan["batch_size"])
+        plan["batch_size"] = int(old_plan["batch_size"])
+
+
+def finished_shards(pdir: Path, jobs, batches: dict) -> tuple[dict[tuple[int, int], Path], int]:
+    """The shards that hold this run's batches, by (job, batch), and their failed images.
+
+    A shard whose rows or layers are not those of its batch is deleted (it will be recomputed).
+    """
+    done = _scan_shards(pdir)
+    n_failed = 0
+    for (j, b), p in list(done.items()):
+        sh = _read_shard(p)
+        if (j not in batches or b >= len(batches[j]) or not np.array_equal(sh["rows"], batches[j][b])
+                or any(f"codes/{k}" not in sh for k in jobs[j][1])):
+            log.warning("Shard %s does not hold this run's batch %d/%d; it will be recomputed", p.name, j, b)
+            p.unlink()
+            del done[(j, b)]
+            continue
+        n_failed += int(np.sum(sh["status"] != "ok"))
+    return done, n_failed

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
-import json
+import dataclasses
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -19,20 +17,19 @@ import numpy as np
 from .. import store
 from .._validation import Interval, PathLike, SequenceOf, StrOptions, validate_params
 from ..backbones import ResolvedWeights, get_backbone, resolve_weights
-from ..errors import (CacheLockedError, CacheMismatchError, CnnCodesError, ErrorBudgetExceeded, ExtractionWriteError,
-                      InvalidParameterError, UsageError)
-from ..fileio import atomic_write_text
+from ..errors import (CacheLockedError, CacheMismatchError, CnnCodesError, ExtractionWriteError, InvalidParameterError,
+                      UsageError)
 from ..images import DEFAULT_MAX_PIXELS
-from ..views import check_combine, combine_codes
+from ..views import combine_codes
 from ..views import resolve as resolve_views
-from ..workdir import (_consolidate, _drop_stale_partial, _leftovers, _plan_diff, _read_shard, _remove_leftovers,
-                       _remove_partial, _scan_shards, _ShardWriter)
+from ..workdir import (_consolidate, _drop_stale_partial, _leftovers, _remove_leftovers, _remove_partial,
+                       finished_shards, open_workdir)
 from ._features import _Runner
+from ._jobs import JobStats, failure_budget, run_jobs
 from ._pipeline import DECODERS, _default_workers, _loader
-from ._plan import (_cache_path, _check_same_dataset, _hash_files, _load_manifest, _match_rows,
-                    _retry_rows_refused_for_size, _same_identity, _same_rows)
-from ._runtime import _heap_for_big_blocks, _probe_device, resolve_device, resolve_precision
-from ._spec import _base_spec, _fp_of, _plan_from_record, _versions, effective_backbone, plan_layers
+from ._plan import ExtractionPlan, plan_extraction
+from ._runtime import _heap_for_big_blocks, resolve_device
+from ._spec import ExtractConfig, RunOptions, _base_spec, _versions, effective_backbone
 
 log = logging.getLogger("cnncodes.extraction")
 
@@ -264,248 +261,82 @@ def extract(
          "combine": combine},
         _EXTRACT_PARAMS, "extract")
     _check_out_folder(out, "extract")
-    if isinstance(layers, str):
-        layers = [layers]
     store._compression_kwargs(compression)  # validate early
-    spec = effective_backbone(get_backbone(model), fc_as_conv, input_size)
-    view_set = resolve_views(views, spec.preprocessing)
-    check_combine(combine)
-    # validate layers and pooling before touching the data or the weights
-    plan_layers(spec, layers, pool, "")
-    manifest = _load_manifest(data)
-    wts = resolve_weights(spec, weights)
-    # The precision is part of the fingerprint and "auto" depends on the device. A cache hit
-    # must not import torch (seconds), so the device is first guessed from /dev; if work is
-    # needed, torch decides and the plan is redone if the guess was wrong.
-    dev = _probe_device() if device == "auto" else device
-    prec = resolve_precision(precision, dev)
-    base = _base_spec(spec, wts, dtype, prec, draft, decoder, view_set, combine)
-    base_fp = store.fingerprint_of(base)
-    lplan = plan_layers(spec, layers, pool, base_fp)
-    keys = [key for _ld, _p, key, _fp in lplan]
-    out = Path(out)
-    path = _cache_path(out, manifest, spec.name, base_fp, name)
-    n = len(manifest.rows)
+    config = ExtractConfig(model, (layers,) if isinstance(layers, str) else tuple(layers), weights, pool, dtype,
+                           precision, draft, decoder, fc_as_conv, input_size, views, combine)
+    run = RunOptions(Path(out), device, batch_size, workers, compression, error_budget, max_pixels, overwrite, name,
+                     progress, verify_content)
+    return _extract(data, config, run, t0)
 
-    # ---- what exists already
-    old_info = None
-    if path.exists() and overwrite:
-        log.info("--overwrite: ignoring the existing cache %s", path)
-    elif path.exists():
-        old_info = store.read_info(path)
-        if old_info.fingerprint != base_fp:
-            raise CacheMismatchError(f"{path} holds another spec (fingerprint {old_info.fingerprint[:12]}); use --overwrite")
-        _check_same_dataset(old_info, manifest)
-    old_rows = store.read_rows(path) if old_info is not None else None
-    # row in the old file (or -1), and each image's content sha256 where known
-    reuse_idx, content = _match_rows(old_rows, manifest, verify_content)
-    _retry_rows_refused_for_size(reuse_idx, old_rows, max_pixels)
-    old_layers = {} if old_info is None else {k: rec for k, rec in old_info.layers.items()}
-    new_keys = [key for key in keys if key not in old_layers or old_layers[key].fingerprint != _fp_of(lplan, key)]
-    # layers of the final file: the old ones (still valid) plus the requested ones
-    final = list(lplan) + [_plan_from_record(spec, rec, base_fp) for k, rec in old_layers.items() if k not in keys]
-    final = [f for f in final if f is not None]
-    all_keys = [f[2] for f in final]
-    fresh = np.flatnonzero(reuse_idx < 0)
-    reused = np.flatnonzero(reuse_idx >= 0)
-    jobs: list[tuple[np.ndarray, list[str]]] = []
-    if len(fresh):
-        jobs.append((fresh, all_keys))
-    if new_keys and len(reused):
-        jobs.append((reused, new_keys))
-    dropped = 0 if old_rows is None else len(old_rows["paths"]) - len(reused)
 
-    if (not jobs and old_info is not None and dropped == 0 and n == old_info.n_rows
-            and _same_rows(old_rows, old_info.class_names, manifest) and _same_identity(old_rows, manifest, content)):
-        if store.partial_dir(path).is_dir() or _leftovers(path):
-            with contextlib.suppress(CacheLockedError), store.CacheLock(path):
-                _remove_leftovers(path)
-                _drop_stale_partial(path, store.partial_dir(path), old_info)
-        res = ExtractResult(path, old_info, keys, hit=True, n_reused=n, n_failed=old_info.n_failed,
-                            seconds=time.perf_counter() - t0)
-        log.info("%s", res.summary())
-        return res
-    if device != "cpu":
-        real = resolve_device(device)
-        if real != dev:
-            return extract(data, model, layers, weights=weights, pool=pool, out=out, device=real,
-                           batch_size=batch_size, workers=workers, dtype=dtype, precision=precision, draft=draft,
-                           decoder=decoder, compression=compression, error_budget=error_budget, overwrite=overwrite, name=name,
-                           progress=progress, verify_content=verify_content, max_pixels=max_pixels,
-                           fc_as_conv=fc_as_conv, input_size=input_size, views=views, combine=combine)
+def _extract(data, config: ExtractConfig, run: RunOptions, t0: float) -> ExtractResult:
+    """plan -> cache hit? -> the real device -> work folder -> run the jobs -> consolidate."""
+    plan = plan_extraction(data, config, run)
+    if plan.is_hit():
+        return _cache_hit(plan, t0)
+    if run.device != "cpu":
+        real = resolve_device(run.device)
+        if real != plan.device:  # the guess from /dev was wrong, and with it an "auto" precision
+            return _extract(data, config, dataclasses.replace(run, device=real), t0)
+    old_info = plan.old_info
     if old_info is not None and old_info.schema_version < store.SCHEMA_VERSION:
         log.info("%s was written in cache schema %d: its reused rows were checked by size and mtime, as when they "
                  "were written; it is rewritten in schema %d with each file's inode and ctime",
-                 path.name, old_info.schema_version, store.SCHEMA_VERSION)
-    unhashed = [j for j in fresh if not content[j]]  # a row computed now records the bytes it was made of
-    content[unhashed] = _hash_files([manifest.abspath(manifest.rows[j]) for j in unhashed])
-
-    plan = {
-        "spec": base,
-        "fingerprint": base_fp,
-        "layers": [{"key": k, "alias": ld.alias, "node": ld.node, "stage": ld.stage, "pool": p, "fingerprint": fp}
-                   for ld, p, k, fp in final],
-        "manifest_hash": manifest.digest(),
-        "manifest_state": store.fingerprint_of([(r.relpath, r.size, r.mtime_ns, r.ctime_ns, r.inode)
-                                                for r in manifest.rows]),
-        "dataset_root": manifest.root,
-        "dataset_list": manifest.list_path,
-        "n_rows": n,
-        "n_todo": int(sum(len(r) for r, _ in jobs)),
-        "jobs": [{"rows": len(r), "keys": ks} for r, ks in jobs],
-        "batch_size": int(batch_size),
-        "max_pixels": max_pixels,
-        "old_file": None if old_info is None else {"updated": old_info.updated, "rows_sha256": old_info.rows_sha256},
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "weights_path": wts.path,
-        "fresh_job": 0 if len(fresh) else None,
-    }
-
-    with store.CacheLock(path), _heap_for_big_blocks(dev):
-        pdir = store.partial_dir(path)
-        _remove_leftovers(path)
-        resumed_from = 0
-        _drop_stale_partial(path, pdir, old_info)
-        if pdir.exists():
-            try:
-                old_plan = json.loads((pdir / "plan.json").read_text())
-            except (OSError, ValueError):
-                old_plan = None
-            if old_plan is None and any(pdir.glob("shard-*.npz")):
-                # shards without their plan cannot be matched to images: never adopt them
-                log.warning("%s holds shards but no plan.json; they are discarded", pdir)
-                _remove_partial(pdir)
-            if old_plan is not None:
-                diff = _plan_diff(old_plan, plan)
-                if diff and not overwrite:
-                    raise CacheMismatchError(
-                        f"An unfinished extraction into {path} was started with a different "
-                        f"{', '.join(diff)}. Re-run it with the same arguments to resume it, or pass "
-                        f"--overwrite to discard its work and start this one."
-                    )
-                if diff:
-                    log.warning("--overwrite: discarding an unfinished extraction (different %s)", ", ".join(diff))
-                    _remove_partial(pdir)
-                elif old_plan["batch_size"] != batch_size:
-                    log.info("Resuming with the batch size of the interrupted run (%d)", old_plan["batch_size"])
-                    batch_size = int(old_plan["batch_size"])
-                    plan["batch_size"] = batch_size
-        try:
-            pdir.mkdir(parents=True, exist_ok=True)
-            if not (pdir / "plan.json").exists():
-                atomic_write_text(pdir / "plan.json", json.dumps(plan, indent=1))
-        except OSError as e:
-            raise ExtractionWriteError(f"Cannot write to {pdir}: {e}. Free space or fix permissions and run again.") from e
-        done = _scan_shards(pdir)
-        batches = {ji: [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)] for ji, (rows, _) in enumerate(jobs)}
-        n_failed_prev = 0
-        for (j, b), p in list(done.items()):
-            sh = _read_shard(p)
-            if (j not in batches or b >= len(batches[j]) or not np.array_equal(sh["rows"], batches[j][b])
-                    or any(f"codes/{k}" not in sh for k in jobs[j][1])):
-                log.warning("Shard %s does not hold this run's batch %d/%d; it will be recomputed", p.name, j, b)
-                p.unlink()
-                del done[(j, b)]
-                continue
-            n_failed_prev += int(np.sum(sh["status"] != "ok"))
-        resumed_from = sum(len(batches[j][b]) for (j, b) in done)
-        if resumed_from:
+                 plan.path.name, old_info.schema_version, store.SCHEMA_VERSION)
+    plan.hash_fresh_rows()
+    work_plan = plan.work_plan(run.batch_size, run.max_pixels)
+    with store.CacheLock(plan.path), _heap_for_big_blocks(plan.device):
+        pdir = store.partial_dir(plan.path)
+        batch_size = open_workdir(plan.path, old_info, work_plan, run.overwrite)
+        batches = {ji: [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)]
+                   for ji, (rows, _) in enumerate(plan.jobs)}
+        done, n_failed_before = finished_shards(pdir, plan.jobs, batches)
+        stats = JobStats(work_plan["n_todo"], failure_budget(run.error_budget, work_plan["n_todo"]),
+                         resumed_from=sum(len(batches[j][b]) for (j, b) in done), n_failed=n_failed_before)
+        if stats.resumed_from:
             log.warning("Resuming an interrupted extraction into %s: %d of %d images already done",
-                        path, resumed_from, plan["n_todo"])
-
-        runner = None
-        n_computed = 0
-        n_failed = n_failed_prev
-        first_failures: list[tuple[str, str]] = []
-        budget = int(math.floor(error_budget * max(1, plan["n_todo"])))
-        stream_seconds = 0.0
-        for ji, (rows, ks) in enumerate(jobs):
-            todo = [b for b in range(len(batches[ji])) if (ji, b) not in done]
-            if not todo:
-                continue
-            paths = [manifest.abspath(manifest.rows[i]) for i in rows]
-            local = [[int(i) for i in range(b * batch_size, b * batch_size + len(batches[ji][b]))] for b in todo]
-            nw = _default_workers(dev) if workers is None else int(workers)
-            # start the decoding workers first: the first batches decode while the model loads
-            loader, gate = _loader(paths, spec.preprocessing, draft, decoder, local, nw, dev, gated=(dev == "cpu"),
-                                   max_pixels=max_pixels, views=view_set)
-            batches_in = iter(loader)
-            if runner is None:
-                runner = _Runner(spec, wts, final, dev, prec)
-            runner.activate(ks)
-            writer = _ShardWriter(pdir, _pause_at())
-            bar = _progress(progress, sum(len(x) for x in local), path.name)
-            t_stream = None
-            try:
-                for b, (idx, x, status, notes) in zip(todo, batches_in):
-                    if t_stream is None:
-                        t_stream = time.perf_counter()
-                    if gate is not None:
-                        gate.clear()
-                    try:
-                        codes = runner(x)
-                    finally:
-                        if gate is not None:
-                            gate.set()
-                    codes = {k: combine_codes(codes[k], view_set.count(), combine) for k in ks}
-                    bad = [i for i, s in enumerate(status) if s != "ok"]
-                    for i in bad:
-                        for k in codes:
-                            codes[k][i] = np.nan
-                        if len(first_failures) < 10:
-                            first_failures.append((paths[idx[i]], notes[i]))
-                    n_failed += len(bad)
-                    if n_failed > budget:
-                        raise ErrorBudgetExceeded(
-                            f"{n_failed} of {plan['n_todo']} images failed to decode, more than the error budget "
-                            f"({error_budget:.1%} = {budget}). First failures:\n"
-                            + "\n".join(f"  {m}" for _p, m in first_failures)
-                            + f"\nFix or remove these files (or raise --error-budget) and run again; "
-                              f"finished batches are kept in {pdir}."
-                        )
-                    dt = np.float16 if dtype == "float16" else np.float32
-                    writer.put((ji, b, rows[np.asarray(idx)], status, notes,
-                                {k: v.astype(dt) for k, v in codes.items()}))
-                    n_computed += len(idx)
-                    if bar is not None:
-                        bar.update(len(idx))
-                if t_stream is not None:
-                    stream_seconds += time.perf_counter() - t_stream
-                writer.close()
-            except BaseException as e:
-                with contextlib.suppress(BaseException):
-                    writer.close()
-                if isinstance(e, OSError) and not isinstance(e, CnnCodesError):
-                    raise ExtractionWriteError(
-                        f"Writing codes failed ({e}). The {resumed_from + n_computed} images "
-                        f"finished so far are kept in {pdir}; free space or fix the folder and run the same "
-                        f"command again to resume."
-                    ) from e
-                raise
-            finally:
-                if bar is not None:
-                    bar.close()
-            if writer.error is not None:
-                raise writer.error
-
-        map_shapes = runner.map_shapes if runner is not None else {}
-        try:
-            info = _consolidate(path, pdir, manifest, jobs, batches, final, old_info, reuse_idx, content, base,
-                                base_fp, dtype, compression, map_shapes, plan, _versions())
-        except OSError as e:
-            if isinstance(e, CnnCodesError):
-                raise
-            raise ExtractionWriteError(
-                f"Writing {path} failed ({e}). All codes are kept in {pdir}; free space and run the same command "
-                f"again to finish."
-            ) from e
+                        plan.path, stats.resumed_from, stats.n_todo)
+        run_jobs(plan, config, run, pdir, batch_size, batches, done, stats, _pause_at())
+        info = _write_cache(plan, pdir, batches, stats.map_shapes, work_plan, config.dtype, run.compression)
         _remove_partial(pdir)
+    return _result(plan, info, stats, t0)
 
-    status = store.read_rows(path, verify=False)
+
+def _cache_hit(plan: ExtractionPlan, t0: float) -> ExtractResult:
+    """The result of a call with nothing to compute; leftovers of killed runs are cleaned up if no run is live."""
+    path = plan.path
+    if store.partial_dir(path).is_dir() or _leftovers(path):
+        with contextlib.suppress(CacheLockedError), store.CacheLock(path):
+            _remove_leftovers(path)
+            _drop_stale_partial(path, store.partial_dir(path), plan.old_info)
+    res = ExtractResult(path, plan.old_info, plan.keys, hit=True, n_reused=len(plan.manifest.rows),
+                        n_failed=plan.old_info.n_failed, seconds=time.perf_counter() - t0)
+    log.info("%s", res.summary())
+    return res
+
+
+def _write_cache(plan: ExtractionPlan, pdir: Path, batches: dict, map_shapes: dict, work_plan: dict, dtype: str,
+                 compression: str) -> store.CacheInfo:
+    """Consolidate old codes and shards into the cache file; a disk error keeps every shard."""
+    try:
+        return _consolidate(plan.path, pdir, plan.manifest, plan.jobs, batches, plan.final, plan.old_info,
+                            plan.reuse_idx, plan.content, plan.base, plan.base_fp, dtype, compression, map_shapes,
+                            work_plan, _versions())
+    except OSError as e:
+        if isinstance(e, CnnCodesError):
+            raise
+        raise ExtractionWriteError(
+            f"Writing {plan.path} failed ({e}). All codes are kept in {pdir}; free space and run the same command "
+            f"again to finish."
+        ) from e
+
+
+def _result(plan: ExtractionPlan, info: store.CacheInfo, stats: JobStats, t0: float) -> ExtractResult:
+    status = store.read_rows(plan.path, verify=False)
     skipped = [(p, m) for p, s, m in zip(status["paths"], status["status"], status["message"]) if s != "ok"]
-    res = ExtractResult(path, info, keys, hit=False, n_computed=n_computed, n_reused=len(reused),
-                        resumed_from=resumed_from, n_failed=len(skipped), skipped=skipped,
-                        seconds=time.perf_counter() - t0, stream_seconds=stream_seconds)
+    res = ExtractResult(plan.path, info, plan.keys, hit=False, n_computed=stats.n_computed,
+                        n_reused=len(plan.reused), resumed_from=stats.resumed_from, n_failed=len(skipped),
+                        skipped=skipped, seconds=time.perf_counter() - t0, stream_seconds=stats.stream_seconds)
     log.info("%s", res.summary())
     return res
 
@@ -513,14 +344,6 @@ def extract(
 def _pause_at() -> int | None:
     v = os.environ.get("CNNCODES_TEST_PAUSE_AFTER_SHARDS")
     return int(v) if v else None
-
-
-def _progress(enabled: bool, total: int, desc: str):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, smoothing=0.1)
 
 
 def extract_images(
@@ -563,11 +386,47 @@ def extract_images(
     validate_params({"paths": paths, "spec": spec, "layer_keys": layer_keys, "device": device,
                      "batch_size": batch_size, "workers": workers, "max_pixels": max_pixels},
                     _IMAGES_PARAMS, "extract_images")
+    bb, wts, base_fp = _rebuild_spec(spec)
+    pre_rec = spec["preprocessing"]
+    view_set = resolve_views(pre_rec.get("views", "center"), bb.preprocessing)
+    recs = {r["key"]: r for r in spec["layers"]}
+    missing = [k for k in layer_keys if k not in recs]
+    if missing:
+        raise UsageError(f"The spec holds no layer {missing}; it holds {list(recs)}")
+    plan = []
+    for k in layer_keys:
+        r = recs[k]
+        ld = bb.layer(r["alias"])
+        fp = store.fingerprint_of({"base": base_fp, "alias": ld.alias, "node": ld.node, "stage": ld.stage, "pool": r["pool"]})
+        plan.append((ld, r["pool"], k, fp))
+    dev = resolve_device(device)
+    prec = spec.get("precision", "fp32")
+    if prec == "fp16" and dev != "cuda":
+        prec = "fp32"
+        log.warning("The codes were computed with fp16 autocast on a GPU; on the CPU fp32 is used")
+    runner = _Runner(bb, wts, plan, dev, prec)
+    paths = [os.fspath(p) for p in paths]
+    nw = _default_workers(dev) if workers is None else int(workers)
+    with _heap_for_big_blocks(dev):
+        loader, _gate = _loader(paths, _pre_of(spec), pre_rec["draft"], pre_rec.get("decoder", "pil"),
+                                [list(range(s, min(len(paths), s + batch_size))) for s in range(0, len(paths), batch_size)],
+                                nw, dev, max_pixels=max_pixels, views=view_set)
+        codes, status, messages = _run_images(loader, runner, len(paths), layer_keys, view_set.count(),
+                                              pre_rec.get("combine", "mean"), spec["dtype"])
+    out_codes = {k: (np.concatenate(v) if v else np.zeros((0, recs[k]["dim"]), np.float32)) for k, v in codes.items()}
+    records = {k: store.LayerRecord(k, r["alias"], r["node"], r["stage"], r["pool"], int(out_codes[k].shape[1]),
+                                    tuple(r.get("map_shape", ())), fp)
+               for (ld, p, k, fp), r in zip(plan, [recs[k] for k in layer_keys])}
+    return {"codes": out_codes, "status": status.astype(str), "messages": messages.astype(str), "records": records,
+            "spec": spec, "fingerprint": base_fp}
+
+
+def _rebuild_spec(spec: dict):
+    """The backbone, weights and fingerprint of a recorded spec, refused unless this installation reproduces it."""
     pre_rec = spec["preprocessing"]
     bb = effective_backbone(get_backbone(spec["backbone"]), bool(spec.get("arch_args", {}).get("fc_as_conv")),
                             int(pre_rec["crop"]))
     view_set = resolve_views(pre_rec.get("views", "center"), bb.preprocessing)
-    combine = pre_rec.get("combine", "mean")
     w = spec["weights"]
     if w["kind"] == "none":
         wts = ResolvedWeights("none", w["identity"])
@@ -583,56 +442,32 @@ def extract_images(
             f"The weights differ from those the codes were extracted with: recorded {w['identity']} "
             f"(sha256 {str(w.get('sha256'))[:12]}), found {wts.identity} (sha256 {str(wts.sha256)[:12]})"
         )
-    dev = resolve_device(device)
-    prec = spec.get("precision", "fp32")
-    if prec == "fp16" and dev != "cuda":
-        prec = "fp32"
-        log.warning("The codes were computed with fp16 autocast on a GPU; on the CPU fp32 is used")
     base = {k: v for k, v in spec.items() if k not in ("layers", "weights_path")}
-    draft = spec["preprocessing"]["draft"]
-    decoder = spec["preprocessing"].get("decoder", "pil")  # absent: written before the choice, by Pillow
-    rebuilt = _base_spec(bb, wts, spec["dtype"], spec.get("precision", "fp32"), draft, decoder, view_set, combine)
+    decoder = pre_rec.get("decoder", "pil")  # absent: written before the choice, by Pillow
+    rebuilt = _base_spec(bb, wts, spec["dtype"], spec.get("precision", "fp32"), pre_rec["draft"], decoder, view_set,
+                         pre_rec.get("combine", "mean"))
     diff = [k for k in rebuilt if rebuilt[k] != base.get(k)]
     if diff:
         raise CacheMismatchError(f"This installation cannot reproduce the recorded spec: {', '.join(diff)} differ")
-    base_fp = store.fingerprint_of(rebuilt)
-    recs = {r["key"]: r for r in spec["layers"]}
-    missing = [k for k in layer_keys if k not in recs]
-    if missing:
-        raise UsageError(f"The spec holds no layer {missing}; it holds {list(recs)}")
-    plan = []
-    for k in layer_keys:
-        r = recs[k]
-        ld = bb.layer(r["alias"])
-        fp = store.fingerprint_of({"base": base_fp, "alias": ld.alias, "node": ld.node, "stage": ld.stage, "pool": r["pool"]})
-        plan.append((ld, r["pool"], k, fp))
-    runner = _Runner(bb, wts, plan, dev, prec)
-    paths = [os.fspath(p) for p in paths]
-    n = len(paths)
-    batches = [list(range(s, min(n, s + batch_size))) for s in range(0, n, batch_size)]
-    nw = _default_workers(dev) if workers is None else int(workers)
+    return bb, wts, store.fingerprint_of(rebuilt)
+
+
+def _run_images(loader, runner, n: int, layer_keys, n_views: int, combine: str, dtype: str):
+    """Codes (lists of blocks, rounded as stored, NaN for failed images), statuses and messages of ``n`` images."""
     codes = {k: [] for k in layer_keys}
     status = np.array(["ok"] * n, dtype=object)
     messages = np.array([""] * n, dtype=object)
-    dt = np.float16 if spec["dtype"] == "float16" else np.float32
-    with _heap_for_big_blocks(dev):
-        loader, _gate = _loader(paths, _pre_of(spec), draft, decoder, batches, nw, dev, max_pixels=max_pixels,
-                                views=view_set)
-        for idx, x, st, notes in loader:
-            out = {k: combine_codes(v, view_set.count(), combine) for k, v in runner(x).items()}
-            for i, (s, m) in enumerate(zip(st, notes)):
-                status[idx[i]] = s
-                messages[idx[i]] = m
-            for k in layer_keys:
-                v = out[k].astype(dt).astype(np.float32)  # the same rounding as the stored codes
-                v[[i for i, s in enumerate(st) if s != "ok"]] = np.nan
-                codes[k].append(v)
-    out_codes = {k: (np.concatenate(v) if v else np.zeros((0, recs[k]["dim"]), np.float32)) for k, v in codes.items()}
-    records = {k: store.LayerRecord(k, r["alias"], r["node"], r["stage"], r["pool"], int(out_codes[k].shape[1]),
-                                    tuple(r.get("map_shape", ())), fp)
-               for (ld, p, k, fp), r in zip(plan, [recs[k] for k in layer_keys])}
-    return {"codes": out_codes, "status": status.astype(str), "messages": messages.astype(str), "records": records,
-            "spec": spec, "fingerprint": base_fp}
+    dt = np.float16 if dtype == "float16" else np.float32
+    for idx, x, st, notes in loader:
+        out = {k: combine_codes(v, n_views, combine) for k, v in runner(x).items()}
+        for i, (s, m) in enumerate(zip(st, notes)):
+            status[idx[i]] = s
+            messages[idx[i]] = m
+        for k in layer_keys:
+            v = out[k].astype(dt).astype(np.float32)  # the same rounding as the stored codes
+            v[[i for i, s in enumerate(st) if s != "ok"]] = np.nan
+            codes[k].append(v)
+    return codes, status, messages
 
 
 def _pre_of(spec: dict):

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import logging
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .. import store
+from ..backbones import BackboneSpec, ResolvedWeights, get_backbone, resolve_weights
 from ..errors import CacheMismatchError, DatasetError
 from ..images import Manifest, pixels_over_limit, read_csv_list, scan_folder
+from ..views import ViewSet, check_combine
+from ..views import resolve as resolve_views
+from ._runtime import _probe_device, resolve_precision
+from ._spec import (ExtractConfig, RunOptions, _base_spec, _fp_of, _plan_from_record, effective_backbone,
+                    plan_layers)
 
 log = logging.getLogger("cnncodes.extraction")
 
@@ -158,3 +166,141 @@ def _retry_rows_refused_for_size(reuse_idx: np.ndarray, old_rows: dict, max_pixe
             retried += 1
     if retried:
         log.info("Retrying %d image(s) that an earlier, lower pixel limit refused", retried)
+
+
+@dataclass
+class ExtractionPlan:
+    """What an extraction will do: resolved before any forward pass, and without importing torch.
+
+    ``layers`` are the requested layers as (LayerDef, pool, key, fingerprint); ``final`` those of the
+    file to write (the requested ones plus the still valid old ones); ``reuse_idx`` the old row each
+    image reuses (-1: none); ``jobs`` the (rows, keys) to compute: new rows with every layer, reused
+    rows with the layers the file lacks.
+    """
+
+    spec: BackboneSpec
+    weights: ResolvedWeights
+    views: ViewSet
+    device: str
+    precision: str
+    base: dict
+    base_fp: str
+    layers: list
+    final: list
+    manifest: Manifest
+    path: Path
+    old_info: store.CacheInfo | None
+    old_rows: dict | None
+    reuse_idx: np.ndarray
+    content: np.ndarray
+    jobs: list[tuple[np.ndarray, list[str]]]
+
+    @property
+    def keys(self) -> list[str]:
+        return [key for _ld, _p, key, _fp in self.layers]
+
+    @property
+    def fresh(self) -> np.ndarray:
+        return np.flatnonzero(self.reuse_idx < 0)
+
+    @property
+    def reused(self) -> np.ndarray:
+        return np.flatnonzero(self.reuse_idx >= 0)
+
+    def is_hit(self) -> bool:
+        """True when the file already holds everything, row table and file identities included."""
+        old, n = self.old_info, len(self.manifest.rows)
+        dropped = 0 if self.old_rows is None else len(self.old_rows["paths"]) - len(self.reused)
+        return (not self.jobs and old is not None and dropped == 0 and n == old.n_rows
+                and _same_rows(self.old_rows, old.class_names, self.manifest)
+                and _same_identity(self.old_rows, self.manifest, self.content))
+
+    def hash_fresh_rows(self) -> None:
+        """Hash the files of the rows computed now: a row records the bytes it was made of."""
+        unhashed = [j for j in self.fresh if not self.content[j]]
+        self.content[unhashed] = _hash_files([self.manifest.abspath(self.manifest.rows[j]) for j in unhashed])
+
+    def work_plan(self, batch_size: int, max_pixels: int | None) -> dict:
+        """The ``plan.json`` of the work folder: what its shards are part of (see :mod:`cnncodes.workdir`)."""
+        m, old = self.manifest, self.old_info
+        return {
+            "spec": self.base,
+            "fingerprint": self.base_fp,
+            "layers": [{"key": k, "alias": ld.alias, "node": ld.node, "stage": ld.stage, "pool": p, "fingerprint": fp}
+                       for ld, p, k, fp in self.final],
+            "manifest_hash": m.digest(),
+            "manifest_state": store.fingerprint_of([(r.relpath, r.size, r.mtime_ns, r.ctime_ns, r.inode)
+                                                    for r in m.rows]),
+            "dataset_root": m.root,
+            "dataset_list": m.list_path,
+            "n_rows": len(m.rows),
+            "n_todo": int(sum(len(r) for r, _ in self.jobs)),
+            "jobs": [{"rows": len(r), "keys": ks} for r, ks in self.jobs],
+            "batch_size": int(batch_size),
+            "max_pixels": max_pixels,
+            "old_file": None if old is None else {"updated": old.updated, "rows_sha256": old.rows_sha256},
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "weights_path": self.weights.path,
+            "fresh_job": 0 if len(self.fresh) else None,
+        }
+
+
+def plan_extraction(data: str | os.PathLike, config: ExtractConfig, run: RunOptions) -> ExtractionPlan:
+    """Resolve ``config`` for ``data``: backbone, weights, fingerprint, cache file, reused rows and jobs.
+
+    The checks run cheapest first: layers and pooling before the data is listed or the weights read.
+    """
+    spec = effective_backbone(get_backbone(config.model), config.fc_as_conv, config.input_size)
+    view_set = resolve_views(config.views, spec.preprocessing)
+    check_combine(config.combine)
+    plan_layers(spec, config.layers, config.pool, "")
+    manifest = _load_manifest(data)
+    wts = resolve_weights(spec, config.weights)
+    # The precision is part of the fingerprint and "auto" depends on the device. A cache hit
+    # must not import torch (seconds), so the device is first guessed from /dev; if work is
+    # needed, torch decides and the plan is redone if the guess was wrong.
+    dev = _probe_device() if run.device == "auto" else run.device
+    prec = resolve_precision(config.precision, dev)
+    base = _base_spec(spec, wts, config.dtype, prec, config.draft, config.decoder, view_set, config.combine)
+    base_fp = store.fingerprint_of(base)
+    lplan = plan_layers(spec, config.layers, config.pool, base_fp)
+    path = _cache_path(Path(run.out), manifest, spec.name, base_fp, run.name)
+    old_info = _existing_cache(path, base_fp, manifest, run.overwrite)
+    old_rows = store.read_rows(path) if old_info is not None else None
+    # row in the old file (or -1), and each image's content sha256 where known
+    reuse_idx, content = _match_rows(old_rows, manifest, run.verify_content)
+    _retry_rows_refused_for_size(reuse_idx, old_rows, run.max_pixels)
+    final, jobs = _jobs(spec, lplan, old_info, reuse_idx, base_fp)
+    return ExtractionPlan(spec, wts, view_set, dev, prec, base, base_fp, lplan, final, manifest, path, old_info,
+                          old_rows, reuse_idx, content, jobs)
+
+
+def _existing_cache(path: Path, base_fp: str, manifest: Manifest, overwrite: bool) -> store.CacheInfo | None:
+    """The info of the cache file already at ``path`` (None: none, or ``overwrite``); refused if it is another's."""
+    if not path.exists():
+        return None
+    if overwrite:
+        log.info("overwrite: ignoring the existing cache %s", path)
+        return None
+    old_info = store.read_info(path)
+    if old_info.fingerprint != base_fp:
+        raise CacheMismatchError(f"{path} holds another spec (fingerprint {old_info.fingerprint[:12]}); use --overwrite")
+    _check_same_dataset(old_info, manifest)
+    return old_info
+
+
+def _jobs(spec: BackboneSpec, lplan: list, old_info, reuse_idx: np.ndarray, base_fp: str):
+    """The layers of the final file, and the (rows, keys) to compute."""
+    keys = [key for _ld, _p, key, _fp in lplan]
+    old_layers = {} if old_info is None else dict(old_info.layers)
+    new_keys = [key for key in keys if key not in old_layers or old_layers[key].fingerprint != _fp_of(lplan, key)]
+    # layers of the final file: the old ones (still valid) plus the requested ones
+    final = list(lplan) + [_plan_from_record(spec, rec, base_fp) for k, rec in old_layers.items() if k not in keys]
+    final = [f for f in final if f is not None]
+    fresh, reused = np.flatnonzero(reuse_idx < 0), np.flatnonzero(reuse_idx >= 0)
+    jobs: list[tuple[np.ndarray, list[str]]] = []
+    if len(fresh):
+        jobs.append((fresh, [f[2] for f in final]))
+    if new_keys and len(reused):
+        jobs.append((reused, new_keys))
+    return final, jobs

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 
 from .. import store
 from ..backbones import BackboneSpec, LayerDef, ResolvedWeights
 from ..errors import InvalidParameterError, UsageError
+from ..images import DEFAULT_MAX_PIXELS
 from ..views import ViewSet
 from ._pipeline import _check_decoder
 
@@ -42,6 +44,14 @@ class ExtractConfig:
     decoder : str
         ``torchvision`` (JPEG decoding and uint8 resizing in torch, as torchvision's tensor
         transforms) or ``pil`` (Pillow, as torchvision's transforms on PIL images).
+    fc_as_conv : bool
+        Run fully connected layers as convolutions (AlexNet, VGG16).
+    input_size : int or None
+        Crop size fed to the network; None keeps the backbone's.
+    views : str
+        ``center``, ``flip``, ``5crop``, ``10crop`` or ``multiscale[:S1,S2,...]``.
+    combine : str
+        ``mean`` or ``max`` over the views.
     """
 
     model: str
@@ -52,6 +62,27 @@ class ExtractConfig:
     precision: str = "auto"
     draft: bool = True
     decoder: str = "torchvision"
+    fc_as_conv: bool = False
+    input_size: int | None = None
+    views: str = "center"
+    combine: str = "mean"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How an extraction runs and where it writes; none of these changes a code (see :func:`extract`)."""
+
+    out: Path
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int | None = None
+    compression: str = "gzip"
+    error_budget: float = 0.05
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    overwrite: bool = False
+    name: str | None = None
+    progress: bool = False
+    verify_content: bool = False
 
 
 def _versions() -> dict:

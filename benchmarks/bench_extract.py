@@ -55,10 +55,9 @@ import torch
 from _machine import cpu_model
 
 from cnncodes import backbones as B
-from cnncodes.extraction import extract, plan_layers
+from cnncodes.extraction import extract, keep_big_blocks_in_heap, plan_layers
 from cnncodes.extraction._features import _Runner
 from cnncodes.extraction._pipeline import _ImageDataset
-from cnncodes.extraction._runtime import _heap_for_big_blocks
 from cnncodes.images import IMAGE_EXTENSIONS
 from cnncodes.store import read_info
 
@@ -102,12 +101,7 @@ def subset(root: Path, limit: int, dst: Path) -> list[Path]:
 
 
 def forward_only(spec, layer: str, paths, batch_size: int) -> float:
-    """cnncodes' hooked forward pass alone (with the allocator setting it extracts with)."""
-    with _heap_for_big_blocks("cpu"):
-        return _forward_only(spec, layer, paths, batch_size)
-
-
-def _forward_only(spec, layer: str, paths, batch_size: int) -> float:
+    """cnncodes' hooked forward pass alone."""
     plan = plan_layers(spec, [layer], "avg", "bench")
     runner = _Runner(spec, B.ResolvedWeights("none", "random-init:seed=0") if spec.name != "efficientnet_lite0"
                      else B.resolve_weights(spec, "default"), plan, "cpu", "fp32")
@@ -275,6 +269,7 @@ def main(argv=None) -> int:
     ap.add_argument("--method", nargs=4, metavar=("METHOD", "ROOT", "MODEL", "LAYER"), help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(REPO / "artifacts" / "bench" / "extract.json"))
     args = ap.parse_args(argv)
+    keep_big_blocks_in_heap()  # as scripts/extract.py does for CPU runs
     if args.method:  # a grandchild: one timed run of one method, JSON on the last line
         m, root, name, layer = args.method
         print(json.dumps(run_method(m, Path(root), name, layer, args.batch_size, args.workers, Path(args.out))))

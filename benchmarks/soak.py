@@ -161,7 +161,6 @@ def main(argv=None) -> int:
     rng = random.Random(seed)
     tmp = Path(tempfile.mkdtemp(prefix="cnncodes-soak-"))
     env = dict(os.environ, CNNCODES_CACHE_DIR=str(tmp / "cnncodes-cache"), PYTHONUNBUFFERED="1")
-    env.pop("CNNCODES_TEST_PAUSE_AFTER_SHARDS", None)
     data = Path(args.data).resolve() if args.data else link_flowers(tmp / "flowers", args.per_class)
     ref_out, out = tmp / "ref", tmp / "out"
     code0, head0 = code_digest(), git_head()

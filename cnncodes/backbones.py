@@ -192,7 +192,10 @@ def get_backbone(name: str) -> BackboneSpec:
 
 # --------------------------------------------------------------------------- hashing
 
-_HASH_MEMO = Path(os.environ.get("CNNCODES_CACHE_DIR", Path.home() / ".cache" / "cnncodes")) / "sha256.json"
+def _hash_memo() -> Path:
+    """The memo of weight-file hashes: ``$CNNCODES_CACHE_DIR/sha256.json`` (default ``~/.cache/cnncodes``),
+    read at each use so that a program (or a test) can point it elsewhere after importing cnncodes."""
+    return Path(os.environ.get("CNNCODES_CACHE_DIR", Path.home() / ".cache" / "cnncodes")) / "sha256.json"
 
 
 #: A memo entry is only written for a file whose last change is older than this: a rewrite within
@@ -220,7 +223,7 @@ def sha256_file(path: str | os.PathLike, *, memo: bool = True) -> str:
     table: dict = {}
     if memo:
         try:
-            table = json.loads(_HASH_MEMO.read_text())
+            table = json.loads(_hash_memo().read_text())
             if key in table:
                 return table[key]
         except (OSError, ValueError):
@@ -239,8 +242,8 @@ def sha256_file(path: str | os.PathLike, *, memo: bool = True) -> str:
             # one entry per path: an older version of the file is never asked for again
             table = {k: v for k, v in table.items() if k.rsplit("|", 5)[0] != path}
             table[key] = digest
-            _HASH_MEMO.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(_HASH_MEMO, json.dumps(table))
+            _hash_memo().parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(_hash_memo(), json.dumps(table))
         except OSError:  # a read-only home must not stop extraction
             pass
     return digest

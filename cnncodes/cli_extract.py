@@ -140,8 +140,10 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"missing {', '.join(missing)}. Usage: extract.py DATA --model NAME --layers L1 [L2 ...]")
     validate_params({"grid": args.grid}, {"grid": [Interval(Integral, 1, None, closed="left")]}, "extract")
     pool = args.pool if args.grid == 1 or args.pool == "none" else f"{args.pool}{args.grid}x{args.grid}"
-    from .extraction import extract
+    from .extraction import extract, keep_big_blocks_in_heap
 
+    if args.device != "cuda":
+        keep_big_blocks_in_heap()  # this process's setting: a CPU forward pass stops page-faulting its blocks
     res = extract(
         args.data, args.model, args.layers, weights=args.weights, pool=pool, out=out, device=args.device,
         batch_size=args.batch_size, workers=args.workers, dtype=args.dtype, precision=args.precision,

@@ -55,6 +55,10 @@ def _predict(args: argparse.Namespace) -> int:
 
     if args.out:
         check_output_path(args.out, "predict")  # before the work, not after it
+    if args.device != "cuda":
+        from .extraction import keep_big_blocks_in_heap
+
+        keep_big_blocks_in_heap()  # this process's setting: a CPU forward pass stops page-faulting its blocks
     rows = predict(args.run, args.paths, model=args.model, device=args.device, batch_size=args.batch_size,
                    max_pixels=args.max_pixels, trust_pickle=args.trust_pickle)
     if args.out:

@@ -11,17 +11,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Iterator
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "sha256_bytes", "sha256_of_file", "fsync_dir"]
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -47,20 +41,34 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _create_temporary(path, suffix)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; artefacts get the usual permissions
         os.replace(tmp_path, path)
         fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
         raise
+
+
+def _create_temporary(path: Path, suffix: str) -> Path:
+    """Create a new empty file ``.<name>.<random><suffix>`` beside ``path``, with mode 0o666 less the umask.
+
+    ``os.open`` with ``O_EXCL`` is what ``tempfile.mkstemp`` does, but with the usual mode for
+    artefacts instead of 0o600: the kernel applies the umask, so it is never read (reading it means
+    setting it, process-wide, racing every thread that creates a file meanwhile).
+    """
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{suffix}"
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no unused temporary name beside {path}")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -86,11 +86,10 @@ def _scan_shards(pdir: Path, *, verify: bool = True) -> dict[tuple[int, int], Pa
 class _ShardWriter:
     """Writes shards on a background thread so that the forward pass never waits for the disk."""
 
-    def __init__(self, pdir: Path, pause_at: int | None):
+    def __init__(self, pdir: Path):
         self.pdir = pdir
         self.q: queue.Queue = queue.Queue(maxsize=4)
         self.error: BaseException | None = None
-        self.pause_at = pause_at
         self.written = 0
         self.t = threading.Thread(target=self._run, daemon=True)
         self.t.start()
@@ -103,14 +102,14 @@ class _ShardWriter:
             if self.error is not None:
                 continue
             try:
-                _write_shard(self.pdir, *item)
-                self.written += 1
-                if self.pause_at is not None and self.written == self.pause_at:
-                    # test hook: a test kills the process while it waits here
-                    print(f"CNNCODES_PAUSED {self.written}", flush=True)
-                    time.sleep(3600)
+                self.write(item)
             except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
                 self.error = e
+
+    def write(self, item) -> None:
+        """Write one shard (on the writer thread)."""
+        _write_shard(self.pdir, *item)
+        self.written += 1
 
     def put(self, item) -> None:
         self.check()

@@ -150,13 +150,13 @@ def test_weights_replaced_with_size_and_mtime_kept_are_hashed_again(flowers_smal
     from cnncodes.extraction import extract_images
     from cnncodes.store import read_info
 
-    monkeypatch.setattr(bb, "_HASH_MEMO", tmp_path / "memo" / "sha256.json")
+    monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path / "memo"))
     monkeypatch.setattr(bb, "_RACY_NS", 0)  # memoise at once, as for a weights file downloaded long ago
     w = tmp_path / "w.pth"
     os.replace(_tiny_weights(w, 1), w)
     kw = dict(KW, weights=str(w))
     first = extract(flowers_small, "tiny", ["fc1"], out=tmp_path / "codes", **kw)
-    assert json.loads(bb._HASH_MEMO.read_text())  # the memo was written: the next look is a memo look-up
+    assert json.loads(bb._hash_memo().read_text())  # the memo was written: the next look is a memo look-up
     st = os.stat(w)
 
     other = _tiny_weights(w, 2)
@@ -186,15 +186,15 @@ def test_weights_replaced_with_size_and_mtime_kept_are_hashed_again(flowers_smal
 def test_a_weights_file_changed_moments_ago_is_not_memoised(tmp_path, monkeypatch):
     import cnncodes.backbones as bb
 
-    monkeypatch.setattr(bb, "_HASH_MEMO", tmp_path / "sha256.json")
+    monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path))
     f = tmp_path / "w.bin"
     f.write_bytes(b"a" * 1000)
     os.utime(f, ns=(10**18, 10**18))  # an old mtime, but the ctime is now: a rewrite may follow in this tick
     assert bb.sha256_file(f) == hashlib.sha256(b"a" * 1000).hexdigest()
-    assert not bb._HASH_MEMO.exists()
+    assert not bb._hash_memo().exists()
     monkeypatch.setattr(bb, "_RACY_NS", 0)
     bb.sha256_file(f)
-    assert list(json.loads(bb._HASH_MEMO.read_text()).values()) == [hashlib.sha256(b"a" * 1000).hexdigest()]
+    assert list(json.loads(bb._hash_memo().read_text()).values()) == [hashlib.sha256(b"a" * 1000).hexdigest()]
 
 
 # --------------------------------------------------------------------------- 4. image content

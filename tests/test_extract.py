@@ -397,15 +397,15 @@ def test_gated_worker_exits_when_its_extraction_dies(flowers_small):
 def test_gated_and_ungated_extractions_give_the_same_codes(flowers_small, tmp_path, monkeypatch):
     kw = dict(weights="none", device="cpu", workers=2, batch_size=4)
     gated = extract(flowers_small, "tiny", ["fc1", "conv2"], out=tmp_path / "a", **kw)
-    monkeypatch.setenv("CNNCODES_GATE", "0")
-    free = extract(flowers_small, "tiny", ["fc1", "conv2"], out=tmp_path / "b", **kw)
+    free = extract(flowers_small, "tiny", ["fc1", "conv2"], out=tmp_path / "b", gate=False, **kw)
     for key in ("fc1", "conv2"):
         np.testing.assert_array_equal(load_codes(gated.path, key).X, load_codes(free.path, key).X)
 
 
 _HEAP_PROBE = """
-import ctypes, torch
-from cnncodes.extraction._runtime import _heap_for_big_blocks
+import ctypes, sys, torch
+import cnncodes
+from cnncodes.extraction import keep_big_blocks_in_heap
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
@@ -422,17 +422,19 @@ def mmapped_growth():
     return grown
 
 default = mmapped_growth()
-with _heap_for_big_blocks("cpu"):
-    inside = mmapped_growth()
-print(default, inside, mmapped_growth())
+cnncodes.extract(sys.argv[1], "tiny", ["fc1"], weights="none", out=sys.argv[2], device="cpu", workers=0)
+after_extract = mmapped_growth()
+keep_big_blocks_in_heap()
+print(default, after_extract, mmapped_growth())
 """
 
 
-def test_big_blocks_stay_in_the_heap_during_cpu_extraction():
-    """During a CPU extraction a 64 MB tensor comes from the heap, not from mmap: glibc's mmap'ed blocks
-    are unmapped on free and page-faulted in again at the next batch (half of the forward pass's time
-    went to the kernel on these machines). glibc's defaults come back afterwards. A fresh process, as
-    the CLI runs: in a long-lived one, free heap left by earlier work can serve the block either way."""
+def test_big_blocks_stay_in_the_heap_once_the_program_asks(flowers_small, tmp_path):
+    """After keep_big_blocks_in_heap() a 64 MB tensor comes from the heap, not from mmap: glibc's mmap'ed
+    blocks are unmapped on free and page-faulted in again at the next batch (half of the forward pass's time
+    went to the kernel on these machines). An extraction alone leaves the process's malloc settings as they
+    were (a library cannot restore them). A fresh process, as the CLI runs: in a long-lived one, free heap
+    left by earlier work can serve the block either way."""
     import ctypes
     import subprocess
     import sys
@@ -442,9 +444,9 @@ def test_big_blocks_stay_in_the_heap_during_cpu_extraction():
     except (OSError, AttributeError):
         pytest.skip("needs glibc >= 2.33 (mallinfo2)")
     repo = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", _HEAP_PROBE], cwd=repo, capture_output=True, text=True, check=True,
-                         env=dict(os.environ, PYTHONPATH=str(repo)))
-    default, inside, after = (int(v) for v in out.stdout.split())
+    out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, str(flowers_small), str(tmp_path / "codes")], cwd=repo,
+                         capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONPATH=str(repo)))
+    default, after_extract, asked = (int(v) for v in out.stdout.split())
     assert default >= 64 << 20  # glibc's default: mmap
-    assert inside == 0  # from the heap, reused batch after batch
-    assert after >= 64 << 20  # restored
+    assert after_extract >= 64 << 20  # the extraction changed no process setting
+    assert asked == 0  # from the heap, reused batch after batch

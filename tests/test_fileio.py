@@ -32,3 +32,23 @@ def test_failed_write_leaves_the_old_file(tmp_path):
             tmp.write_bytes(b"half a mod")
             raise RuntimeError("killed mid-write")
     assert p.read_text() == "good" and sorted(os.listdir(tmp_path)) == ["model.bin"]
+
+
+def test_atomic_write_never_touches_the_process_umask(tmp_path, monkeypatch):
+    """Reading the umask means setting it, process-wide: a thread creating a file meanwhile (the shard
+    writer) would get mode 0o666. The kernel applies the umask to the new file instead."""
+    calls = []
+    real_umask = os.umask
+
+    def spy(mask):
+        calls.append(mask)
+        return real_umask(mask)
+
+    old = real_umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", spy)
+        atomic_write_text(tmp_path / "a.json", "one")
+    finally:
+        real_umask(old)
+    assert calls == []
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o640

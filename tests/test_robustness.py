@@ -1,7 +1,7 @@
 """Robustness of extraction (issue 4): every fault is provoked for real and the values are checked.
 
-Kills are real ``SIGKILL``s of ``scripts/extract.py`` subprocesses, paused at a chosen shard by the
-test hook ``CNNCODES_TEST_PAUSE_AFTER_SHARDS`` or killed at a random moment; bad images are
+Kills are real ``SIGKILL``s of ``scripts/extract.py`` subprocesses, paused at a chosen shard
+(``tests/pausing_extract.py``: its shard writer waits after the K-th shard) or killed at a random moment; bad images are
 crafted here with Pillow; ``ENOSPC`` is injected by monkeypatching the writers.
 
 The ``tiny`` backbone with random weights (``--weights none``) keeps every run fast; the
@@ -91,13 +91,8 @@ def cli_args(data, out, *extra, layers=LAYERS) -> list[str]:
             "--device", "cpu", "--no-progress", *extra]
 
 
-def env_for(tmp_path: Path, pause: int | None = None) -> dict:
-    env = dict(os.environ)
-    env["CNNCODES_CACHE_DIR"] = str(tmp_path / "cnncodes-cache")
-    env.pop("CNNCODES_TEST_PAUSE_AFTER_SHARDS", None)
-    if pause is not None:
-        env["CNNCODES_TEST_PAUSE_AFTER_SHARDS"] = str(pause)
-    return env
+def env_for(tmp_path: Path) -> dict:
+    return dict(os.environ, CNNCODES_CACHE_DIR=str(tmp_path / "cnncodes-cache"))
 
 
 class Proc:
@@ -153,7 +148,8 @@ def run_cli(args, env, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 def paused_writer(data: Path, out: Path, tmp_path: Path, k: int, tag: str = "w") -> Proc:
-    proc = Proc(cli_args(data, out), env_for(tmp_path, pause=k), tmp_path / f"{tag}-{time.monotonic_ns()}.err")
+    args = [sys.executable, "tests/pausing_extract.py", str(k), *cli_args(data, out)[2:]]  # pauses after shard k
+    proc = Proc(args, env_for(tmp_path), tmp_path / f"{tag}-{time.monotonic_ns()}.err")
     assert proc.wait_paused() == k
     return proc
 

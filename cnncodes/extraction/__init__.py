@@ -33,9 +33,9 @@ from __future__ import annotations
 from ..transforms import MAX_RESIZED_ASPECT, resize_crop, resize_crop_tensor
 from ._api import DEFAULT_OUT, ExtractResult, extract, extract_images
 from ._pipeline import DECODERS
-from ._runtime import resolve_device, resolve_precision
+from ._runtime import keep_big_blocks_in_heap, resolve_device, resolve_precision
 from ._spec import ExtractConfig, effective_backbone, plan_layers
 
 __all__ = ["DECODERS", "DEFAULT_OUT", "MAX_RESIZED_ASPECT", "ExtractConfig", "ExtractResult", "effective_backbone",
-           "extract", "extract_images", "plan_layers", "resize_crop", "resize_crop_tensor", "resolve_device",
-           "resolve_precision"]
+           "extract", "extract_images", "keep_big_blocks_in_heap", "plan_layers", "resize_crop", "resize_crop_tensor",
+           "resolve_device", "resolve_precision"]

@@ -28,7 +28,7 @@ from ._features import _Runner
 from ._jobs import JobStats, failure_budget, run_jobs
 from ._pipeline import DECODERS, _default_workers, _loader
 from ._plan import ExtractionPlan, plan_extraction
-from ._runtime import _heap_for_big_blocks, resolve_device
+from ._runtime import resolve_device
 from ._spec import ExtractConfig, RunOptions, _base_spec, _versions, effective_backbone
 
 log = logging.getLogger("cnncodes.extraction")
@@ -132,6 +132,7 @@ _EXTRACT_PARAMS = {
     "input_size": [Interval(Integral, 32, None, closed="left"), None],
     "views": [str],
     "combine": [StrOptions(("mean", "max"))],
+    "gate": ["boolean"],
 }
 
 
@@ -167,6 +168,7 @@ def extract(
     input_size: int | None = None,
     views: str = "center",
     combine: str = "mean",
+    gate: bool = True,
 ) -> ExtractResult:
     """Extract the codes of ``layers`` of ``model`` for every image of ``data`` into an HDF5 cache.
 
@@ -231,6 +233,10 @@ def extract(
         views of each image run in the same batch and combined into one row.
     combine : str
         ``mean`` (default) or ``max`` over the views.
+    gate : bool
+        On a CPU, let decoding workers decode only between forward passes, so that the two take
+        turns on the cores instead of fighting (see ``_pipeline._loader``); False lets them run
+        alongside. Never changes a code.
 
     Returns
     -------
@@ -258,14 +264,14 @@ def extract(
          "draft": draft, "decoder": decoder, "compression": compression, "error_budget": error_budget,
          "max_pixels": max_pixels, "overwrite": overwrite, "name": name, "progress": progress,
          "verify_content": verify_content, "fc_as_conv": fc_as_conv, "input_size": input_size, "views": views,
-         "combine": combine},
+         "combine": combine, "gate": gate},
         _EXTRACT_PARAMS, "extract")
     _check_out_folder(out, "extract")
     store._compression_kwargs(compression)  # validate early
     config = ExtractConfig(model, (layers,) if isinstance(layers, str) else tuple(layers), weights, pool, dtype,
                            precision, draft, decoder, fc_as_conv, input_size, views, combine)
     run = RunOptions(Path(out), device, batch_size, workers, compression, error_budget, max_pixels, overwrite, name,
-                     progress, verify_content)
+                     progress, verify_content, gate)
     return _extract(data, config, run, t0)
 
 
@@ -285,7 +291,7 @@ def _extract(data, config: ExtractConfig, run: RunOptions, t0: float) -> Extract
                  plan.path.name, old_info.schema_version, store.SCHEMA_VERSION)
     plan.hash_fresh_rows()
     work_plan = plan.work_plan(run.batch_size, run.max_pixels)
-    with store.CacheLock(plan.path), _heap_for_big_blocks(plan.device):
+    with store.CacheLock(plan.path):
         pdir = store.partial_dir(plan.path)
         batch_size = open_workdir(plan.path, old_info, work_plan, run.overwrite)
         batches = {ji: [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)]
@@ -296,7 +302,7 @@ def _extract(data, config: ExtractConfig, run: RunOptions, t0: float) -> Extract
         if stats.resumed_from:
             log.warning("Resuming an interrupted extraction into %s: %d of %d images already done",
                         plan.path, stats.resumed_from, stats.n_todo)
-        run_jobs(plan, config, run, pdir, batch_size, batches, done, stats, _pause_at())
+        run_jobs(plan, config, run, pdir, batch_size, batches, done, stats)
         info = _write_cache(plan, pdir, batches, stats.map_shapes, work_plan, config.dtype, run.compression)
         _remove_partial(pdir)
     return _result(plan, info, stats, t0)
@@ -339,11 +345,6 @@ def _result(plan: ExtractionPlan, info: store.CacheInfo, stats: JobStats, t0: fl
                         skipped=skipped, seconds=time.perf_counter() - t0, stream_seconds=stats.stream_seconds)
     log.info("%s", res.summary())
     return res
-
-
-def _pause_at() -> int | None:
-    v = os.environ.get("CNNCODES_TEST_PAUSE_AFTER_SHARDS")
-    return int(v) if v else None
 
 
 def extract_images(
@@ -407,12 +408,11 @@ def extract_images(
     runner = _Runner(bb, wts, plan, dev, prec)
     paths = [os.fspath(p) for p in paths]
     nw = _default_workers(dev) if workers is None else int(workers)
-    with _heap_for_big_blocks(dev):
-        loader, _gate = _loader(paths, _pre_of(spec), pre_rec["draft"], pre_rec.get("decoder", "pil"),
-                                [list(range(s, min(len(paths), s + batch_size))) for s in range(0, len(paths), batch_size)],
-                                nw, dev, max_pixels=max_pixels, views=view_set)
-        codes, status, messages = _run_images(loader, runner, len(paths), layer_keys, view_set.count(),
-                                              pre_rec.get("combine", "mean"), spec["dtype"])
+    loader, _gate = _loader(paths, _pre_of(spec), pre_rec["draft"], pre_rec.get("decoder", "pil"),
+                            [list(range(s, min(len(paths), s + batch_size))) for s in range(0, len(paths), batch_size)],
+                            nw, dev, max_pixels=max_pixels, views=view_set)
+    codes, status, messages = _run_images(loader, runner, len(paths), layer_keys, view_set.count(),
+                                          pre_rec.get("combine", "mean"), spec["dtype"])
     out_codes = {k: (np.concatenate(v) if v else np.zeros((0, recs[k]["dim"]), np.float32)) for k, v in codes.items()}
     records = {k: store.LayerRecord(k, r["alias"], r["node"], r["stage"], r["pool"], int(out_codes[k].shape[1]),
                                     tuple(r.get("map_shape", ())), fp)

@@ -37,7 +37,7 @@ class JobStats:
 
 
 def run_jobs(plan: ExtractionPlan, config: ExtractConfig, run: RunOptions, pdir: Path, batch_size: int,
-             batches: dict, done: dict, stats: JobStats, pause_at: int | None = None) -> JobStats:
+             batches: dict, done: dict, stats: JobStats) -> JobStats:
     """Compute every batch of ``plan.jobs`` not in ``done`` into a shard of ``pdir``.
 
     The model is built once, after the first job's decoding workers have started (the first batches
@@ -52,13 +52,13 @@ def run_jobs(plan: ExtractionPlan, config: ExtractConfig, run: RunOptions, pdir:
         local = [list(range(b * batch_size, b * batch_size + len(batches[ji][b]))) for b in todo]
         nw = _default_workers(plan.device) if run.workers is None else int(run.workers)
         loader, gate = _loader(paths, plan.spec.preprocessing, config.draft, config.decoder, local, nw, plan.device,
-                               gated=(plan.device == "cpu"), max_pixels=run.max_pixels, views=plan.views)
+                               gated=(plan.device == "cpu" and run.gate), max_pixels=run.max_pixels, views=plan.views)
         batches_in = iter(loader)  # start the decoding workers first
         if runner is None:
             runner = _Runner(plan.spec, plan.weights, plan.final, plan.device, plan.precision)
         runner.activate(keys)
         job = _Job(ji, rows, keys, paths, runner, gate, plan.views.count(), config, run, pdir, stats)
-        job.run(zip(todo, batches_in), sum(len(x) for x in local), plan.path.name, pause_at)
+        job.run(zip(todo, batches_in), sum(len(x) for x in local), plan.path.name)
     if runner is not None:
         stats.map_shapes = runner.map_shapes
     return stats
@@ -85,8 +85,8 @@ class _Job:
     pdir: Path
     stats: JobStats
 
-    def run(self, batches, total: int, desc: str, pause_at: int | None) -> None:
-        writer = _ShardWriter(self.pdir, pause_at)
+    def run(self, batches, total: int, desc: str) -> None:
+        writer = _ShardWriter(self.pdir)
         bar = _progress(self.run_options.progress, total, desc)
         t_stream = None
         try:

@@ -138,7 +138,7 @@ def _loader(paths, pre, draft, decoder, batches: list[list[int]], workers: int, 
     alone would cost 5 %). A gated loader's workers decode only while the gate is open; the
     extraction closes it for each forward pass, so that decoding (on all cores, in the workers)
     and the forward pass (on all cores, in the model) take turns instead of fighting.
-    ``CNNCODES_GATE=0`` turns it off. No more workers start than there are batches to decode.
+    No more workers start than there are batches to decode.
     """
     import multiprocessing
 
@@ -147,7 +147,7 @@ def _loader(paths, pre, draft, decoder, batches: list[list[int]], workers: int, 
 
     workers = min(workers, len(batches))
     gate = None
-    if gated and workers > 0 and os.environ.get("CNNCODES_GATE", "1") != "0":
+    if gated and workers > 0:
         gate = multiprocessing.get_context().Event()
         gate.set()
     ds = _ImageDataset(paths, pre, draft, decoder, gate, max_pixels, views)

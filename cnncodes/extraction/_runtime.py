@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import sys
-from collections.abc import Iterator
 
 from ..errors import UsageError
 
@@ -49,29 +47,29 @@ def _probe_device() -> str:
     return "cuda" if os.path.exists("/dev/nvidiactl") else "cpu"
 
 
-@contextlib.contextmanager
-def _heap_for_big_blocks(device: str) -> Iterator[None]:
-    """Keep big tensors in the heap during a CPU extraction (glibc only).
+#: mallopt(3) parameters.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
-    glibc serves every block above its mmap threshold (at most 32 MB) with ``mmap`` and gives
-    it back with ``munmap``, so each batch page-faults its activations in again: on this
-    project's machines half of a CPU forward pass went to the kernel (EfficientNet-Lite0,
-    batch 64: 1.3 M page faults for 64 images; 7.3 -> 14.6 img/s without them). Disable mmap
-    for the duration and restore glibc's defaults afterwards. ``CNNCODES_MALLOPT=0`` turns it off.
+
+def keep_big_blocks_in_heap() -> bool:
+    """Serve big blocks from the heap for the rest of this process (glibc only); True when set.
+
+    glibc serves every block above its mmap threshold (at most 32 MB) with ``mmap`` and gives it
+    back with ``munmap``, so each batch of a CPU extraction page-faults its activations in again:
+    on this project's machines half of a CPU forward pass went to the kernel (EfficientNet-Lite0,
+    batch 64: 1.3 M page faults for 64 images; 7.3 -> 14.6 img/s without them).
+
+    This is a setting of the process, so the program decides, once, at start: the command-line
+    tools call it for CPU runs, and a program that extracts on the CPU may do the same (the heap
+    then keeps its peak size until exit). The library never calls it: mallopt(3) turns glibc's
+    dynamic mmap threshold off for good once ``M_MMAP_MAX`` or ``M_TRIM_THRESHOLD`` is set, so no
+    call could give a host process its settings back. Equivalent at process start:
+    ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647``.
     """
-    libc = None
-    if device == "cpu" and os.environ.get("CNNCODES_MALLOPT", "1") != "0" and sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            m_trim_threshold, m_mmap_max = -1, -4
-            if not (libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1)):
-                libc = None
-        except (OSError, AttributeError):
-            libc = None
+    if not sys.platform.startswith("linux"):
+        return False
     try:
-        yield
-    finally:
-        if libc is not None:
-            libc.mallopt(-4, 65536)  # M_MMAP_MAX default
-            libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD default
-            libc.malloc_trim(0)
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False

@@ -83,6 +83,7 @@ class RunOptions:
     name: str | None = None
     progress: bool = False
     verify_content: bool = False
+    gate: bool = True
 
 
 def _versions() -> dict:

@@ -1,13 +1,15 @@
 """What the command-line wrappers share: one-line usage errors and one exit-code policy.
 
 Exit status: 0 ok, 1 run error (``CnnCodesError``, ``OSError``), 2 usage error
-(``UsageError`` or bad arguments), 130 interrupted. No traceback for any of them.
+(``UsageError`` or bad arguments), 130 interrupted. No traceback for any of them; any other
+exception is a bug and goes through with its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -21,19 +23,42 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
-def usage_message(parser: argparse.ArgumentParser, error: UsageError) -> str:
-    """``error``'s message, naming the command-line option when it is about a parameter.
+#: A parameter setting in a library message: ``overwrite=True``, ``decoder='pil'``, ``device='cpu'``.
+_SETTING = re.compile(r"\b([a-z][a-z0-9_]*)=(True|'[^']*'|[-\w.]+)")
 
-    The library names parameters (``'batch_size' parameter of extract``); the option of the same
-    destination (``--batch-size/-b``) is what a command-line user typed. This is the one place
-    where parameter names become flag names.
+
+def _flag(parser: argparse.ArgumentParser, dest: str) -> argparse.Action | None:
+    for action in parser._actions:
+        if action.dest == dest and action.option_strings:
+            return action
+    return None
+
+
+def usage_message(parser: argparse.ArgumentParser, error: Exception) -> str:
+    """``error``'s message in the command line's words.
+
+    The library names parameters, never flags: ``The 'batch_size' parameter of extract must be ...``,
+    ``pass overwrite=True``, ``use decoder='pil'``. A command-line user typed ``--batch-size/-b``,
+    ``--overwrite``, ``--decoder pil``. This is the one place where parameter names become flag names;
+    settings of parameters this command has no flag for stay as they are.
     """
     if isinstance(error, InvalidParameterError):
         for action in parser._actions:
             if action.dest == error.param:
                 name = "/".join(action.option_strings) or action.metavar or action.dest
                 return f"argument {name}: {error.requirement}"
-    return str(error)
+        return str(error)
+
+    def to_flag(m: re.Match) -> str:
+        action = _flag(parser, m.group(1))
+        if action is None:
+            return m.group(0)
+        flag = max(action.option_strings, key=len)
+        if action.nargs == 0:  # store_true: "overwrite=True" is the bare flag
+            return flag
+        return f"{flag} {m.group(2).strip(chr(39))}"
+
+    return _SETTING.sub(to_flag, str(error))
 
 
 def run_cli(prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int],
@@ -54,7 +79,7 @@ def run_cli(prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse
         print(f"{prog}: error: {usage_message(parser, e)}", file=sys.stderr)
         return 2
     except (CnnCodesError, OSError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {usage_message(parser, e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)

@@ -274,8 +274,8 @@ def _torchvision_default(weights_enum_name: str) -> Callable[[], ResolvedWeights
                     f"The default ImageNet weights {weights_enum_name} are not on disk and could not be "
                     f"downloaded ({type(e).__name__}: {e}). torchvision expects the file {path} "
                     f"(from {w.url}). Download it on a machine with internet and copy it there "
-                    f"(or set TORCH_HOME), or pass --weights PATH to a state-dict file, "
-                    f"or --weights none for random initialisation."
+                    f"(or set TORCH_HOME), or pass weights=PATH to a state-dict file, "
+                    f"or weights='none' for random initialisation."
                 ) from e
         return ResolvedWeights("default", f"{weights_enum_name}:{filename}", path, sha256_file(path))
 
@@ -299,7 +299,7 @@ def _packaged_lite0() -> ResolvedWeights:
 def _no_default(name: str) -> Callable[[], ResolvedWeights]:
     def resolve() -> ResolvedWeights:
         raise WeightsUnavailableError(
-            f"Backbone {name!r} has no pretrained weights (it exists for tests); use --weights none or a file"
+            f"Backbone {name!r} has no pretrained weights (it exists for tests); use weights='none' or a file"
         )
 
     return resolve
@@ -323,7 +323,7 @@ def resolve_weights(spec: BackboneSpec, weights: str | os.PathLike | None = "def
     path = os.path.abspath(os.fspath(weights))
     if not os.path.isfile(path):
         raise WeightsUnavailableError(
-            f"Weights file {path} does not exist. Pass --weights default, --weights none, or a path "
+            f"Weights file {path} does not exist. Pass weights='default', weights='none', or a path "
             f"to a state dict saved with torch.save(model.state_dict(), PATH)."
         )
     digest = sha256_file(path)

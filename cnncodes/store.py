@@ -248,7 +248,7 @@ def _compression_kwargs(compression: str) -> dict:
         try:
             import hdf5plugin
         except ImportError as e:
-            raise UsageError("--compression zstd needs the package hdf5plugin: pip install hdf5plugin") from e
+            raise UsageError("compression='zstd' needs the package hdf5plugin: pip install hdf5plugin") from e
         return dict(hdf5plugin.Zstd(clevel=3), shuffle=True)
     if compression == "none":
         return {}

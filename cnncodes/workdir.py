@@ -274,7 +274,7 @@ def _layer_blocks(key, path, n, jobs, batches, shards, old_info, reuse_idx) -> I
             src_job[jrows] = ji
     from_old = src_job < 0
     if np.any(from_old & (reuse_idx < 0)):
-        raise AssertionError(f"internal: rows without a source for layer {key}")
+        raise AssertionError(f"rows without a source for layer {key}")
     old_block_iter = None
     if old_info is not None and np.any(from_old):
         old_block_iter = _RowStream(store.iter_layer_blocks(path, key, reuse_idx[from_old]))
@@ -355,10 +355,10 @@ def _adopt_or_discard(path: Path, pdir: Path, plan: dict, overwrite: bool) -> No
         raise CacheMismatchError(
             f"An unfinished extraction into {path} was started with a different "
             f"{', '.join(diff)}. Re-run it with the same arguments to resume it, or pass "
-            f"--overwrite to discard its work and start this one."
+            f"overwrite=True to discard its work and start this one."
         )
     if diff:
-        log.warning("--overwrite: discarding an unfinished extraction (different %s)", ", ".join(diff))
+        log.warning("overwrite: discarding an unfinished extraction (different %s)", ", ".join(diff))
         _remove_partial(pdir)
     elif old_plan["batch_size"] != plan["batch_size"]:
         log.info("Resuming with the batch size of the interrupted run (%d)", old_plan["batch_size"])

@@ -117,7 +117,7 @@ def test_default_weights_missing_and_offline_names_the_file(tmp_path, monkeypatc
         B.resolve_weights(B.get_backbone("vgg16"), "default")
     msg = str(e.value)
     assert str(tmp_path / "th" / "hub" / "checkpoints" / "vgg16-397923af.pth") in msg
-    assert "https://download.pytorch.org/models/vgg16-397923af.pth" in msg and "--weights none" in msg
+    assert "https://download.pytorch.org/models/vgg16-397923af.pth" in msg and "weights='none'" in msg
     assert calls and calls[0][0].endswith("vgg16-397923af.pth")  # the real download path was tried
 
 

@@ -29,7 +29,7 @@ def test_auto_falls_back_to_cpu_and_cuda_is_a_usage_error(flowers_small, tmp_pat
 
 def test_precision_values():
     assert resolve_precision("auto", "cuda") == "bf16"
-    with pytest.raises(ValueError, match="fp16 needs --device cuda"):
+    with pytest.raises(ValueError, match="fp16' needs device='cuda'"):
         resolve_precision("fp16", "cpu")
 
 

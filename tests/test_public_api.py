@@ -37,3 +37,41 @@ def test_cnncodes_extract_stays_callable_after_every_submodule_import(tmp_path):
                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "True", "True"]
+
+
+def test_library_messages_name_parameters_and_the_cli_names_flags():
+    """The library says ``overwrite=True``; the command line that has a flag for it says ``--overwrite``."""
+    from cnncodes._cli import usage_message
+    from cnncodes.cli_extract import build_parser
+    from cnncodes.errors import CacheMismatchError, InvalidParameterError
+
+    err = CacheMismatchError("pass overwrite=True to replace it, use decoder='pil' or device='cpu'; "
+                             "error_budget=0.1 is too low; colour=2 is not a parameter here")
+    assert usage_message(build_parser(), err) == (
+        "pass --overwrite to replace it, use --decoder pil or --device cpu; "
+        "--error-budget 0.1 is too low; colour=2 is not a parameter here")
+    bad = InvalidParameterError("batch_size", "extract", "must be >= 1. Got 0 instead.")
+    assert usage_message(build_parser(), bad) == "argument --batch-size/-b: must be >= 1. Got 0 instead."
+
+
+def test_a_bug_is_not_a_user_error_and_keeps_its_traceback(capsys):
+    """An internal error is no CnnCodesError: run_cli lets it through (with its traceback), exit 1 is for
+    the user's mistakes and the environment's failures."""
+    import argparse
+
+    import pytest
+
+    from cnncodes._cli import run_cli
+    from cnncodes.errors import CacheMismatchError
+
+    def bug(_args):
+        raise AssertionError("no output captured for ['fc1']")
+
+    with pytest.raises(AssertionError, match="no output captured"):
+        run_cli("x.py", argparse.ArgumentParser(), bug, [])
+
+    def mistake(_args):
+        raise CacheMismatchError("holds another spec; pass overwrite=True")
+
+    assert run_cli("x.py", argparse.ArgumentParser(), mistake, []) == 1
+    assert capsys.readouterr().err == "x.py: error: holds another spec; pass overwrite=True\n"

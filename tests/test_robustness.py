@@ -684,7 +684,7 @@ def test_changed_inputs_are_refused_on_resume(tmp_path):
 
     with pytest.raises(CacheMismatchError, match="layers") as ei:
         run_extract(data, out, layers=["fc1"])
-    assert "--overwrite" in str(ei.value)
+    assert "overwrite=True" in str(ei.value)
     with pytest.raises(CacheMismatchError, match="layers"):
         run_extract(data, out, layers=["conv2", "fc1", "fc2"])
 

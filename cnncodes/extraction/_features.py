@@ -9,8 +9,6 @@ import numpy as np
 
 from .. import store
 from ..backbones import BackboneSpec, ResolvedWeights
-from ..errors import CnnCodesError
-
 
 class _Runner:
     """A model with forward hooks that pool the requested layers, on one device."""
@@ -39,7 +37,7 @@ class _Runner:
         by_node: dict[str, list] = {}
         for ld, pool, key, _fp in layers:
             if ld.node not in modules:
-                raise CnnCodesError(f"internal: backbone {spec.name} has no module {ld.node!r} for layer {ld.alias!r}")
+                raise AssertionError(f"backbone {spec.name} has no module {ld.node!r} for layer {ld.alias!r}")
             by_node.setdefault(ld.node, []).append((key, pool, ld))
         self._by_node = by_node
         for node, items in by_node.items():
@@ -103,5 +101,5 @@ class _Runner:
                 pass
         missing = [key for key in self.active if key not in self.outputs]
         if missing:
-            raise CnnCodesError(f"internal: no output captured for {missing}")
+            raise AssertionError(f"no output captured for {missing}")
         return {k: v.cpu().numpy() for k, v in self.outputs.items()}

@@ -146,7 +146,7 @@ class _Job:
                 f"{stats.n_failed} of {stats.n_todo} images failed to decode, more than the error budget "
                 f"({self.run_options.error_budget:.1%} = {stats.budget}). First failures:\n"
                 + "\n".join(f"  {m}" for _p, m in stats.first_failures)
-                + f"\nFix or remove these files (or raise --error-budget) and run again; "
+                + f"\nFix or remove these files (or raise error_budget) and run again; "
                   f"finished batches are kept in {self.pdir}."
             )
 

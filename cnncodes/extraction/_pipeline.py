@@ -26,7 +26,7 @@ def _check_decoder(decoder: str, pre) -> None:
     if decoder not in DECODERS:
         raise UsageError(f"Unknown decoder {decoder!r}: use {' or '.join(DECODERS)}")
     if decoder == "torchvision" and pre.interpolation not in ("bilinear", "bicubic", "nearest"):
-        raise UsageError(f"--decoder torchvision cannot resample with {pre.interpolation!r}; use --decoder pil")
+        raise UsageError(f"decoder='torchvision' cannot resample with {pre.interpolation!r}; use decoder='pil'")
 
 
 @functools.cache

@@ -59,7 +59,7 @@ def _check_same_dataset(info: store.CacheInfo, manifest: Manifest) -> None:
 
         raise CacheMismatchError(
             f"{info.path} holds the codes of {show(info.dataset_root, info.dataset_list)}, not of "
-            f"{show(manifest.root, manifest.list_path)}. Give another --out folder, or pass --overwrite to replace it."
+            f"{show(manifest.root, manifest.list_path)}. Give another out folder, or pass overwrite=True to replace it."
         )
 
 
@@ -284,7 +284,7 @@ def _existing_cache(path: Path, base_fp: str, manifest: Manifest, overwrite: boo
         return None
     old_info = store.read_info(path)
     if old_info.fingerprint != base_fp:
-        raise CacheMismatchError(f"{path} holds another spec (fingerprint {old_info.fingerprint[:12]}); use --overwrite")
+        raise CacheMismatchError(f"{path} holds another spec (fingerprint {old_info.fingerprint[:12]}); pass overwrite=True to replace it")
     _check_same_dataset(old_info, manifest)
     return old_info
 

@@ -15,7 +15,7 @@ def resolve_precision(precision: str, device: str) -> str:
     if precision not in ("fp32", "bf16", "fp16"):
         raise UsageError(f"Unknown precision {precision!r}: use auto, fp32, bf16 or fp16")
     if precision == "fp16" and device != "cuda":
-        raise UsageError("--precision fp16 needs --device cuda; use fp32 or bf16 on the CPU")
+        raise UsageError("precision='fp16' needs device='cuda'; use precision='fp32' or precision='bf16' on the CPU")
     return precision
 
 
@@ -36,7 +36,7 @@ def resolve_device(device: str) -> str:
     if torch.cuda.is_available():
         return "cuda"
     if device == "cuda":
-        raise UsageError("--device cuda was asked for, but torch sees no CUDA GPU here; use --device cpu or auto")
+        raise UsageError("device='cuda' was asked for, but torch sees no CUDA GPU here; use device='cpu' or device='auto'")
     return "cpu"
 
 

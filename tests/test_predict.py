@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from threadpoolctl import threadpool_limits
 
 from cnncodes import cli_predict as predict_script  # what scripts/predict.py runs
 from cnncodes import predict as P
@@ -23,16 +22,9 @@ from cnncodes.classify import load_model, train_run
 from cnncodes.errors import CacheMismatchError, ModelFileError, UsageError
 from cnncodes.store import load_codes
 
-from test_classify import digits_cache
+from conftest import FLOWERS, digits_cache, link_subset
 
-REPO = Path(__file__).resolve().parents[1]
-DATASETS = REPO.parent / "shared" / "datasets"
-
-
-@pytest.fixture(autouse=True)
-def _one_blas_thread():
-    with threadpool_limits(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +72,7 @@ def _fake_extract(monkeypatch, codes, images: Path, *, swap_layers: bool = False
 
     fake = types.ModuleType("cnncodes.extraction")
     fake.extract_images = extract_images
+    fake.keep_big_blocks_in_heap = lambda: False  # the CLI's process setting, called before predict
     monkeypatch.setitem(sys.modules, "cnncodes.extraction", fake)
 
 
@@ -295,16 +288,7 @@ def test_end_to_end_with_the_real_extractor(tmp_path):
     """Extract real photos with the tiny backbone, train, predict the same photos: same labels as at training."""
     import cnncodes.extraction as extract_mod  # an import error fails this test, never skips it
 
-    flowers = DATASETS / "flowers5"
-    if not flowers.is_dir():
-        pytest.skip(f"{flowers} is not here")
-    import os
-
-    data = tmp_path / "flowers"
-    for cls in ("daisy", "rose", "tulip"):
-        (data / cls).mkdir(parents=True)
-        for f in sorted(os.listdir(flowers / cls))[:8]:
-            os.symlink(flowers / cls / f, data / cls / f)
+    data = link_subset(FLOWERS, tmp_path / "flowers", 8, ["daisy", "rose", "tulip"])
     entry = extract_mod.extract(data, "tiny", ["fc1"], weights="none", out=tmp_path / "codes", device="cpu",
                                 workers=0, batch_size=8)
     run = train_run(entry.path, ["fc1"], classifiers=["softmax"], out=tmp_path / "run", n_jobs=1, plots=False,

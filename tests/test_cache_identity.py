@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FLOWERS, link_subset, need
+from conftest import FLOWERS, REPO, link_subset, need
 
 from cnncodes import load_codes
 from cnncodes.errors import CacheMismatchError
@@ -400,6 +400,6 @@ def test_a_hit_with_the_identity_checks_still_imports_no_torch(bmp_data, tmp_pat
     code = ("import sys; from cnncodes.extraction import extract; "
             f"r = extract({str(bmp_data)!r}, 'tiny', ['fc1'], out={str(out)!r}, weights='none', device='cpu'); "
             "print(r.hit, str(r.path), any(m == 'torch' or m.startswith('torch.') for m in sys.modules))")
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert got.stdout.split() == ["True", str(first.path), "False"]

@@ -25,62 +25,11 @@ from threadpoolctl import threadpool_limits
 
 from cnncodes import classify as C
 from cnncodes.errors import CacheError, CacheMismatchError, ModelFileError, TrainingDataError, UsageError
-from cnncodes.store import Codes, LayerRecord, fingerprint_of, load_codes, write_cache
+from cnncodes.store import Codes, LayerRecord, load_codes
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, SPEC, digits_cache, layer_record
 
-SPEC = {
-    "backbone": "alexnet",
-    "weights": {"kind": "default", "identity": "AlexNet_Weights.IMAGENET1K_V1:alexnet-owt-7be5be79.pth",
-                "sha256": "7be5be79" + "0" * 56},
-    "preprocessing": {"resize": 256, "crop": 224, "interpolation": "bilinear", "draft": True},
-    "dtype": "float16",
-    "layers": [],
-    "weights_path": "/somewhere/alexnet-owt-7be5be79.pth",
-}
-
-
-def _record(key: str, node: str, dim: int, spec: dict = SPEC) -> LayerRecord:
-    return LayerRecord(key, key, node, "relu", "avg", dim, (), fingerprint_of({"spec": spec, "key": key, "node": node}))
-
-
-def digits_cache(path, *, splits=None, status=None, n=None, nan_rows=(), labels=None, spec=SPEC) -> Path:
-    """A cache of real codes: fc6 = the digit pixels, fc7 = their square root (both 64-D)."""
-    X, y = load_digits(return_X_y=True)
-    X = X.astype(np.float32)
-    if n is not None:
-        X, y = X[:n], y[:n]
-    if labels is not None:
-        y = np.asarray(labels)
-    n = len(y)
-    X7 = np.sqrt(X)
-    for i in nan_rows:
-        X[i] = np.nan
-    status = np.array(status if status is not None else ["ok"] * n)
-    X[status != "ok"] = np.nan
-    X7[status != "ok"] = np.nan
-    rows = {
-        "paths": np.array([f"d{y[i]}/img{i:04d}.png" for i in range(n)]),
-        "labels": y,
-        "split": np.array(splits if splits is not None else [""] * n),
-        "status": status,
-        "message": np.array(["decode failed" if s != "ok" else "" for s in status]),
-        "file_size": np.zeros(n, np.int64),
-        "file_mtime_ns": np.zeros(n, np.int64),
-    }
-    layers = {"fc6": (_record("fc6", "classifier.2", 64, spec), [X]), "fc7": (_record("fc7", "classifier.5", 64, spec), [X7])}
-    write_cache(path, spec=spec, fingerprint=fingerprint_of(spec), manifest_hash="m" * 64, dataset_root="/data/digits",
-                class_names=[f"digit{k}" for k in range(10)], rows=rows, layers=layers)
-    return Path(path)
-
-
-@pytest.fixture(autouse=True)
-def _one_blas_thread():
-    """sklearn fits in the tests on one BLAS/OpenMP thread: on a busy 2-core machine, spinning
-    threads make small fits 10-30x slower (the library does the same for small problems)."""
-    with threadpool_limits(1):
-        yield
-
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 @pytest.fixture(scope="module")
 def digits():
@@ -483,7 +432,7 @@ def saved_model(tmp_path, digits):
     pipe = C.make_pipeline("l2", "svm", 1.0, n_samples=len(y), n_features=64).fit(X, y)
     path = tmp_path / "models" / "fc7__svm.skops"
     C.save_model(pipe, path, {"classifier": "svm", "layers": ["fc7"], "class_names": [str(i) for i in range(10)],
-                              "records": {"fc7": _record("fc7", "classifier.5", 64).to_dict()}, "spec": SPEC})
+                              "records": {"fc7": layer_record("fc7", "classifier.5", 64).to_dict()}, "spec": SPEC})
     return pipe, path
 
 
@@ -577,17 +526,17 @@ def test_model_write_is_atomic(saved_model, monkeypatch, digits):
 
 
 def _meta(key="fc7", node="classifier.5", spec=SPEC):
-    return {"model_file": "fc7__svm.skops", "layers": [key], "records": {key: _record(key, node, 4096, spec).to_dict()},
+    return {"model_file": "fc7__svm.skops", "layers": [key], "records": {key: layer_record(key, node, 4096, spec).to_dict()},
             "spec": spec}
 
 
 def test_compatible_codes_pass():
     other_place = dict(SPEC, weights_path="/elsewhere/alexnet.pth")
-    C.check_compatible(_meta(), {"fc7": _record("fc7", "classifier.5", 4096)}, other_place)
+    C.check_compatible(_meta(), {"fc7": layer_record("fc7", "classifier.5", 4096)}, other_place)
 
 
 def test_fc6_codes_refused_for_an_fc7_model_of_equal_width():
-    codes = {"fc6": _record("fc6", "classifier.2", 4096)}
+    codes = {"fc6": layer_record("fc6", "classifier.2", 4096)}
     with pytest.raises(CacheMismatchError) as e:
         C.check_compatible(_meta(), codes, SPEC)
     fields = [d.field for d in e.value.differences]
@@ -604,7 +553,7 @@ def test_other_weights_and_preprocessing_are_named():
     spec2["weights"]["sha256"] = "f" * 64
     spec2["preprocessing"]["crop"] = 227
     with pytest.raises(CacheMismatchError) as e:
-        C.check_compatible(_meta(), {"fc7": _record("fc7", "classifier.5", 4096, spec2)}, spec2)
+        C.check_compatible(_meta(), {"fc7": layer_record("fc7", "classifier.5", 4096, spec2)}, spec2)
     fields = [d.field for d in e.value.differences]
     assert fields == ["preprocessing.crop", "weights.sha256"]
 
@@ -618,7 +567,7 @@ def test_pre_relu_stage_and_pooling_are_named():
 
 def test_missing_layer_is_named():
     with pytest.raises(CacheMismatchError, match="layers"):
-        C.check_compatible(_meta(), {"conv5": _record("conv5", "features.11", 256), "fc6": _record("fc6", "x", 9)},
+        C.check_compatible(_meta(), {"conv5": layer_record("conv5", "features.11", 256), "fc6": layer_record("fc6", "x", 9)},
                            SPEC)
 
 

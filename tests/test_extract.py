@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import HYMENOPTERA, link_subset, need
+from conftest import HYMENOPTERA, REPO, link_subset, need
 
 from cnncodes import load_codes
 from cnncodes.cli_extract import main as extract_main
@@ -429,6 +429,7 @@ print(default, after_extract, mmapped_growth())
 """
 
 
+@pytest.mark.slow
 def test_big_blocks_stay_in_the_heap_once_the_program_asks(flowers_small, tmp_path):
     """After keep_big_blocks_in_heap() a 64 MB tensor comes from the heap, not from mmap: glibc's mmap'ed
     blocks are unmapped on free and page-faulted in again at the next batch (half of the forward pass's time
@@ -443,7 +444,7 @@ def test_big_blocks_stay_in_the_heap_once_the_program_asks(flowers_small, tmp_pa
         ctypes.CDLL("libc.so.6").mallinfo2
     except (OSError, AttributeError):
         pytest.skip("needs glibc >= 2.33 (mallinfo2)")
-    repo = Path(__file__).resolve().parents[1]
+    repo = REPO
     out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, str(flowers_small), str(tmp_path / "codes")], cwd=repo,
                          capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONPATH=str(repo)))
     default, after_extract, asked = (int(v) for v in out.stdout.split())

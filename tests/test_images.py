@@ -25,18 +25,12 @@ from cnncodes.images import (
     scan_folder,
 )
 
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-if not DATASETS.is_dir():  # the project may be checked out elsewhere
-    DATASETS = Path("/work/shared/datasets")
-FLOWERS = DATASETS / "flowers5"
-HYMENOPTERA = DATASETS / "hymenoptera"
-SIGNS7 = DATASETS / "sign_language_digits" / "7"
+from conftest import FLOWERS, HYMENOPTERA, REPO, SIGNS, needs
 
-needs_flowers = pytest.mark.skipif(not FLOWERS.is_dir(), reason="flowers5 not available")
-needs_hymenoptera = pytest.mark.skipif(
-    not HYMENOPTERA.is_dir(), reason="hymenoptera not available"
-)
-needs_signs = pytest.mark.skipif(not SIGNS7.is_dir(), reason="sign_language_digits not available")
+SIGNS7 = SIGNS / "7"
+needs_flowers = needs(FLOWERS)
+needs_hymenoptera = needs(HYMENOPTERA)
+needs_signs = needs(SIGNS7)
 
 
 # --------------------------------------------------------------------------- #
@@ -853,7 +847,7 @@ def test_images_module_does_not_import_torch():
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
-        cwd=str(Path(__file__).resolve().parents[1]),
+        cwd=str(REPO),
         check=True,
     )
     assert out.stdout.strip() == "False"

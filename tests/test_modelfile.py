@@ -26,7 +26,7 @@ from cnncodes import modelfile as M
 from cnncodes.errors import ModelFileError, UsageError
 from cnncodes.fileio import sha256_bytes, sha256_of_file
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 META = {"classifier": "svm", "layers": ["fc7"], "class_names": [str(i) for i in range(10)]}
 
 

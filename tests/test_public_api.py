@@ -5,11 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
+import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
+@pytest.mark.slow
 def test_cnncodes_extract_stays_callable_after_every_submodule_import(tmp_path):
     """Call ``cnncodes.extract`` twice in a fresh process, importing every cnncodes module in between: the
     second call is a cache hit of the first (no submodule may shadow the function with a module)."""
@@ -58,8 +59,6 @@ def test_a_bug_is_not_a_user_error_and_keeps_its_traceback(capsys):
     """An internal error is no CnnCodesError: run_cli lets it through (with its traceback), exit 1 is for
     the user's mistakes and the environment's failures."""
     import argparse
-
-    import pytest
 
     from cnncodes._cli import run_cli
     from cnncodes.errors import CacheMismatchError

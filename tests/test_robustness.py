@@ -38,8 +38,8 @@ from cnncodes.errors import (
     WeightsError,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-FLOWERS = REPO.parent / "shared" / "datasets" / "flowers5"
+from conftest import FLOWERS, REPO, image_files
+
 LAYERS = ["conv2", "fc1"]
 BATCH = 4
 
@@ -49,28 +49,18 @@ pytestmark = pytest.mark.slow
 # --------------------------------------------------------------------------- helpers
 
 
-def _need_flowers() -> None:
-    if not FLOWERS.is_dir():
-        pytest.skip(f"real images {FLOWERS} are not here (they lie beside the repo in ../shared/datasets)")
-
-
-def _flower_files(cls: str) -> list[Path]:
-    return sorted(p for p in (FLOWERS / cls).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-
-
 def make_data(root: Path, per_class: int = 5, classes=("daisy", "rose", "sunflower", "tulip"), offset: int = 0) -> Path:
     """An image folder of symbolic links to real flower photos (nothing is copied)."""
-    _need_flowers()
     for cls in classes:
         (root / cls).mkdir(parents=True, exist_ok=True)
-        for f in _flower_files(cls)[offset:offset + per_class]:
+        for f in image_files(FLOWERS / cls)[offset:offset + per_class]:
             os.symlink(f, root / cls / f.name)
     return root
 
 
 def add_image(data: Path, cls: str = "daisy", index: int = 200) -> Path:
     """Link one more flower photo into ``data/cls`` (an image the list did not hold)."""
-    f = _flower_files(cls)[index]
+    f = image_files(FLOWERS / cls)[index]
     dst = data / cls / f.name
     os.symlink(f, dst)
     return dst
@@ -459,7 +449,7 @@ def _small_rgb(seed: int, size=(64, 48)):
     """A small real photo (no JPEG draft at 36 px), varied by seed."""
     from PIL import Image
 
-    src = _flower_files("sunflower")[seed]
+    src = image_files(FLOWERS / "sunflower")[seed]
     with Image.open(src) as im:
         return im.convert("RGB").resize(size)
 
@@ -470,7 +460,7 @@ def write_bad_images(folder: Path) -> dict[str, str]:
 
     folder.mkdir(parents=True)
     # truncated JPEG: the first 40 % of a real photo
-    real = _flower_files("rose")[0].read_bytes()
+    real = image_files(FLOWERS / "rose")[0].read_bytes()
     (folder / "truncated.jpg").write_bytes(real[: len(real) * 2 // 5])
     (folder / "zero.jpg").write_bytes(b"")
     (folder / "text.jpg").write_text("this is not an image, it is a text file named .jpg\n" * 20)

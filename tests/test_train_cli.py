@@ -12,23 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from threadpoolctl import threadpool_limits
 
 from cnncodes import cli_train as train  # what scripts/train_svm.py runs
 from cnncodes.classify import load_model
 from cnncodes.store import load_codes
 
-from test_classify import digits_cache
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, digits_cache
 
 FAST = ["--n-jobs", "1", "--c-min", "1e-3", "--c-max", "1e5", "--c-num", "9", "--no-plots", "-q"]
 
 
-@pytest.fixture(autouse=True)
-def _one_blas_thread():
-    with threadpool_limits(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 @pytest.fixture(scope="module")

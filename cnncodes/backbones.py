@@ -112,6 +112,9 @@ class BackboneSpec:
     default_weights: Callable[[], "ResolvedWeights"]
     description: str = ""
     arch_args: dict = field(default_factory=dict)
+    # state-dict prefixes of heads used only in training (GoogLeNet's aux1/aux2, Inception's AuxLogits):
+    # the network is built without them, and weight files that hold them (torchvision's do) load
+    training_only: tuple[str, ...] = ()
 
     def layer(self, alias: str) -> LayerDef:
         """Return the layer called ``alias``, with a "did you mean" hint if unknown.
@@ -356,6 +359,7 @@ def build_model(spec: BackboneSpec, weights: ResolvedWeights):
 
     if weights.path is not None:
         sd = _load_state_dict(weights.path)
+        sd = {k: v for k, v in sd.items() if not k.startswith(spec.training_only)}
         # no random init that the weights overwrite anyway (0.4 s for AlexNet, seconds for VGG16)
         with torch.device("meta"):
             model = spec.build()
@@ -545,9 +549,10 @@ def _register_defaults() -> None:
         ("mobilenet_v2", "MobileNet_V2_Weights.IMAGENET1K_V2", Preprocessing(232, 224), _mobilenet_v2_layers, {},
          "MobileNetV2 (torchvision)"),
     ]
+    aux_heads = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
     for name, enum_path, pre, layers, kw, desc in tv:
         register_backbone(BackboneSpec(name, _tv(name, **kw), pre, layers(), _torchvision_default(enum_path), desc,
-                                       dict(kw, weights_enum=enum_path)))
+                                       dict(kw, weights_enum=enum_path), aux_heads.get(name, ())))
     # The packaged weights are a port of Google's TensorFlow EfficientNet-Lite0 checkpoint: they were
     # trained with TF "same" padding (asymmetric on stride 2) and BatchNorm eps 1e-3, i.e. timm's
     # tf_efficientnet_lite0. timm's efficientnet_lite0 (symmetric padding, eps 1e-5) takes the same tensors

@@ -44,6 +44,7 @@ import numpy as np
 
 from .errors import ModelFileError, UsageError
 from .fileio import atomic_write_bytes, atomic_write_text, sha256_bytes, sha256_of_file
+from ._provenance import _jsonable
 
 __all__ = [
     "MODEL_SUFFIX",
@@ -91,8 +92,6 @@ def _versions() -> dict:
 
 
 def _dump_json(obj: Mapping) -> str:
-    from .classify import _jsonable  # classify imports this module at its top: import here, not there
-
     return json.dumps(_jsonable(dict(obj)), indent=2, sort_keys=True) + "\n"
 
 

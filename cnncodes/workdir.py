@@ -1,7 +1,7 @@
 """The work folder of an unfinished extraction, ``<cache>.partial/``: shards, the plan, consolidation.
 
 Each finished batch is a shard file (temporary name, fsync, rename; its sha256 is in its name,
-:func:`cnncodes.store.shard_name`). ``plan.json`` records what the shards are part of, so that the
+:class:`cnncodes.store.ShardName`). ``plan.json`` records what the shards are part of, so that the
 same command resumes from them; a plan that differs is refused. :func:`_consolidate` streams old
 codes and shards, in the manifest's order, into the new cache file. Folders are removed by renaming
 them out of the way first, so that a kill leaves all of a work folder or none of it.

@@ -270,7 +270,7 @@ def test_kill_while_writing_the_cache_file(killed, tmp_path, monkeypatch):
 
     out = tmp_path / "out"
     path = copy_killed(killed, out)
-    monkeypatch.setattr(st, "atomic_path", dies_after_writing)
+    monkeypatch.setattr(st._write, "atomic_path", dies_after_writing)
     with pytest.raises(_Killed):
         run_extract(killed["data"], out)
     monkeypatch.undo()

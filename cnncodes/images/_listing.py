@@ -190,7 +190,33 @@ def scan_folder(root: str | os.PathLike[str]) -> Manifest:
         If ``root`` is missing, is not a folder, is empty, has no class
         subfolder, or holds no image file.
     """
-    root_str = os.fspath(root)
+    root_abs, top_dirs = _check_root(os.fspath(root))
+    found, split_layout, other_exts, n_class_dirs = _collect(root_abs, top_dirs)
+    if not found:
+        where = "class subfolders" if not split_layout else "split/class subfolders"
+        raise DatasetError(
+            f"Dataset folder {root_abs!r} has {n_class_dirs} {where} but no "
+            f"image file: found {_format_ext_counts(other_exts)}. Image files "
+            f"must end in one of {', '.join(sorted(IMAGE_EXTENSIONS))} "
+            "(case-insensitive)."
+        )
+
+    class_names = tuple(sorted({c for _, c, _, _ in found}))
+    index = {c: i for i, c in enumerate(class_names)}
+    found.sort(key=lambda t: t[0])
+    rows = tuple(_row(rp, index[c], c, s, st) for rp, c, s, st in found)
+    logger.debug(
+        "Scanned %s: %d images, %d classes%s",
+        root_abs,
+        len(rows),
+        len(class_names),
+        ", split layout" if split_layout else "",
+    )
+    return Manifest(root=root_abs, rows=rows, class_names=class_names, source="folder")
+
+
+def _check_root(root_str: str) -> tuple[str, list[os.DirEntry[str]]]:
+    """The resolved dataset folder and its visible top-level folders; a clear error for any other layout."""
     if not os.path.exists(root_str):
         raise DatasetError(
             f"Dataset folder {root_str!r} does not exist: check the path "
@@ -241,6 +267,12 @@ def scan_folder(root: str | os.PathLike[str]) -> Manifest:
             root_abs,
         )
 
+    return root_abs, top_dirs
+
+
+def _collect(root_abs: str, top_dirs: list[os.DirEntry[str]]):
+    """The images below the class folders, one walk for the whole tree: (relpath, class, split, stat) each,
+    whether it is a split layout, the other extensions seen and the number of class folders."""
     split_layout = all(e.name.lower() in _SPLIT_ALIASES for e in top_dirs)
     walk = _Walk(root_abs)  # one walk for the whole tree: no folder is listed twice
     walk.enter(root_abs, False)
@@ -288,27 +320,7 @@ def scan_folder(root: str | os.PathLike[str]) -> Manifest:
                     ", ".join(sorted(IMAGE_EXTENSIONS)),
                 )
 
-    if not found:
-        where = "class subfolders" if not split_layout else "split/class subfolders"
-        raise DatasetError(
-            f"Dataset folder {root_abs!r} has {n_class_dirs} {where} but no "
-            f"image file: found {_format_ext_counts(other_exts)}. Image files "
-            f"must end in one of {', '.join(sorted(IMAGE_EXTENSIONS))} "
-            "(case-insensitive)."
-        )
-
-    class_names = tuple(sorted({c for _, c, _, _ in found}))
-    index = {c: i for i, c in enumerate(class_names)}
-    found.sort(key=lambda t: t[0])
-    rows = tuple(_row(rp, index[c], c, s, st) for rp, c, s, st in found)
-    logger.debug(
-        "Scanned %s: %d images, %d classes%s",
-        root_abs,
-        len(rows),
-        len(class_names),
-        ", split layout" if split_layout else "",
-    )
-    return Manifest(root=root_abs, rows=rows, class_names=class_names, source="folder")
+    return found, split_layout, other_exts, n_class_dirs
 
 
 def _csv_relpath(raw: str, roots: tuple[str, ...]) -> tuple[str, str]:
@@ -381,7 +393,39 @@ def read_csv_list(csv_path: str | os.PathLike[str]) -> Manifest:
             f"CSV list {csv_abs!r} is empty: it needs a header line "
             "path,label[,split] and one line per image."
         )
-    header_line, header = records[0]
+    columns = _parse_header(csv_abs, records[0])
+    parsed, problems = _parse_rows(records, columns, roots)
+
+    if problems:
+        listed = "; ".join(
+            f"line {n}: {why}" for n, why in problems[:_MAX_LISTED_ERRORS]
+        )
+        more = (
+            f" (first {_MAX_LISTED_ERRORS} shown)"
+            if len(problems) > _MAX_LISTED_ERRORS
+            else ""
+        )
+        raise DatasetError(
+            f"CSV list {csv_abs!r} has {len(problems)} bad row(s){more}: {listed}. "
+            "Fix or remove these lines; paths are relative to the CSV's folder "
+            f"{root!r} or absolute."
+        )
+    if not parsed:
+        raise DatasetError(
+            f"CSV list {csv_abs!r} has a header but no image rows: add one line "
+            "per image (path,label[,split])."
+        )
+
+    class_names = tuple(sorted({lab for _, lab, _, _ in parsed}))
+    index = {c: i for i, c in enumerate(class_names)}
+    rows = tuple(_row(rp, index[lab], lab, s, st) for rp, lab, s, st in parsed)
+    return Manifest(root=root, rows=rows, class_names=class_names, source="csv",
+                    list_path=os.path.realpath(csv_abs))
+
+
+def _parse_header(csv_abs: str, first: tuple[int, list[str]]) -> tuple[int, int, int | None, int]:
+    """The columns of path, label and split (None if absent), and the number of columns."""
+    header_line, header = first
     names = [h.strip().lower() for h in header]
     missing = [c for c in ("path", "label") if c not in names]
     dupes = sorted({n for n in names if names.count(n) > 1 and n})
@@ -400,7 +444,12 @@ def read_csv_list(csv_path: str | os.PathLike[str]) -> Manifest:
     i_label = names.index("label")
     i_split = names.index("split") if "split" in names else None
     n_cols = len(names)
+    return i_path, i_label, i_split, n_cols
 
+
+def _parse_rows(records, columns: tuple[int, int, int | None, int], roots: tuple[str, ...]):
+    """(relpath, label, split, stat) of each good row below the header, and (line, problem) of each bad one."""
+    i_path, i_label, i_split, n_cols = columns
     problems: list[tuple[int, str]] = []
     parsed: list[tuple[str, str, str, os.stat_result]] = []
     first_line_of: dict[str, int] = {}
@@ -444,32 +493,7 @@ def read_csv_list(csv_path: str | os.PathLike[str]) -> Manifest:
             problems.append((line_no, f"not a file: {absolute}"))
             continue
         parsed.append((relpath, label, split, st))
-
-    if problems:
-        listed = "; ".join(
-            f"line {n}: {why}" for n, why in problems[:_MAX_LISTED_ERRORS]
-        )
-        more = (
-            f" (first {_MAX_LISTED_ERRORS} shown)"
-            if len(problems) > _MAX_LISTED_ERRORS
-            else ""
-        )
-        raise DatasetError(
-            f"CSV list {csv_abs!r} has {len(problems)} bad row(s){more}: {listed}. "
-            "Fix or remove these lines; paths are relative to the CSV's folder "
-            f"{root!r} or absolute."
-        )
-    if not parsed:
-        raise DatasetError(
-            f"CSV list {csv_abs!r} has a header but no image rows: add one line "
-            "per image (path,label[,split])."
-        )
-
-    class_names = tuple(sorted({lab for _, lab, _, _ in parsed}))
-    index = {c: i for i, c in enumerate(class_names)}
-    rows = tuple(_row(rp, index[lab], lab, s, st) for rp, lab, s, st in parsed)
-    return Manifest(root=root, rows=rows, class_names=class_names, source="csv",
-                    list_path=os.path.realpath(csv_abs))
+    return parsed, problems
 
 
 def _read_records(fh: Iterator[str]) -> list[tuple[int, list[str]]]:

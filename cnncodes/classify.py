@@ -931,13 +931,8 @@ def train_run(
     run_settings = {"layer_sets": ["+".join(s) for s in sets], "classifiers": classifiers, "norm": norm,
                     "grid": [float(c) for c in g], "cv": cv, "seed": seed, "val_fraction": val_fraction,
                     "test_fraction": test_fraction, "max_iter": max_iter, "early_stop": patience}
-    if out is not None:
-        target = Path(out)
-        _runfolder.check_target(target, cache, overwrite)
-    else:
-        target = Path(runs_root) / default_run_name(cache, all_keys, concat, run_settings)
-    marker = {"created": _now(), "cache": str(Path(cache).resolve()), "settings": run_settings,
-              "settings_hash": _runfolder.settings_hash(run_settings)}
+    target, marker = _run_target(cache, out, runs_root, overwrite, all_keys, concat, run_settings)
+    fit = _FitSettings(norm, g, cv, seed, n_jobs, max_iter, max_iter_cap, patience)
 
     # one open handle for the whole run: every layer and the row table come from one version of the file,
     # even if an extraction replaces the cache meanwhile (it does so by rename, never in place)
@@ -949,7 +944,6 @@ def train_run(
     curves_for_plot, cms_for_plot = [], []
     first = None
     split: Split | None = None
-    notes: list[str] = []
     with snap, _runfolder.staged_run(target, overwrite=overwrite, cache=cache, reserve=out is None,
                                      marker=marker) as (tmp, target):
         if missing:
@@ -958,97 +952,24 @@ def train_run(
             codes = snap.load(lset)
             name = "+".join(lset)
             if split is None:
-                first = codes
-                split = make_split(
-                    codes.labels, codes.splits, codes.status, class_names=codes.class_names, paths=codes.paths,
-                    messages=codes.messages, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-                )
-                notes.extend(split.notes)
-                log.info("Split (%s): %d train, %d val, %d test; %d failed rows left out", split.source,
-                         len(split.train), len(split.val), len(split.test), split.n_failed)
-                for w in split.warnings:
-                    log.warning("Warning: %s", w)
+                first, split = codes, _split_of(codes, val_fraction, test_fraction, seed)
             _check_same_snapshot(first, codes, cache)
-            used = np.concatenate([split.train, split.val, split.test])
-            check_codes(codes.X, used, codes.paths, what=f"layer(s) {name}")
+            check_codes(codes.X, np.concatenate([split.train, split.val, split.test]), codes.paths,
+                        what=f"layer(s) {name}")
             X = np.ascontiguousarray(codes.X, dtype=np.float32)
-            y = codes.labels
-            trval = np.concatenate([split.train, split.val])
             results[name] = {}
             for clf in classifiers:
-                log.info("Sweeping C for %s on %s (%d features)", clf, name, X.shape[1])
-                sw = sweep_C(
-                    X[split.train], y[split.train],
-                    X[split.val] if len(split.val) else None, y[split.val] if len(split.val) else None,
-                    clf=clf, norm=norm, grid=g, cv=cv, seed=seed, n_jobs=n_jobs, max_iter=max_iter,
-                    max_iter_cap=max_iter_cap, early_stop=patience, class_names=codes.class_names,
-                )
-                for nt in sw.notes:
-                    log.warning("%s / %s: %s", name, clf, nt)
-                val_rows = split.val if sw.method == "val" else split.train
-                val_metrics = compute_metrics(y[val_rows], sw.predictions[sw.best_index], codes.class_names)
-                val_metrics["method"] = sw.method
-                t0 = time.perf_counter()
-                pipe, fit = refit(X[trval], y[trval], clf=clf, norm=norm, C=sw.best_C, max_iter=max_iter,
-                                  max_iter_cap=max_iter_cap, seed=seed)
-                fit_s = time.perf_counter() - t0
-                if not fit["converged"]:
-                    log.warning("%s / %s: %s", name, clf, fit["message"])
-                pred_all = {s: top_scores(pipe, X[rows]) if len(rows) else (np.array([], int), np.array([]))
-                            for s, rows in (("train", trval), ("test", split.test))}
-                stem = f"{name}__{clf}"
-                rel_model = f"models/{stem}{MODEL_SUFFIX}"
-                save_model(pipe, tmp / rel_model, {
-                    "classifier": clf, "norm": norm, "C": sw.best_C, "layers": list(lset),
-                    "records": {k: codes.records[k].to_dict() for k in lset}, "spec": codes.spec,
-                    "fingerprint": codes.fingerprint, "cache": str(Path(cache).resolve()),
-                    "class_names": list(codes.class_names), "n_features": int(X.shape[1]),
-                    "max_iter": fit["max_iter"], "converged": fit["converged"], "seed": seed,
-                })
-                _write_predictions(tmp / "predictions" / f"{stem}.csv", codes, trval, split, pred_all)
-                r = {
-                    "C": sw.best_C, "c_index": sw.best_index, "c_at_edge": sw.at_edge, "c_curve": sw.curve(),
-                    "selection": {"method": sw.method, "n_folds": sw.n_folds, "notes": sw.notes,
-                                  "early_stop": patience, "stopped_at": sw.stopped_at},
-                    "train": compute_metrics(y[trval], pred_all["train"][0], codes.class_names),
-                    "val": val_metrics,
-                    "test": compute_metrics(y[split.test], pred_all["test"][0], codes.class_names),
-                    "converged": fit["converged"], "convergence_message": fit["message"], "max_iter": fit["max_iter"],
-                    "sweep_seconds": sw.seconds, "fit_seconds": fit_s, "n_features": int(X.shape[1]),
-                    "norm": norm, "model": rel_model,
-                }
-                r["train"]["rows"] = "train+val"
+                r, sw = _fit_one(tmp, cache, codes, lset, X, split, clf, fit)
                 results[name][clf] = r
                 curves_for_plot.append((name, clf, sw))
                 cms_for_plot.append((name, clf, r["test"]))
-                log.info("%s / %s: C=%g, val %.4f, test %.4f (sweep %.1fs, fit %.1fs)", name, clf, sw.best_C,
-                         val_metrics["accuracy"], r["test"]["accuracy"], sw.seconds, fit_s)
         best = max(
             ((n, c, r) for n, d in results.items() for c, r in d.items()),
             key=lambda t: t[2]["val"]["accuracy"],  # the first of equals, in the order asked for
         )
         _copy_model(tmp / best[2]["model"], tmp / BEST_MODEL)
-        metrics = {
-            "schema": METRICS_SCHEMA,
-            "created": _now(),
-            "versions": _versions(),
-            "cache": {
-                "path": str(Path(cache).resolve()), "fingerprint": info.fingerprint, "spec": info.spec,
-                "records": {k: info.layers[k].to_dict() for k in all_keys}, "manifest_hash": info.manifest_hash,
-                "dataset_root": info.dataset_root, "rows_sha256": info.rows_sha256, "class_names": first.class_names,
-            },
-            "split": split.to_dict(),
-            "settings": {"norm": norm, "grid": g, "cv": cv, "n_jobs": n_jobs, "concat": concat, "seed": seed,
-                         "classifiers": classifiers, "layer_sets": ["+".join(s) for s in sets],
-                         "max_iter": max_iter, "max_iter_cap": max_iter_cap, "early_stop": patience},
-            "results": results,
-            "best": {"layers": best[0], "clf": best[1], "val_accuracy": best[2]["val"]["accuracy"],
-                     "test_accuracy": best[2]["test"]["accuracy"], "model": best[2]["model"],
-                     "file": BEST_MODEL},
-            "notes": notes,
-            "warnings": list(split.warnings),
-            "seconds": time.perf_counter() - t_run,
-        }
+        metrics = _metrics(cache, info, first, split, fit, all_keys, sets, classifiers, concat, results, best,
+                           time.perf_counter() - t_run)
         atomic_write_text(tmp / "metrics.json", json.dumps(_jsonable(metrics), indent=2) + "\n")
         if plots:
             _plot_confusions(tmp / "confusion_matrix.png", cms_for_plot)
@@ -1059,6 +980,123 @@ def train_run(
     log.info("Run written to %s; best: %s / %s (val %.4f, test %.4f)", target, best[0], best[1],
              best[2]["val"]["accuracy"], best[2]["test"]["accuracy"])
     return RunResult(target, metrics, summary)
+
+
+def _run_target(cache, out, runs_root, overwrite: bool, all_keys, concat: bool, run_settings: dict):
+    """The run folder to write (``out``, checked, or a name under ``runs_root``) and its marker."""
+    if out is not None:
+        target = Path(out)
+        _runfolder.check_target(target, cache, overwrite)
+    else:
+        target = Path(runs_root) / default_run_name(cache, all_keys, concat, run_settings)
+    marker = {"created": _now(), "cache": str(Path(cache).resolve()), "settings": run_settings,
+              "settings_hash": _runfolder.settings_hash(run_settings)}
+    return target, marker
+
+
+@dataclass(frozen=True)
+class _FitSettings:
+    """What every (layer set, classifier) of a run is fitted with."""
+
+    norm: str
+    grid: np.ndarray
+    cv: int
+    seed: int
+    n_jobs: int | None
+    max_iter: int
+    max_iter_cap: int
+    patience: int
+
+
+def _split_of(codes, val_fraction: float, test_fraction: float, seed: int) -> Split:
+    """The run's split, made once from the first layer set's rows (every layer shares them)."""
+    split = make_split(
+        codes.labels, codes.splits, codes.status, class_names=codes.class_names, paths=codes.paths,
+        messages=codes.messages, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+    )
+    log.info("Split (%s): %d train, %d val, %d test; %d failed rows left out", split.source,
+             len(split.train), len(split.val), len(split.test), split.n_failed)
+    for w in split.warnings:
+        log.warning("Warning: %s", w)
+    return split
+
+
+def _fit_one(tmp: Path, cache, codes, lset, X: np.ndarray, split: Split, clf: str, fit: _FitSettings):
+    """Sweep C on train (val or CV), refit on train+val, save the model and its predictions; its results."""
+    name = "+".join(lset)
+    y = codes.labels
+    trval = np.concatenate([split.train, split.val])
+    log.info("Sweeping C for %s on %s (%d features)", clf, name, X.shape[1])
+    sw = sweep_C(
+        X[split.train], y[split.train],
+        X[split.val] if len(split.val) else None, y[split.val] if len(split.val) else None,
+        clf=clf, norm=fit.norm, grid=fit.grid, cv=fit.cv, seed=fit.seed, n_jobs=fit.n_jobs, max_iter=fit.max_iter,
+        max_iter_cap=fit.max_iter_cap, early_stop=fit.patience, class_names=codes.class_names,
+    )
+    for nt in sw.notes:
+        log.warning("%s / %s: %s", name, clf, nt)
+    val_rows = split.val if sw.method == "val" else split.train
+    val_metrics = compute_metrics(y[val_rows], sw.predictions[sw.best_index], codes.class_names)
+    val_metrics["method"] = sw.method
+    t0 = time.perf_counter()
+    pipe, fitted = refit(X[trval], y[trval], clf=clf, norm=fit.norm, C=sw.best_C, max_iter=fit.max_iter,
+                         max_iter_cap=fit.max_iter_cap, seed=fit.seed)
+    fit_s = time.perf_counter() - t0
+    if not fitted["converged"]:
+        log.warning("%s / %s: %s", name, clf, fitted["message"])
+    pred_all = {s: top_scores(pipe, X[rows]) if len(rows) else (np.array([], int), np.array([]))
+                for s, rows in (("train", trval), ("test", split.test))}
+    stem = f"{name}__{clf}"
+    rel_model = f"models/{stem}{MODEL_SUFFIX}"
+    save_model(pipe, tmp / rel_model, {
+        "classifier": clf, "norm": fit.norm, "C": sw.best_C, "layers": list(lset),
+        "records": {k: codes.records[k].to_dict() for k in lset}, "spec": codes.spec,
+        "fingerprint": codes.fingerprint, "cache": str(Path(cache).resolve()),
+        "class_names": list(codes.class_names), "n_features": int(X.shape[1]),
+        "max_iter": fitted["max_iter"], "converged": fitted["converged"], "seed": fit.seed,
+    })
+    _write_predictions(tmp / "predictions" / f"{stem}.csv", codes, trval, split, pred_all)
+    r = {
+        "C": sw.best_C, "c_index": sw.best_index, "c_at_edge": sw.at_edge, "c_curve": sw.curve(),
+        "selection": {"method": sw.method, "n_folds": sw.n_folds, "notes": sw.notes,
+                      "early_stop": fit.patience, "stopped_at": sw.stopped_at},
+        "train": compute_metrics(y[trval], pred_all["train"][0], codes.class_names),
+        "val": val_metrics,
+        "test": compute_metrics(y[split.test], pred_all["test"][0], codes.class_names),
+        "converged": fitted["converged"], "convergence_message": fitted["message"], "max_iter": fitted["max_iter"],
+        "sweep_seconds": sw.seconds, "fit_seconds": fit_s, "n_features": int(X.shape[1]),
+        "norm": fit.norm, "model": rel_model,
+    }
+    r["train"]["rows"] = "train+val"
+    log.info("%s / %s: C=%g, val %.4f, test %.4f (sweep %.1fs, fit %.1fs)", name, clf, sw.best_C,
+             val_metrics["accuracy"], r["test"]["accuracy"], sw.seconds, fit_s)
+    return r, sw
+
+
+def _metrics(cache, info, first, split: Split, fit: _FitSettings, all_keys, sets, classifiers, concat: bool,
+             results: dict, best, seconds: float) -> dict:
+    """The run's ``metrics.json``."""
+    return {
+        "schema": METRICS_SCHEMA,
+        "created": _now(),
+        "versions": _versions(),
+        "cache": {
+            "path": str(Path(cache).resolve()), "fingerprint": info.fingerprint, "spec": info.spec,
+            "records": {k: info.layers[k].to_dict() for k in all_keys}, "manifest_hash": info.manifest_hash,
+            "dataset_root": info.dataset_root, "rows_sha256": info.rows_sha256, "class_names": first.class_names,
+        },
+        "split": split.to_dict(),
+        "settings": {"norm": fit.norm, "grid": fit.grid, "cv": fit.cv, "n_jobs": fit.n_jobs, "concat": concat,
+                     "seed": fit.seed, "classifiers": classifiers, "layer_sets": ["+".join(s) for s in sets],
+                     "max_iter": fit.max_iter, "max_iter_cap": fit.max_iter_cap, "early_stop": fit.patience},
+        "results": results,
+        "best": {"layers": best[0], "clf": best[1], "val_accuracy": best[2]["val"]["accuracy"],
+                 "test_accuracy": best[2]["test"]["accuracy"], "model": best[2]["model"],
+                 "file": BEST_MODEL},
+        "notes": list(split.notes),
+        "warnings": list(split.warnings),
+        "seconds": seconds,
+    }
 
 
 def _write_predictions(path: Path, codes, trval: np.ndarray, split: Split, pred_all: dict) -> None:

@@ -982,7 +982,8 @@ def refit(
 
 
 def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> dict:
-    """Classification metrics of one split, with ``sklearn.metrics``.
+    """Classification metrics of one split: ``classification_report``, ``balanced_accuracy_score``,
+    ``confusion_matrix``.
 
     Parameters
     ----------
@@ -993,13 +994,12 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequenc
     Returns
     -------
     dict
-        ``n``, ``accuracy`` (top-1), ``balanced_accuracy`` (mean per-class accuracy over
+        ``n``, ``accuracy`` (top-1), ``balanced_accuracy`` (mean per-class recall over
         the classes present in ``y_true``), ``per_class`` (precision, recall, f1, support
         per class name), ``confusion_matrix`` (rows: true, columns: predicted, in the
         order of ``labels``), ``labels``. Empty splits give ``{"n": 0}``.
     """
-    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix,
-                                 precision_recall_fscore_support)
+    from sklearn.metrics import balanced_accuracy_score, classification_report, confusion_matrix
 
     y_true = np.asarray(y_true)
     y_pred = np.asarray(y_pred)
@@ -1007,17 +1007,17 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequenc
         return {"n": 0}
     labels = np.arange(len(class_names))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        acc = accuracy_score(y_true, y_pred)
+        warnings.simplefilter("ignore")  # classes absent from y_true or y_pred: 0 by zero_division, on purpose
+        report = classification_report(y_true, y_pred, labels=labels, output_dict=True, zero_division=0)
         bal = balanced_accuracy_score(y_true, y_pred)
-        p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     cm = confusion_matrix(y_true, y_pred, labels=labels)
     return {
         "n": int(y_true.size),
-        "accuracy": float(acc),
+        "accuracy": float(np.mean(y_true == y_pred)),
         "balanced_accuracy": float(bal),
         "per_class": {
-            str(name): {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+            str(name): {"precision": float(report[str(i)]["precision"]), "recall": float(report[str(i)]["recall"]),
+                        "f1": float(report[str(i)]["f1-score"]), "support": int(report[str(i)]["support"])}
             for i, name in enumerate(class_names)
         },
         "confusion_matrix": cm.astype(int).tolist(),
@@ -1658,6 +1658,10 @@ def _save(fig, path: Path) -> None:
 
 
 def _plot_confusions(path: Path, items: list) -> None:
+    """Row-normalised test confusion matrices (``ConfusionMatrixDisplay`` on our own Agg figure: with
+    ``ax=`` it imports pyplot but registers no figure)."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
     n = len(items)
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
@@ -1667,32 +1671,36 @@ def _plot_confusions(path: Path, items: list) -> None:
     for i, (name, clf, m) in enumerate(items):
         ax = fig.add_subplot(rows, cols, i + 1)
         cm = np.asarray(m.get("confusion_matrix", [[0]]), dtype=float)
-        norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-        ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
+        recall = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+        labels = m.get("labels", []) if k <= 30 else None
+        disp = ConfusionMatrixDisplay(recall, display_labels=labels)
+        disp.plot(ax=ax, cmap="Blues", colorbar=False, include_values=k <= 12, values_format=".2f",
+                  xticks_rotation="vertical", im_kw={"vmin": 0, "vmax": 1})
         ax.set_title(f"{name} / {clf}: test acc {m.get('accuracy', float('nan')):.3f}", fontsize=9)
-        labels = m.get("labels", [])
-        if k <= 30:
-            ax.set_xticks(range(k), labels, rotation=90, fontsize=7)
-            ax.set_yticks(range(k), labels, fontsize=7)
-            if k <= 12:
-                for a in range(k):
-                    for b in range(k):
-                        ax.text(b, a, int(cm[a, b]), ha="center", va="center", fontsize=7,
-                                color="white" if norm[a, b] > 0.5 else "black")
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
+        ax.tick_params(labelsize=7)
+        for t in disp.text_.ravel() if disp.text_ is not None else ():
+            t.set_fontsize(7)
     _save(fig, path)
 
 
 def _plot_curves(path: Path, items: list) -> None:
+    """Val (or CV) accuracy against C of each model, the C values tried only (``ValidationCurveDisplay``,
+    one line per model, the fold spread shaded), the chosen C starred."""
+    from sklearn.model_selection import ValidationCurveDisplay
+
     fig = _figure(6.5, 4.2)
     ax = fig.add_subplot(1, 1, 1)
     for name, clf, sw in items:
-        line, = ax.semilogx(sw.grid, sw.scores, marker="o", ms=3, label=f"{name} / {clf}")
-        if sw.method == "cv":
-            ax.fill_between(sw.grid, sw.scores - sw.scores_std, sw.scores + sw.scores_std, alpha=0.15,
-                            color=line.get_color())
+        ev = np.flatnonzero(sw.evaluated)
+        # per-fold scores are not kept: mean +- std gives the same line and band as the folds would
+        folds = np.stack([sw.scores[ev] - sw.scores_std[ev], sw.scores[ev] + sw.scores_std[ev]], axis=1)
+        disp = ValidationCurveDisplay(param_name="C", param_range=sw.grid[ev], train_scores=folds, test_scores=folds,
+                                      score_name="val accuracy")
+        disp.plot(ax=ax, score_type="test", line_kw={"marker": "o", "ms": 3}, fill_between_kw={"alpha": 0.15})
+        line = disp.lines_[0]
+        line.set_label(f"{name} / {clf}")
         ax.plot([sw.best_C], [sw.scores[sw.best_index]], marker="*", ms=12, color=line.get_color())
+    ax.set_xscale("log")
     ax.set_xlabel("C")
     ax.set_ylabel("val accuracy" if all(sw.method == "val" for _, _, sw in items) else "val / CV accuracy")
     ax.grid(True, alpha=0.3)

@@ -114,3 +114,27 @@ def test_schedule_early_stop_and_bad_arguments():
         CSchedule(start=(1.0,))
     with pytest.raises(UsageError, match="'refine' parameter"):
         CSchedule(refine=-1)
+
+
+def test_plots_draw_the_values_and_leave_no_pyplot_figure(monkeypatch, tmp_path):
+    import matplotlib.pyplot as plt
+
+    X, y, test_fold = _digits_val()
+    tr, va = test_fold == -1, test_fold == 0
+    sw = C.sweep_C(X[tr], y[tr], X[va], y[va], clf="svm", n_jobs=1)
+    names = [f"d{k}" for k in range(10)]
+    m = C.compute_metrics(y[va], sw.predictions[sw.best_index], names)
+    figs = []
+    monkeypatch.setattr(C, "_save", lambda fig, path: figs.append(fig))
+    n_before = len(plt.get_fignums())
+    C._plot_curves(tmp_path / "c.png", [("fc6", "svm", sw)])
+    C._plot_confusions(tmp_path / "cm.png", [("fc6", "svm", m)])
+    assert len(plt.get_fignums()) == n_before  # drawn on our own Agg figures only
+    line = figs[0].axes[0].get_lines()[0]
+    np.testing.assert_array_equal(line.get_xdata(), sw.grid[sw.evaluated])
+    np.testing.assert_allclose(line.get_ydata(), sw.scores[sw.evaluated])
+    assert line.get_label() == "fc6 / svm"
+    cm = np.asarray(m["confusion_matrix"], dtype=float)
+    img = figs[1].axes[0].get_images()[0].get_array()
+    np.testing.assert_allclose(img, cm / cm.sum(axis=1, keepdims=True))
+    assert figs[1].axes[0].texts[0].get_text() == f"{cm[0, 0] / cm[0].sum():.2f}"

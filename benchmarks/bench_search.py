@@ -53,6 +53,7 @@ OLD_RUNNER = r"""
 import json, sys, time
 import numpy as np
 from cnncodes import classify as C
+print(json.dumps({"module": C.__file__}))
 d = np.load(sys.argv[1])
 X, y, tr, va, te = d["X"], d["y"], d["tr"], d["va"], d["te"]
 out = {}
@@ -75,8 +76,10 @@ def old_sweep(rev: str, X, y, sp, n_jobs: int, clfs) -> dict:
         data = os.path.join(d, "data.npz")
         np.savez(data, X=X, y=y, tr=sp.train, va=sp.val, te=sp.test)
         env = dict(os.environ, PYTHONPATH=d)
+        # cwd=d: with -c, sys.path[0] is the working directory, which must not be this checkout
         r = subprocess.run([sys.executable, "-c", OLD_RUNNER, data, str(n_jobs), ",".join(clfs)], env=env,
-                           capture_output=True, text=True, check=True)
+                           capture_output=True, text=True, check=True, cwd=d)
+        assert json.loads(r.stdout.strip().splitlines()[-2])["module"].startswith(d), "the old code was not used"
         return json.loads(r.stdout.strip().splitlines()[-1])
 
 

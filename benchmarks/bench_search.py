@@ -10,7 +10,7 @@ plus the refit, all with ``n_jobs`` workers (default 2), in one process, one aft
   ``git archive`` of that revision in a subprocess (its own ``PYTHONPATH``); the 9-value
   decade grid 1e-4..1e4 with early stop (patience 2);
 - **new**: ``sweep_C`` + ``refit`` of this checkout (grid with early stop, widening, half
-  decades around the best);
+  decades around the best), with patience 2 and 1;
 - **CodesSearchCV**: the same schedule through sklearn's ``BaseSearchCV`` machinery
   (``PredefinedSplit``, a ``Normalizer`` + ``CodesLinearSVC`` pipeline cloned and fitted per C);
 - **GridSearchCV, equal protocol**: ``GridSearchCV(Normalizer + CodesLinearSVC, {"C": the
@@ -83,11 +83,12 @@ def old_sweep(rev: str, X, y, sp, n_jobs: int, clfs) -> dict:
         return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def new_sweep(X, y, sp, n_jobs, clf) -> dict:
+def new_sweep(X, y, sp, n_jobs, clf, early_stop) -> dict:
     from cnncodes import classify as C
 
     t0 = time.perf_counter()
-    sw = C.sweep_C(X[sp.train], y[sp.train], X[sp.val], y[sp.val], clf=clf, norm="none", n_jobs=n_jobs)
+    sw = C.sweep_C(X[sp.train], y[sp.train], X[sp.val], y[sp.val], clf=clf, norm="none", n_jobs=n_jobs,
+                   early_stop=early_stop)
     trva = np.concatenate([sp.train, sp.val])
     pipe, _ = C.refit(X[trva], y[trva], clf=clf, norm="none", C=sw.best_C)
     return {"C": sw.best_C, "seconds": time.perf_counter() - t0, "n_fits": len(sw.tried),
@@ -174,7 +175,8 @@ def main(argv=None) -> int:
             y = codes.labels
             res = {"cache": Path(cache).name, "layer": layer, "n": X.shape, "counts": sp.counts()}
             res["old"] = old_sweep(args.old_rev, X, y, sp, args.n_jobs, args.clf)
-            res["new"] = {clf: new_sweep(X, y, sp, args.n_jobs, clf) for clf in args.clf}
+            res["new"] = {clf: new_sweep(X, y, sp, args.n_jobs, clf, 2) for clf in args.clf}
+            res["new_p1"] = {clf: new_sweep(X, y, sp, args.n_jobs, clf, 1) for clf in args.clf}
             if "svm" in args.clf and not args.no_grid_search:
                 res["sklearn"] = sklearn_searches(X, y, sp, args.n_jobs)
             if args.solvers:
@@ -189,14 +191,15 @@ def main(argv=None) -> int:
 
 def _print(res: dict) -> None:
     print(f"\n{res['cache']} {res['layer']} {res['n']} {res['counts']}")
-    print(f"  {'method':34s} {'C':>9s} {'fits':>5s} {'val':>7s} {'test':>7s} {'seconds':>8s}")
+    print(f"  {'method':40s} {'C':>9s} {'fits':>5s} {'val':>7s} {'test':>7s} {'seconds':>8s}")
     rows = []
     for clf in res["new"]:
-        rows += [(f"{clf}: old sweep", res["old"][clf]), (f"{clf}: new search", res["new"][clf])]
+        rows += [(f"{clf}: old sweep", res["old"][clf]), (f"{clf}: new search, early_stop=2", res["new"][clf]),
+                 (f"{clf}: new search, early_stop=1", res["new_p1"][clf])]
     rows += [(f"svm: {k}", v) for k, v in res.get("sklearn", {}).items()]
     for name, r in rows:
-        print(f"  {name:34s} {r['C']:9.3g} {r['n_fits']:5d} {r['val']:7.4f} {r['test']:7.4f} {r['seconds']:8.2f}")
-    for clf, r in res["new"].items():
+        print(f"  {name:40s} {r['C']:9.3g} {r['n_fits']:5d} {r['val']:7.4f} {r['test']:7.4f} {r['seconds']:8.2f}")
+    for clf, r in [*res["new"].items(), *res["new_p1"].items()]:
         print(f"  {clf} new search tried: " + ", ".join(f"{t['C']:.3g} ({t['phase'][0]})" for t in r["tried"]))
         print(f"    {r['stop_reason']}")
     for row in res.get("solvers", []):

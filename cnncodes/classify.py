@@ -904,6 +904,8 @@ def _sweep_folds(X_train, y_train, X_val, y_val, cv, seed, class_names):
 def _shared(Z: np.ndarray, n_jobs):
     """Z as a memory map on disk when workers are used: joblib then passes it by reference to every
     batch of fits (instead of hashing and dumping it again for each batch)."""
+    import tempfile
+
     from joblib import effective_n_jobs
 
     if effective_n_jobs(n_jobs) == 1 or Z.nbytes < (1 << 20):

@@ -138,3 +138,15 @@ def test_plots_draw_the_values_and_leave_no_pyplot_figure(monkeypatch, tmp_path)
     img = figs[1].axes[0].get_images()[0].get_array()
     np.testing.assert_allclose(img, cm / cm.sum(axis=1, keepdims=True))
     assert figs[1].axes[0].texts[0].get_text() == f"{cm[0, 0] / cm[0].sum():.2f}"
+
+
+def test_parallel_sweep_on_memory_mapped_codes_equals_the_serial_one():
+    """Codes above 1 MB go to the workers as one memory map: the same scores as fitting in-process."""
+    X, y = make_classification(n_samples=1500, n_features=300, n_informative=20, n_classes=3, random_state=1)
+    X = X.astype(np.float32)  # 1.8 MB
+    tr, va = np.arange(1000), np.arange(1000, 1500)
+    kw = dict(clf="svm", grid=[1e-2, 1e-1, 1.0], widen=False, refine=0, early_stop=0)
+    par = C.sweep_C(X[tr], y[tr], X[va], y[va], n_jobs=2, **kw)
+    ser = C.sweep_C(X[tr], y[tr], X[va], y[va], n_jobs=1, **kw)
+    np.testing.assert_array_equal(par.scores, ser.scores)
+    np.testing.assert_array_equal(par.predictions, ser.predictions)

@@ -110,6 +110,14 @@ def test_schedule_early_stop_and_bad_arguments():
         seen += batch
         s.record({c: curve[c] for c in batch})
     assert seen == [1e-4, 1e-3, 1e-2, 1e-1, 1.0] and s.best_C == 1e-2 and "2 consecutive" in s.stop_reason
+    # drops before the curve has risen above its first value (noise near chance) do not stop it
+    s = CSchedule(patience=1, widen=False, refine=0)
+    curve = {1e-4: 0.19, 1e-3: 0.18, 1e-2: 0.17, 1e-1: 0.5, 1.0: 0.9, 10.0: 0.8, 100.0: 0.95}
+    seen = []
+    while batch := s.next_batch():
+        seen += batch
+        s.record({c: curve[c] for c in batch})
+    assert seen == [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0] and s.best_C == 1.0
     with pytest.raises(UsageError, match="C grid"):
         CSchedule(start=(1.0,))
     with pytest.raises(UsageError, match="'refine' parameter"):

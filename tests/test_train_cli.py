@@ -162,6 +162,23 @@ def test_early_stop_option(cache, tmp_path):
     assert any("stopped early" in n for n in s["selection"]["notes"])
 
 
+def test_widen_and_refine_options(cache, tmp_path):
+    """--refine 2 adds half and quarter decades around the best; --no-widen --refine 0 keeps to the grid
+    (here 1e-3..1e-1, below the digits' best C: the best is then flagged at the grid's upper end)."""
+    fine, narrow = tmp_path / "fine", tmp_path / "narrow"
+    assert train.main([str(cache), "--layers", "fc6", "--clf", "svm", "--out", str(fine), *FAST, "--refine", "2"]) == 0
+    r = json.loads((fine / "metrics.json").read_text())["results"]["fc6"]["svm"]
+    phases = [t["phase"] for t in r["selection"]["tried"]]
+    assert phases.count("refine1") == 2 and phases.count("refine2") == 2
+    small = [*FAST[:2], "--c-min", "1e-3", "--c-max", "1e-1", "--c-num", "3", *FAST[8:]]
+    assert train.main([str(cache), "--layers", "fc6", "--clf", "svm", "--out", str(narrow), *small,
+                       "--no-widen", "--refine", "0"]) == 0
+    m = json.loads((narrow / "metrics.json").read_text())
+    r = m["results"]["fc6"]["svm"]
+    assert [t["C"] for t in r["selection"]["tried"]] == [1e-3, 1e-2, 1e-1] and r["C"] == 1e-1 and r["c_at_edge"]
+    assert m["settings"]["widen"] is False and m["settings"]["refine"] == 0
+
+
 def test_missing_cache_is_a_run_error(tmp_path, capsys):
     assert train.main([str(tmp_path / "none.h5"), "--layers", "fc6", *FAST]) == 1
     assert "No cache file" in capsys.readouterr().err

@@ -345,7 +345,7 @@ def test_two_runs_with_the_same_default_name_get_two_folders(cache, tmp_path):
     assert sorted(p.name for p in runs.iterdir()) == [d.name for d in dirs]  # nothing else left (locks, staging)
     for d in dirs:
         assert json.loads((d / "metrics.json").read_text())["results"]["fc6"]["svm"]["test"]["accuracy"] > 0.85
-        assert load_model(d / "model.joblib")[1]["layers"] == ["fc6"]
+        assert load_model(d / "model.skops")[1]["layers"] == ["fc6"]
 
 
 @pytest.mark.slow

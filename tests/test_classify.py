@@ -166,7 +166,7 @@ def test_early_stop_fits_no_C_beyond_the_stop(digits_split, monkeypatch):
         fitted.append(float(c))
         return real(norm, clf, c, *a, **k)
 
-    monkeypatch.setattr(C, "_fit_predict_one", spy)
+    monkeypatch.setattr(C._sweep, "_fit_predict_one", spy)  # where sweep_C looks it up
     res = C.sweep_C(X[sp.train], y[sp.train], X[sp.val], y[sp.val], clf="svm", grid=grid, n_jobs=1, early_stop=1,
                     refine=0)
     # where a direct evaluation first drops below its running best, the sweep stops
@@ -698,7 +698,7 @@ def test_cache_rewritten_between_layers_is_read_as_one_snapshot(tmp_path, monkey
         calls.append(1)
         return real_check(*a, **k)
 
-    monkeypatch.setattr(C, "check_codes", rewrite_after_first_layer)
+    monkeypatch.setattr(C._run, "check_codes", rewrite_after_first_layer)  # where train_run looks it up
     got = C.train_run(cache, ["fc6", "fc7"], out=tmp_path / "run", **kw).metrics
     assert len(calls) == 2 and load_codes(cache, "fc7").X.shape[0] == 900  # the file did change
     assert got["split"] == ref["split"] and got["cache"]["rows_sha256"] == ref["cache"]["rows_sha256"]

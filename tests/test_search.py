@@ -129,7 +129,7 @@ def test_plots_draw_the_values_and_leave_no_pyplot_figure(monkeypatch, tmp_path)
     names = [f"d{k}" for k in range(10)]
     m = C.compute_metrics(y[va], sw.predictions[sw.best_index], names)
     figs = []
-    monkeypatch.setattr(C, "_save", lambda fig, path: figs.append(fig))
+    monkeypatch.setattr(C._plots, "_save", lambda fig, path: figs.append(fig))
     n_before = len(plt.get_fignums())
     C._plot_curves(tmp_path / "c.png", [("fc6", "svm", sw)])
     C._plot_confusions(tmp_path / "cm.png", [("fc6", "svm", m)])

@@ -75,6 +75,9 @@ the keys joined by ``+`` (``fc6+fc7``).
         }
       },
       "best": {"layers", "clf", "val_accuracy", "test_accuracy", "model", "file": "model.joblib"},
+      "pairwise": [{"layers", "clf", "vs_layers", "vs_clf", "b", "c", "n", "method", "statistic", "p_value"}, ...],
+                  (McNemar of every other result against the best on the same test rows,
+                   cnncodes.stats.mcnemar; b = rows the best gets right and this one wrong)
       "notes": [...]
     }
 
@@ -111,6 +114,7 @@ from sklearn.svm import LinearSVC
 
 from .errors import CacheMismatchError, ModelFileError, TrainingDataError, UsageError
 from .fileio import atomic_path, atomic_write_bytes, atomic_write_text, sha256_bytes, sha256_of_file
+from .stats import format_p, pairwise_vs_best
 
 __all__ = [
     "NORMALISERS",
@@ -1388,6 +1392,7 @@ def train_run(
     first = None
     split: Split | None = None
     notes: list[str] = []
+    test_correct: dict[tuple[str, str], np.ndarray] = {}  # for McNemar against the best (same test rows)
     with _staging_dir(target, overwrite) as tmp:
         for lset in sets:
             codes = load_codes(cache, lset)
@@ -1451,6 +1456,7 @@ def train_run(
                 }
                 r["train"]["rows"] = "train+val"
                 results[name][clf] = r
+                test_correct[(name, clf)] = pred_all["test"][0] == y[split.test]
                 curves_for_plot.append((name, clf, sw))
                 cms_for_plot.append((name, clf, r["test"]))
                 log.info("%s / %s: C=%g, val %.4f, test %.4f (sweep %.1fs, fit %.1fs)", name, clf, sw.best_C,
@@ -1477,6 +1483,7 @@ def train_run(
             "best": {"layers": best[0], "clf": best[1], "val_accuracy": best[2]["val"]["accuracy"],
                      "test_accuracy": best[2]["test"]["accuracy"], "model": best[2]["model"],
                      "file": BEST_MODEL},
+            "pairwise": pairwise_vs_best(test_correct, (best[0], best[1])),
             "notes": notes,
             "seconds": time.perf_counter() - t_run,
         }
@@ -1525,7 +1532,9 @@ def _write_predictions(path: Path, codes, trval: np.ndarray, split: Split, pred_
 
 def format_summary(metrics: Mapping) -> str:
     """The terminal table: layers x classifier -> val acc, test acc, best C, fit seconds."""
-    head = ["layers", "clf", "val acc", "test acc", "best C", "sweep s", "fit s", "note"]
+    head = ["layers", "clf", "val acc", "test acc", "best C", "sweep s", "fit s", "p vs best", "note"]
+    # McNemar p-value of each result against the best by val accuracy, on the same test rows
+    p_vs_best = {(q["layers"], q["clf"]): format_p(q["p_value"]) for q in metrics.get("pairwise", [])}
     rows = []
     for name, d in metrics["results"].items():
         for clf, r in d.items():
@@ -1535,7 +1544,8 @@ def format_summary(metrics: Mapping) -> str:
             if not r.get("converged", True):
                 note.append("not converged")
             rows.append([name, clf, f"{r['val'].get('accuracy', float('nan')):.4f}", f"{r['test']['accuracy']:.4f}",
-                         f"{r['C']:g}", f"{r['sweep_seconds']:.1f}", f"{r['fit_seconds']:.1f}", ", ".join(note)])
+                         f"{r['C']:g}", f"{r['sweep_seconds']:.1f}", f"{r['fit_seconds']:.1f}",
+                         p_vs_best.get((name, clf), "-"), ", ".join(note)])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     out = [line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)]

@@ -83,7 +83,7 @@ class LayerScore:
     depth: int  # position in the network (registry order)
     dim: int
     logme: float
-    hscore: float
+    hscore: float | None
     seconds: float  # LogME time
     kind: str = "code"  # "code", or "logits" for the ImageNet class scores
 
@@ -98,8 +98,8 @@ def _l2(X: np.ndarray) -> np.ndarray:
 
 
 def rank_layers(codes: dict, y: np.ndarray, rows: np.ndarray, depth: dict, logits_key: str | None = None,
-                norm: str = "l2") -> list[LayerScore]:
-    """LogME and H-score of each layer on ``rows``, best LogME first.
+                norm: str = "l2", with_hscore: bool = False) -> list[LayerScore]:
+    """LogME (and optionally H-score) of each layer on ``rows``, best LogME first.
 
     Parameters
     ----------
@@ -109,17 +109,24 @@ def rank_layers(codes: dict, y: np.ndarray, rows: np.ndarray, depth: dict, logit
     depth : {key: position in the network}
     logits_key : the ImageNet class-score layer, marked ``kind="logits"`` in the result
     norm : ``"l2"`` (as the classifier's default) or ``"none"``
+    with_hscore : also compute H-score (a second D x D decomposition per layer: twice the time)
     """
+    from threadpoolctl import threadpool_limits
+
     from .transferability import hscore, logme
 
     out = []
     for key, X in codes.items():
         F = np.asarray(X[rows], dtype=np.float64)
         F = _l2(F) if norm == "l2" else F
-        t0 = time.perf_counter()
-        score = logme(F, y[rows]).score
-        secs = time.perf_counter() - t0
-        out.append(LayerScore(key, depth.get(key, 0), F.shape[1], score, hscore(F, y[rows]), secs,
+        # one BLAS thread: on this project's shared 2-core machines the 1280 x 1280 eigendecomposition took
+        # 6.5 s on one thread and 38-44 s on two that other processes kept preempting
+        with threadpool_limits(1):
+            t0 = time.perf_counter()
+            score = logme(F, y[rows]).score
+            secs = time.perf_counter() - t0
+            h = hscore(F, y[rows]) if with_hscore else None
+        out.append(LayerScore(key, depth.get(key, 0), F.shape[1], score, h, secs,
                               "logits" if key == logits_key else "code"))
     return sorted(out, key=lambda s: -s.logme)
 
@@ -233,7 +240,8 @@ def curve_sizes(counts: np.ndarray) -> list[int]:
 
 def curve_subsets(y: np.ndarray, pool_rows: np.ndarray, sizes: Sequence[int], seed: int = 0) -> dict[int, np.ndarray]:
     """Nested, class-balanced training subsets: per class (in sorted order) one permutation of its rows drawn
-    with ``np.random.default_rng(seed)``; a size k takes the first k of each (all of a smaller class)."""
+    with ``np.random.default_rng(seed)``; a size k takes the first k of each (all of a smaller class), in cache
+    (row) order."""
     rng = np.random.default_rng(seed)
     order = [rng.permutation(pool_rows[y[pool_rows] == c]) for c in np.unique(y[pool_rows])]
     return {int(k): np.sort(np.concatenate([o[:k] for o in order])) for k in sizes}
@@ -329,7 +337,8 @@ def advise(data: str | os.PathLike, model: str | None = None, layers: Sequence[s
            pool: str = "avg", out: str | os.PathLike | None = None, cache_dir: str | os.PathLike = "artifacts/codes",
            run: bool = False, sweep: bool = False, seed: int = 0, val_fraction: float = 0.15,
            test_fraction: float = 0.2, curve_clf: str = "softmax", curve_C: float = 10.0, n_boot: int = 1000,
-           overwrite: bool = False, device: str = "auto", progress: bool = False, plots: bool = True) -> Advice:
+           overwrite: bool = False, device: str = "auto", progress: bool = False, plots: bool = True,
+           with_hscore: bool = False) -> Advice:
     """Measure size and similarity, rank the layers, recommend (and with ``run`` train) a strategy.
 
     Writes ``out/advice.json``, ``out/report.md``, ``out/learning_curve.png`` and ``out/layer_ranking.png``
@@ -363,7 +372,7 @@ def advise(data: str | os.PathLike, model: str | None = None, layers: Sequence[s
         check_codes(X, np.concatenate([trval, split.test]), first.paths, what=f"layer {k}")
     size = measure_size(y[trval], first.class_names)
     t0 = time.perf_counter()
-    ranking = rank_layers(codes, y, trval, depth, logits_key)
+    ranking = rank_layers(codes, y, trval, depth, logits_key, with_hscore=with_hscore)
     t_rank = time.perf_counter() - t0
     sim = similarity(ranking, top_key, codes[logits_key][trval] if logits_key else None, y[trval])
     code_ranked = sorted((s for s in ranking if s.kind == "code"), key=lambda s: s.depth)

@@ -210,11 +210,12 @@ def format_report(advice: dict, plots: bool) -> str:
     L += _table(["signal", "value", "rule"], sig_rows)
     L += ["", f"Verdict: **{sim['verdict']}** — " + "; ".join(sim["reasons"]) + ".", "", "## Layer ranking", ""]
     sw = advice.get("sweep")
-    head = ["rank", "layer", "dim", "LogME", "H-score"] + (["test acc (sweep)"] if sw else [])
+    with_h = any(r["hscore"] is not None for r in advice["ranking"])
+    head = ["rank", "layer", "dim", "LogME"] + (["H-score"] if with_h else []) + (["test acc (sweep)"] if sw else [])
     rows = []
     for i, r in enumerate(advice["ranking"], 1):
         row = [str(i), r["layer"] + (" (ImageNet logits)" if r["kind"] == "logits" else ""), str(r["dim"]),
-               f"{r['score']:.4f}", f"{r['hscore']:.2f}"]
+               f"{r['score']:.4f}"] + ([f"{r['hscore']:.2f}"] if with_h else [])
         if sw:
             a = sw["per_layer"][r["layer"]]
             row.append(f"{a['test_accuracy']:.4f} ({a['clf']})")

@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.2, help="as train_svm.py (default 0.2)")
     p.add_argument("--curve-C", type=float, default=10.0, help="C of the learning curve's softmax (default 10)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per curve point (default 1000)")
+    p.add_argument("--hscore", action="store_true", help="also compute H-score per layer (twice the ranking time)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--overwrite", action="store_true", help="replace earlier advice in --out")
     p.add_argument("--no-plots", action="store_true", help="no PNG figures")
@@ -63,7 +64,8 @@ def _advise(args: argparse.Namespace) -> int:
     res = advise(args.data, args.model, args.layers, pool=args.pool, out=args.out, cache_dir=args.cache_dir,
                  run=args.run, sweep=args.sweep, seed=args.seed, val_fraction=args.val_fraction,
                  test_fraction=args.test_fraction, curve_C=args.curve_C, n_boot=args.bootstrap,
-                 overwrite=args.overwrite, device=args.device, progress=not args.quiet, plots=not args.no_plots)
+                 overwrite=args.overwrite, device=args.device, progress=not args.quiet, plots=not args.no_plots,
+                 with_hscore=args.hscore)
     a = res.advice
     rec = a["recommendation"]
     print(f"case: {a['case']}  layer: {a['layer']}")

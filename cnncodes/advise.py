@@ -386,7 +386,7 @@ def advise(data: str | os.PathLike, model: str | None = None, layers: Sequence[s
     t_curve = time.perf_counter() - t0
     advice = {
         "schema": "cnncodes.advice/1", "case": rec["case"], "layer": rec["layer"], "pool": pool,
-        "ranking": [s.to_dict() for s in ranking], "recommendation": rec, "size": size, "similarity": sim,
+        "ranking": [dict(s.to_dict(), pool=records[s.layer].pool) for s in ranking], "recommendation": rec, "size": size, "similarity": sim,
         "learning_curve": {"classifier": curve_clf, "C": curve_C, "norm": "l2", "seed": seed, "n_boot": n_boot,
                            "test_rows": int(len(split.test)), "layers": curves},
         "model": model, "cache": str(cache), "data": str(data_root), "split": split.to_dict(),

@@ -18,7 +18,12 @@ Training a run (:func:`train_run`)
    NaN/inf codes among the other rows, a single class, or an empty split raise
    :class:`~cnncodes.errors.TrainingDataError`.
 2. Split (:func:`make_split`): the split recorded per row when the cache has one
-   (``train``/``val``/``test``), else a stratified split with a recorded seed.
+   (``train``/``val``/``test``; with ``train``/``val`` only, the recorded val is the test split
+   and a val split is drawn from train), else a stratified split with a recorded seed that gives
+   every class with >= 3 images an image in each part (2 images: train and test). A class with
+   no image in a part is a warning (logged, in the summary, in ``metrics.json``).
+   All layers and the row table are read through one open handle on the cache
+   (:func:`cnncodes.store.open_cache`): one version of the file even if it is replaced meanwhile.
 3. C is chosen by a sweep over a log grid (default ``np.logspace(-4, 4, 9)``), on the
    val split, or by stratified k-fold CV on the train split when there is no val split
    (fewer folds, with a note, when a class has fewer images than folds). The codes are
@@ -35,16 +40,21 @@ Training a run (:func:`train_run`)
 Run folder
 ----------
 ``artifacts/runs/<name>/`` (written in a temporary folder next to it, renamed at the end,
-so a failed run never leaves half a folder nor overwrites a previous run)::
+so a failed run never leaves half a folder nor overwrites a previous run; see
+:mod:`cnncodes.runfolder` for names, the writer's lock and what may be replaced)::
 
+    .cnncodes-run.json             the marker that makes it a run folder (only such a folder is
+                                   ever replaced, with overwrite=True): format, created, cache,
+                                   settings and their hash
     metrics.json                   see below
-    model.joblib, model.json       the best model by val accuracy and its sidecar (a copy of
+    model.skops, model.json        the best model by val accuracy and its sidecar (a copy of
                                    one models/ file, same bytes and sha256; the sidecar's
                                    ``copy_of`` names it); what scripts/predict.py RUN_DIR uses
-    models/<layers>__<clf>.joblib  the fitted pipeline (atomic write)
-    models/<layers>__<clf>.json    its sidecar: sha256 of the .joblib, cache path,
-                                   extraction fingerprint, layer records, spec,
-                                   class names, normaliser, C, versions
+    models/<layers>__<clf>.skops   the fitted pipeline, skops format (no pickle; loaded only
+                                   with the types cnncodes writes, see cnncodes.modelfile)
+    models/<layers>__<clf>.json    its sidecar: sha256 of the .skops (integrity, not
+                                   security), cache path, extraction fingerprint, layer
+                                   records, spec, class names, normaliser, C, versions
     predictions/<layers>__<clf>.csv  path, split, true, pred, score of every used row
     confusion_matrix.png, c_curve.png, layer_comparison.png (several layer sets)
 
@@ -58,7 +68,8 @@ the keys joined by ``+`` (``fc6+fc7``).
       "created": "...", "versions": {...},
       "cache": {"path", "fingerprint", "spec", "records", "manifest_hash", "dataset_root", "rows_sha256"},
       "split": {"source": "recorded"|"stratified", "seed", "val_fraction", "test_fraction",
-                "counts": {"train", "val", "test"}, "n_rows", "n_failed", "failed_examples", "notes"},
+                "counts": {"train", "val", "test"}, "n_rows", "n_failed", "failed_examples", "notes",
+                "warnings", "roles": {"train", "val", "test"} (where each part comes from)},
       "settings": {"norm", "grid", "cv", "n_jobs", "concat", "max_iter", "max_iter_cap", "early_stop"},
       "results": {
         "<layers>": {
@@ -70,15 +81,16 @@ the keys joined by ``+`` (``fc6+fc7``).
             "train": METRICS, "val": METRICS, "test": METRICS,
             "converged": bool, "convergence_message": str, "max_iter": int,
             "sweep_seconds", "fit_seconds", "n_features", "norm",
-            "model": "models/<layers>__<clf>.joblib"
+            "model": "models/<layers>__<clf>.skops"
           }
         }
       },
-      "best": {"layers", "clf", "val_accuracy", "test_accuracy", "model", "file": "model.joblib"},
+      "best": {"layers", "clf", "val_accuracy", "test_accuracy", "model", "file": "model.skops"},
       "pairwise": [{"layers", "clf", "vs_layers", "vs_clf", "b", "c", "n", "method", "statistic", "p_value"}, ...],
                   (McNemar of every other result against the best on the same test rows,
                    cnncodes.stats.mcnemar; b = rows the best gets right and this one wrong)
-      "notes": [...]
+      "notes": [...],
+      "warnings": [...]   (e.g. "class rose (2 usable images) has no image in the val split: ...")
     }
 
 where ``METRICS`` (:func:`compute_metrics`) is ``{"n", "accuracy", "balanced_accuracy"
@@ -97,8 +109,6 @@ import json
 import logging
 import os
 import platform
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -112,8 +122,11 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
 
-from .errors import CacheMismatchError, ModelFileError, TrainingDataError, UsageError
-from .fileio import atomic_path, atomic_write_bytes, atomic_write_text, sha256_bytes, sha256_of_file
+from . import runfolder as _runfolder
+from .errors import CacheError, CacheMismatchError, TrainingDataError, UsageError
+from .fileio import atomic_path, atomic_write_text
+from .modelfile import BEST_MODEL, MODEL_SCHEMA, MODEL_SUFFIX, find_model, load_model, save_model, sidecar_path
+from .modelfile import copy_model as _copy_model
 from .stats import format_p, pairwise_vs_best
 
 __all__ = [
@@ -151,8 +164,6 @@ CLASSIFIERS = ("svm", "softmax")
 DEFAULT_GRID = np.logspace(-4, 4, 9)
 SPLITS = ("train", "val", "test")
 METRICS_SCHEMA = "cnncodes.metrics/1"
-BEST_MODEL = "model.joblib"  # the best model of a run (by val accuracy), at the top of the run folder
-MODEL_SCHEMA = "cnncodes.model/1"
 MIN_GRID_DECADES = 8.0
 
 
@@ -349,6 +360,12 @@ class Split:
     failed_examples : list of str
         ``"path: message"`` of the first failed rows.
     notes : list of str
+    warnings : list of str
+        What makes the evaluation less than it seems: a class with no image in a split
+        (see :func:`make_split`). Logged, listed in the summary and in ``metrics.json``.
+    roles : dict
+        Where each part comes from (``{"train": ..., "val": ..., "test": ...}``), e.g. the
+        recorded val split used as the test split of a train/val layout.
     """
 
     train: np.ndarray
@@ -362,6 +379,8 @@ class Split:
     val_fraction: float | None = None
     test_fraction: float | None = None
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    roles: dict[str, str] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
@@ -371,6 +390,7 @@ class Split:
             "source": self.source, "seed": self.seed, "val_fraction": self.val_fraction,
             "test_fraction": self.test_fraction, "counts": self.counts(), "n_rows": self.n_rows,
             "n_failed": self.n_failed, "failed_examples": list(self.failed_examples), "notes": list(self.notes),
+            "warnings": list(self.warnings), "roles": dict(self.roles),
         }
 
 
@@ -402,6 +422,23 @@ def make_split(
     stratified split (seeded, recorded) is drawn. Rows with ``status != "ok"`` are
     left out and counted.
 
+    A drawn split follows one rule, so that every class is trained on and, where it can
+    be, tested: a class with >= 3 usable images has at least one in each of train, val
+    and test (val only when ``val_fraction > 0``); a class with 2 images has one in
+    train and one in test; a class with 1 image is in train only. Where the proportional
+    split leaves a class out of a part, one image is moved there from the part holding
+    most of that class (a note says so).
+
+    A recorded layout with ``train`` and ``val`` but no ``test`` rows (e.g. a dataset
+    shipped with ``train/`` and ``val/`` folders) is used as follows: the recorded val
+    rows become the test split, used once; C is chosen on a stratified val split drawn
+    from the recorded train rows (``val_fraction`` of them, ``seed``), or by
+    cross-validation on train when ``val_fraction == 0``. ``Split.roles`` and a note
+    record this.
+
+    Every class that ends up with no image in train, in a non-empty val split or in the
+    test split gets a warning in ``Split.warnings``.
+
     Parameters
     ----------
     labels, splits, status : ndarray of length N
@@ -422,7 +459,7 @@ def make_split(
     ------
     TrainingDataError
         No usable row, a single class, an empty train or test split, an unknown or
-        partly missing recorded split, or too few images of a class for a stratified split.
+        partly missing recorded split, or a stratified split sklearn cannot draw.
     UsageError
         Fractions outside [0, 1) or summing to 1 or more.
     """
@@ -452,36 +489,17 @@ def make_split(
     sp = splits[idx_ok]
     has = sp != ""
     if has.any():
-        unknown = sorted(set(sp[has]) - set(SPLITS))
-        if unknown:
-            raise TrainingDataError(
-                f"Unknown recorded split name(s) {', '.join(map(repr, unknown))}: expected train, val or test."
-            )
-        if not has.all():
-            raise TrainingDataError(
-                f"{int((~has).sum())} of {idx_ok.size} usable rows have no recorded split while the others have one: "
-                f"put every image in a train/val/test folder, or none."
-            )
-        parts = {s: idx_ok[sp == s] for s in SPLITS}
-        for s in ("train", "test"):
-            if parts[s].size == 0:
-                raise TrainingDataError(
-                    f"The recorded {s} split is empty (counts: train {parts['train'].size}, val {parts['val'].size}, "
-                    f"test {parts['test'].size}). Add a {s}/ folder, or extract without split folders for a drawn split."
-                )
-        if np.unique(labels[parts["train"]]).size < 2:
-            raise TrainingDataError(
-                f"The recorded train split holds a single class ({_class_list(labels[parts['train']], class_names)})."
-            )
-        notes = []
-        missing = sorted(set(np.unique(labels[idx_ok]).tolist()) - set(np.unique(labels[parts["train"]]).tolist()))
-        if missing:
-            notes.append(
-                f"class(es) {', '.join(_name(class_names, m) for m in missing)} have no train image: "
-                f"the model can never predict them"
-            )
-        return Split(parts["train"], parts["val"], parts["test"], "recorded", None, notes=notes, **common)
+        split = _recorded_split(labels, idx_ok, sp, has, class_names, val_fraction, seed, common)
+    else:
+        _check_fractions(val_fraction, test_fraction)
+        train, val, test, notes = _draw_stratified(idx_ok, labels, val_fraction, test_fraction, seed, class_names)
+        split = Split(train, val, test, "stratified", int(seed), val_fraction=float(val_fraction),
+                      test_fraction=float(test_fraction), notes=notes, roles=dict.fromkeys(SPLITS, "drawn"), **common)
+    split.warnings = _absent_class_warnings(labels, idx_ok, split, class_names)
+    return split
 
+
+def _check_fractions(val_fraction, test_fraction) -> None:
     for what, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not (isinstance(v, (int, float)) and 0 <= v < 1):
             raise UsageError(f"The '{what}' parameter must be a float in [0, 1). Got {v!r} instead.")
@@ -489,28 +507,146 @@ def make_split(
         raise UsageError("The 'test_fraction' parameter must be > 0 when the cache records no split.")
     if val_fraction + test_fraction >= 1:
         raise UsageError(f"val_fraction + test_fraction must be < 1. Got {val_fraction} + {test_fraction}.")
+
+
+def _recorded_split(labels, idx_ok, sp, has, class_names, val_fraction, seed, common) -> Split:
+    unknown = sorted(set(sp[has]) - set(SPLITS))
+    if unknown:
+        raise TrainingDataError(
+            f"Unknown recorded split name(s) {', '.join(map(repr, unknown))}: expected train, val or test."
+        )
+    if not has.all():
+        raise TrainingDataError(
+            f"{int((~has).sum())} of {idx_ok.size} usable rows have no recorded split while the others have one: "
+            f"put every image in a train/val/test folder, or none."
+        )
+    parts = {s: idx_ok[sp == s] for s in SPLITS}
+    if parts["test"].size == 0 and parts["val"].size and parts["train"].size:
+        return _train_val_layout(labels, parts, class_names, val_fraction, seed, common)
+    for s in ("train", "test"):
+        if parts[s].size == 0:
+            raise TrainingDataError(
+                f"The recorded {s} split is empty (counts: train {parts['train'].size}, val {parts['val'].size}, "
+                f"test {parts['test'].size}). Add a {s}/ folder, or extract without split folders for a drawn split."
+            )
+    if np.unique(labels[parts["train"]]).size < 2:
+        raise TrainingDataError(
+            f"The recorded train split holds a single class ({_class_list(labels[parts['train']], class_names)})."
+        )
+    return Split(parts["train"], parts["val"], parts["test"], "recorded", None,
+                 roles={s: f"recorded {s}" for s in SPLITS}, **common)
+
+
+def _train_val_layout(labels, parts, class_names, val_fraction, seed, common) -> Split:
+    """train/ and val/ recorded, no test/: the recorded val is the test split; val is drawn from train."""
+    if not (isinstance(val_fraction, (int, float)) and 0 <= val_fraction < 1):
+        raise UsageError(f"The 'val_fraction' parameter must be a float in [0, 1). Got {val_fraction!r} instead.")
+    rec_train, rec_val = parts["train"], parts["val"]
+    if np.unique(labels[rec_train]).size < 2:
+        raise TrainingDataError(
+            f"The recorded train split holds a single class ({_class_list(labels[rec_train], class_names)})."
+        )
+    how = "by cross-validation on train"
+    if val_fraction > 0:
+        train, _, val, notes = _draw_stratified(rec_train, labels, 0.0, val_fraction, seed, class_names,
+                                                shown={"test": "val"})
+        how = f"on a stratified val split drawn from the recorded train split ({val_fraction:g} of it, seed {seed})"
+    else:
+        train, val, notes = rec_train, np.array([], dtype=np.int64), []
+    notes = [f"the cache records train and val splits but no test split: the recorded val split ({rec_val.size} "
+             f"images) is used as the test split, once; C is chosen {how}"] + notes
+    roles = {"train": "recorded train" + (" less the drawn val" if val_fraction > 0 else ""),
+             "val": "drawn from recorded train" if val_fraction > 0 else "none (C by cross-validation)",
+             "test": "recorded val"}
+    return Split(train, val, np.sort(rec_val), "recorded", int(seed), val_fraction=float(val_fraction), notes=notes,
+                 roles=roles, **common)
+
+
+def _draw_stratified(rows, labels, val_fraction, test_fraction, seed, class_names, shown: Mapping | None = None):
+    """Stratified train/val/test of ``rows`` by the rule of :func:`make_split`.
+
+    Classes large enough to get at least one image of each part in proportion go through
+    sklearn's ``train_test_split`` (as they always did: the same seed gives the same split);
+    the others start in train and :func:`_give_every_class` places them.
+    """
     from sklearn.model_selection import train_test_split
 
-    y = labels[idx_ok]
+    y = labels[rows]
+    classes, counts = np.unique(y, return_counts=True)
+    smallest = min(test_fraction, val_fraction) if val_fraction > 0 else test_fraction
+    small = np.isin(y, classes[counts * smallest < 1])
+    big = rows[~small]
     try:
-        rest, test = train_test_split(idx_ok, test_size=test_fraction, stratify=y, random_state=seed)
-        if val_fraction > 0:
-            y_rest = labels[rest]
+        if big.size:
+            rest, test = train_test_split(big, test_size=test_fraction, stratify=labels[big], random_state=seed)
+        else:
+            rest, test = big, big
+        if val_fraction > 0 and rest.size:
             train, val = train_test_split(
-                rest, test_size=val_fraction / (1 - test_fraction), stratify=y_rest, random_state=seed
+                rest, test_size=val_fraction / (1 - test_fraction), stratify=labels[rest], random_state=seed
             )
         else:
             train, val = rest, np.array([], dtype=np.int64)
     except ValueError as e:
         raise TrainingDataError(
-            f"Cannot draw a stratified split of {idx_ok.size} images ({_class_list(y, class_names)}) with "
+            f"Cannot draw a stratified split of {rows.size} images ({_class_list(y, class_names)}) with "
             f"test_fraction={test_fraction}, val_fraction={val_fraction}: {e}. Add images to the small classes, "
-            f"or use --val-fraction 0 (C chosen by cross-validation) or larger fractions."
+            f"or use --val-fraction 0 (C chosen by cross-validation) or other fractions."
         ) from e
-    return Split(
-        np.sort(train), np.sort(val), np.sort(test), "stratified", int(seed),
-        val_fraction=float(val_fraction), test_fraction=float(test_fraction), **common,
-    )
+    parts = {"train": np.concatenate([train, rows[small]]), "val": np.asarray(val), "test": np.asarray(test)}
+    notes = _give_every_class(labels, parts, need_val=val_fraction > 0, seed=seed, class_names=class_names,
+                              shown=shown)
+    return (np.sort(parts["train"]).astype(np.int64), np.sort(parts["val"]).astype(np.int64),
+            np.sort(parts["test"]).astype(np.int64), notes)
+
+
+def _give_every_class(labels, parts: dict, *, need_val: bool, seed: int, class_names,
+                      shown: Mapping | None = None) -> list[str]:
+    """Move single images between parts (in place) until every class has what the rule asks:
+    test when it has >= 2 images, val too when it has >= 3 (and a val split is drawn).
+    ``shown`` renames parts in the notes (a drawn val is the "test" part of its draw)."""
+    shown = shown or {}
+    rng = np.random.default_rng(seed)
+    notes = []
+    for c in np.unique(labels[np.concatenate(list(parts.values())).astype(np.int64)]):
+        in_part = {s: parts[s][labels[parts[s]] == c] for s in parts}
+        n_c = sum(v.size for v in in_part.values())
+        wanted = (["test"] if n_c >= 2 else []) + (["val"] if need_val and n_c >= 3 else [])
+        for s in wanted:
+            donors = [d for d in parts if d != s and in_part[d].size > 1]
+            if in_part[s].size or not donors:
+                continue
+            donor = max(donors, key=lambda d: in_part[d].size)
+            row = rng.choice(np.sort(in_part[donor]))
+            parts[donor] = parts[donor][parts[donor] != row]
+            parts[s] = np.append(parts[s], row)
+            in_part[donor] = in_part[donor][in_part[donor] != row]
+            in_part[s] = np.array([row])
+            notes.append(f"class {_name(class_names, c)} ({n_c} images): 1 image moved from {shown.get(donor, donor)} "
+                         f"to {shown.get(s, s)} so that every part has one")
+    return notes
+
+
+_ABSENT_CONSEQUENCE = {
+    "train": "the model can never predict it",
+    "val": "C is chosen without it",
+    "test": "it is not tested (the test accuracy and balanced accuracy leave it out)",
+}
+
+
+def _absent_class_warnings(labels, idx_ok, split: Split, class_names) -> list[str]:
+    classes, counts = np.unique(labels[idx_ok], return_counts=True)
+    out = []
+    for part in SPLITS:
+        rows = getattr(split, part)
+        if part == "val" and rows.size == 0:
+            continue  # C by cross-validation on train: no val split to miss a class
+        absent = np.setdiff1d(classes, labels[rows])
+        for c in absent:
+            n_c = int(counts[np.searchsorted(classes, c)])
+            out.append(f"class {_name(class_names, c)} ({n_c} usable image{'s' if n_c != 1 else ''}) has no image "
+                       f"in the {part} split: {_ABSENT_CONSEQUENCE[part]}")
+    return out
 
 
 def check_codes(X: np.ndarray, rows: np.ndarray, paths: np.ndarray | None = None, what: str = "codes") -> None:
@@ -960,147 +1096,6 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def sidecar_path(model_path: str | os.PathLike) -> Path:
-    """``models/x.joblib -> models/x.json``."""
-    return Path(model_path).with_suffix(".json")
-
-
-def save_model(pipe, path: str | os.PathLike, meta: Mapping[str, Any]) -> dict:
-    """Write a fitted pipeline atomically with ``joblib.dump``, then its JSON sidecar.
-
-    Parameters
-    ----------
-    pipe : estimator
-    path : path-like
-        The ``.joblib`` file; the sidecar is the same name with ``.json``.
-    meta : mapping
-        Provenance to store in the sidecar (cache, fingerprint, records, spec,
-        class_names, norm, C, classifier...).
-
-    Returns
-    -------
-    dict
-        The sidecar's content (with ``sha256``, ``model_file``, ``size_bytes``, ``versions``).
-    """
-    import joblib
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        joblib.dump(pipe, tmp)
-    side = {"schema": MODEL_SCHEMA, **dict(meta), "model_file": path.name, "sha256": sha256_of_file(path),
-            "size_bytes": path.stat().st_size, "versions": _versions(), "created": _now()}
-    atomic_write_text(sidecar_path(path), json.dumps(_jsonable(side), indent=2, sort_keys=True) + "\n")
-    return side
-
-
-def load_model(path: str | os.PathLike) -> tuple[Any, dict]:
-    """Load a model written by :func:`save_model`, checking its sidecar first.
-
-    The sidecar must exist, be valid JSON, name this file, and hold the sha256 of
-    its bytes; only then is the file unpickled.
-
-    Parameters
-    ----------
-    path : path-like
-        The ``.joblib`` file.
-
-    Returns
-    -------
-    model : estimator
-    meta : dict
-        The sidecar.
-
-    Raises
-    ------
-    ModelFileError
-        Missing model or sidecar, unreadable sidecar, a sidecar of another model,
-        a sha256 mismatch (tampered or truncated file), or a file that does not unpickle.
-    """
-    import joblib
-
-    path = Path(path)
-    side = sidecar_path(path)
-    if not path.is_file():
-        raise ModelFileError(f"No model file at {path}.")
-    if not side.is_file():
-        raise ModelFileError(
-            f"The model {path} has no sidecar {side.name}: its origin and integrity cannot be checked, so it "
-            f"is not loaded. Retrain it with scripts/train_svm.py."
-        )
-    try:
-        meta = json.loads(side.read_text(encoding="utf-8"))
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as e:
-        raise ModelFileError(f"The sidecar {side} of {path} is unreadable ({e}); the model is not loaded.") from e
-    if meta.get("model_file") != path.name:
-        raise ModelFileError(
-            f"The sidecar {side} describes the model file {meta.get('model_file')!r}, not {path.name!r}: "
-            f"it belongs to another model. The model is not loaded."
-        )
-    digest = sha256_of_file(path)
-    if digest != meta.get("sha256"):
-        raise ModelFileError(
-            f"The model file {path} does not match its sidecar (sha256 {digest[:12]}… expected "
-            f"{str(meta.get('sha256'))[:12]}…): it was changed or truncated after it was written. It is not "
-            f"unpickled; retrain it."
-        )
-    try:
-        model = joblib.load(path)
-    except Exception as e:  # noqa: BLE001 - anything from unpickling is a bad file
-        raise ModelFileError(f"The model file {path} cannot be loaded ({type(e).__name__}: {e}).") from e
-    if not hasattr(model, "predict"):
-        raise ModelFileError(f"{path} holds a {type(model).__name__}, not a fitted model.")
-    return model, meta
-
-
-def find_model(run_dir_or_model: str | os.PathLike, model: str | None = None) -> Path:
-    """The model file of a run folder: the one named ``model``, or the best by val accuracy.
-
-    Without ``model``: the run's ``model.joblib`` (the best model by val accuracy, copied
-    there by :func:`train_run`); for a run written before that file existed, the one
-    model of ``models/``, or the best named by ``metrics.json``.
-
-    Parameters
-    ----------
-    run_dir_or_model : path-like
-        A run folder, or a ``.joblib`` file (returned as is).
-    model : str, optional
-        ``"<layers>__<clf>"`` (e.g. ``"fc7__svm"``), with or without ``.joblib``.
-
-    Raises
-    ------
-    UsageError
-        A missing path, an unknown model name (the known ones are listed), or a folder with no model.
-    """
-    p = Path(run_dir_or_model)
-    if p.is_file():
-        return p
-    if not p.is_dir():
-        raise UsageError(f"{p} is neither a run folder nor a model file.")
-    if not model and (p / BEST_MODEL).is_file():
-        return p / BEST_MODEL
-    mdir = p / "models"
-    known = sorted(q.stem for q in mdir.glob("*.joblib")) if mdir.is_dir() else []
-    if not known:
-        raise UsageError(f"The run folder {p} holds no model (no models/*.joblib).")
-    if model:
-        name = model[: -len(".joblib")] if model.endswith(".joblib") else model
-        if name not in known:
-            raise UsageError(f"The run {p} has no model {model!r}. It has: {', '.join(known)}.")
-        return mdir / f"{name}.joblib"
-    if len(known) == 1:
-        return mdir / f"{known[0]}.joblib"
-    try:
-        best = json.loads((p / "metrics.json").read_text())["best"]["model"]
-        return p / best
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(
-            f"The run {p} has several models ({', '.join(known)}) and no readable metrics.json to pick the best: "
-            f"choose one with --model."
-        ) from e
-
-
 # --------------------------------------------------------------------------- compatibility
 
 
@@ -1268,37 +1263,40 @@ def _layer_sets(layers: Sequence[str], concat: bool) -> list[list[str]]:
     return [uniq] if concat else [[k] for k in uniq]
 
 
-def default_run_name(cache: str | os.PathLike, layers: Sequence[str], concat: bool = False) -> str:
-    """``<cache stem>__<layers>__<UTC timestamp>``."""
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    lay = "+".join(layers) if concat else "-".join(layers)
-    return f"{Path(cache).stem}__{lay}__{stamp}"
+def default_run_name(cache: str | os.PathLike, layers: Sequence[str], concat: bool = False,
+                     settings: Mapping | None = None) -> str:
+    """``<cache stem>__<layers>__<UTC time, ms>__<settings hash>``; :func:`train_run` creates it
+    exclusively (``-2``, ``-3`` ... when taken), so two runs never share a folder."""
+    return _runfolder.default_run_name(cache, layers, concat, settings)
 
 
-@contextlib.contextmanager
-def _staging_dir(target: Path, overwrite: bool):
-    """A temporary folder next to ``target``, renamed over it on success, removed on failure."""
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise UsageError(f"The run folder {target} exists and is not empty: choose another --out or pass --overwrite.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        if target.is_dir() and any(target.iterdir()):
-            old = target.with_name(f".{target.name}.old-{os.getpid()}-{int(time.time())}")
-            os.replace(target, old)
-        elif target.is_dir():
-            target.rmdir()
-        else:
-            target.unlink()
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _check_int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise UsageError(f"The '{name}' parameter of train_run must be an int >= {low}. Got {value!r} instead.")
+    return int(value)
+
+
+def _check_train_options(*, max_iter, max_iter_cap, n_jobs, seed, cv) -> None:
+    """The options a fit would only trip over later (or never: max_iter=0 retried forever)."""
+    _check_int("max_iter", max_iter, 1)
+    _check_int("max_iter_cap", max_iter_cap, int(max_iter))
+    _check_int("cv", cv, 2)
+    if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs == 0):
+        raise UsageError(f"The 'n_jobs' parameter of train_run must be None or an int other than 0 (-1: all cores). "
+                         f"Got {n_jobs!r} instead.")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise UsageError(f"The 'seed' parameter of train_run must be an int in the range [0, 2**32 - 1]. "
+                         f"Got {seed!r} instead.")
+
+
+def _check_same_snapshot(first, codes, cache) -> None:
+    """Every layer set must come with the row table and spec of the first (one open file guarantees
+    it; this says so loudly if that ever breaks)."""
+    if codes.rows_sha256 != first.rows_sha256 or codes.fingerprint != first.fingerprint:
+        raise CacheError(
+            f"The cache {cache} changed while the run read it (the rows or spec of layer(s) {', '.join(codes.layers)} "
+            f"differ from those of {', '.join(first.layers)}). Run again once the extraction has finished."
+        )
 
 
 def train_run(
@@ -1366,7 +1364,7 @@ def train_run(
     CacheError
         A missing, incomplete or corrupt cache.
     """
-    from .store import load_codes, read_info
+    from .store import open_cache
 
     classifiers = list(dict.fromkeys(classifiers))
     if not classifiers:
@@ -1374,18 +1372,27 @@ def train_run(
     for c in classifiers:
         make_classifier(c)
     make_normaliser(norm)
+    _check_train_options(max_iter=max_iter, max_iter_cap=max_iter_cap, n_jobs=n_jobs, seed=seed, cv=cv)
     patience = _check_patience(early_stop)
     g = _check_grid(DEFAULT_GRID if grid is None else grid)
     sets = _layer_sets(layers, concat)
     all_keys = [k for s in sets for k in s]
-    target = Path(out) if out is not None else Path(runs_root) / default_run_name(cache, all_keys, concat)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise UsageError(f"The run folder {target} exists and is not empty: choose another --out or pass --overwrite.")
+    run_settings = {"layer_sets": ["+".join(s) for s in sets], "classifiers": classifiers, "norm": norm,
+                    "grid": [float(c) for c in g], "cv": cv, "seed": seed, "val_fraction": val_fraction,
+                    "test_fraction": test_fraction, "max_iter": max_iter, "early_stop": patience}
+    if out is not None:
+        target = Path(out)
+        _runfolder.check_target(target, cache, overwrite)
+    else:
+        target = Path(runs_root) / default_run_name(cache, all_keys, concat, run_settings)
+    marker = {"created": _now(), "cache": str(Path(cache).resolve()), "settings": run_settings,
+              "settings_hash": _runfolder.settings_hash(run_settings)}
 
-    info = read_info(cache)
+    # one open handle for the whole run: every layer and the row table come from one version of the file,
+    # even if an extraction replaces the cache meanwhile (it does so by rename, never in place)
+    snap = open_cache(cache)
+    info = snap.info
     missing = [k for k in all_keys if k not in info.layers]
-    if missing:
-        load_codes(cache, missing)  # raises UsageError naming what the cache holds
     t_run = time.perf_counter()
     results: dict[str, dict] = {}
     curves_for_plot, cms_for_plot = [], []
@@ -1393,9 +1400,12 @@ def train_run(
     split: Split | None = None
     notes: list[str] = []
     test_correct: dict[tuple[str, str], np.ndarray] = {}  # for McNemar against the best (same test rows)
-    with _staging_dir(target, overwrite) as tmp:
+    with snap, _runfolder.staged_run(target, overwrite=overwrite, cache=cache, reserve=out is None,
+                                     marker=marker) as (tmp, target):
+        if missing:
+            snap.load(missing)  # raises UsageError naming what the cache holds
         for lset in sets:
-            codes = load_codes(cache, lset)
+            codes = snap.load(lset)
             name = "+".join(lset)
             if split is None:
                 first = codes
@@ -1406,6 +1416,9 @@ def train_run(
                 notes.extend(split.notes)
                 log.info("Split (%s): %d train, %d val, %d test; %d failed rows left out", split.source,
                          len(split.train), len(split.val), len(split.test), split.n_failed)
+                for w in split.warnings:
+                    log.warning("Warning: %s", w)
+            _check_same_snapshot(first, codes, cache)
             used = np.concatenate([split.train, split.val, split.test])
             check_codes(codes.X, used, codes.paths, what=f"layer(s) {name}")
             X = np.ascontiguousarray(codes.X, dtype=np.float32)
@@ -1434,7 +1447,7 @@ def train_run(
                 pred_all = {s: top_scores(pipe, X[rows]) if len(rows) else (np.array([], int), np.array([]))
                             for s, rows in (("train", trval), ("test", split.test))}
                 stem = f"{name}__{clf}"
-                rel_model = f"models/{stem}.joblib"
+                rel_model = f"models/{stem}{MODEL_SUFFIX}"
                 save_model(pipe, tmp / rel_model, {
                     "classifier": clf, "norm": norm, "C": sw.best_C, "layers": list(lset),
                     "records": {k: codes.records[k].to_dict() for k in lset}, "spec": codes.spec,
@@ -1485,6 +1498,7 @@ def train_run(
                      "file": BEST_MODEL},
             "pairwise": pairwise_vs_best(test_correct, (best[0], best[1])),
             "notes": notes,
+            "warnings": list(split.warnings),
             "seconds": time.perf_counter() - t_run,
         }
         atomic_write_text(tmp / "metrics.json", json.dumps(_jsonable(metrics), indent=2) + "\n")
@@ -1497,19 +1511,6 @@ def train_run(
     log.info("Run written to %s; best: %s / %s (val %.4f, test %.4f)", target, best[0], best[1],
              best[2]["val"]["accuracy"], best[2]["test"]["accuracy"])
     return RunResult(target, metrics, summary)
-
-
-def _copy_model(src: Path, dst: Path) -> None:
-    """Copy a saved model and its sidecar atomically (same bytes, same sha256); the sidecar
-    names the new file and the model it copies (``copy_of``)."""
-    meta = json.loads(sidecar_path(src).read_text(encoding="utf-8"))
-    data = src.read_bytes()
-    if sha256_bytes(data) != meta.get("sha256"):
-        raise ModelFileError(f"The model file {src} changed while the run was writing it; not copied.")
-    atomic_write_bytes(dst, data)
-    side = dict(meta, model_file=dst.name, copy_of=str(src.relative_to(dst.parent)) if src.is_relative_to(dst.parent)
-                else str(src))
-    atomic_write_text(sidecar_path(dst), json.dumps(_jsonable(side), indent=2, sort_keys=True) + "\n")
 
 
 def _write_predictions(path: Path, codes, trval: np.ndarray, split: Split, pred_all: dict) -> None:
@@ -1531,7 +1532,8 @@ def _write_predictions(path: Path, codes, trval: np.ndarray, split: Split, pred_
 
 
 def format_summary(metrics: Mapping) -> str:
-    """The terminal table: layers x classifier -> val acc, test acc, best C, fit seconds."""
+    """The terminal table: layers x classifier -> val acc, test acc, best C, fit seconds; then the
+    best model and one ``WARNING:`` line per warning of the run (e.g. a class with no test image)."""
     head = ["layers", "clf", "val acc", "test acc", "best C", "sweep s", "fit s", "p vs best", "note"]
     # McNemar p-value of each result against the best by val accuracy, on the same test rows
     p_vs_best = {(q["layers"], q["clf"]): format_p(q["p_value"]) for q in metrics.get("pairwise", [])}
@@ -1552,6 +1554,7 @@ def format_summary(metrics: Mapping) -> str:
     b = metrics.get("best")
     if b:
         out.append(f"best by val accuracy: {b['layers']} / {b['clf']} (test {b['test_accuracy']:.4f})")
+    out.extend(f"WARNING: {w}" for w in metrics.get("warnings", []))
     return "\n".join(out)
 
 

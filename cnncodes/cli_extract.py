@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "transforms, less CPU per image; pil: Pillow, bit-exact with transforms on PIL images")
     p.add_argument("--error-budget", type=float, default=0.05, help="fraction of images allowed to fail (default 0.05)")
     p.add_argument("--overwrite", action="store_true", help="discard an unfinished extraction with another spec")
+    p.add_argument("--verify-content", action="store_true",
+                   help="reuse a cached row only if its image's bytes hash to those it was extracted from (reads "
+                        "every image; default: trust size, mtime, inode and ctime, hash only files whose inode or "
+                        "ctime changed)")
     p.add_argument("--list", action="store_true", help="list the caches in --out and exit")
     p.add_argument("--list-layers", action="store_true", help="list the layers of --model and exit")
     p.add_argument("--list-models", action="store_true", help="list the backbones and exit")
@@ -127,6 +131,7 @@ def _run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, workers=args.workers, dtype=args.dtype, precision=args.precision,
         draft=not args.no_draft, decoder=args.decoder, compression=args.compression, error_budget=args.error_budget,
         overwrite=args.overwrite, name=args.name, progress=not (args.no_progress or args.quiet),
+        verify_content=args.verify_content,
     )
     if res.skipped:
         print(f"{len(res.skipped)} image(s) skipped (status 'error', NaN codes):", file=sys.stderr)

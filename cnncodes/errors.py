@@ -26,6 +26,7 @@ __all__ = [
     "ExtractionWriteError",
     "ModelFileError",
     "TrainingDataError",
+    "RunFolderLockedError",
 ]
 
 
@@ -96,8 +97,12 @@ class ExtractionWriteError(CacheError):
 
 
 class ModelFileError(CnnCodesError, OSError):
-    """A trained-model file is missing, corrupt, or does not match its sidecar."""
+    """A trained-model file is missing, corrupt, does not match its sidecar, or names a type cnncodes does not write."""
 
 
 class TrainingDataError(CnnCodesError, ValueError):
     """Codes cannot be used for training (one class, NaN, empty split...)."""
+
+
+class RunFolderLockedError(CnnCodesError, OSError):
+    """Another process is writing this run folder."""

@@ -75,6 +75,10 @@ __all__ = ["DEFAULT_OUT", "ExtractConfig", "ExtractResult", "extract", "extract_
 log = logging.getLogger(__name__)
 
 DEFAULT_OUT = "artifacts/codes"
+#: Version of what a spec's codes mean (part of the fingerprint). The file layout has its own,
+#: ``store.SCHEMA_VERSION``: new row fields do not change any code, so they must not retire caches
+#: or trained models.
+_SPEC_VERSION = 1
 _SHARD_RE = re.compile(r"^shard-(\d+)_(\d+)-(\d+)-([0-9a-f]{16})\.npz$")
 
 
@@ -240,7 +244,7 @@ def _base_spec(spec: BackboneSpec, weights: ResolvedWeights, dtype: str, precisi
         "dtype": dtype,
         "precision": precision,
         "library_majors": {k: _major(v[k]) for k in ("torch", "torchvision", "timm")},
-        "schema_version": store.SCHEMA_VERSION,
+        "schema_version": _SPEC_VERSION,
     }
 
 
@@ -279,11 +283,32 @@ def _load_manifest(data: str | os.PathLike) -> Manifest:
     return scan_folder(p)
 
 
+def _dataset_identity(manifest: Manifest) -> str:
+    """What names a dataset: its resolved root, how it was listed, and for a CSV the list itself
+    (every list of one folder shares that folder as its root)."""
+    ident = f"{manifest.root}|{manifest.source}"  # an image folder's identity, as in caches written before lists had one
+    return f"{ident}|{manifest.list_path}" if manifest.list_path else ident
+
+
 def _cache_path(out: Path, manifest: Manifest, spec_name: str, base_fp: str, name: str | None) -> Path:
     stem = name or Path(manifest.root).name or "data"
+    if manifest.list_path and not name:
+        stem = f"{stem}_{Path(manifest.list_path).stem}"  # data_train.csv and data_test.csv read apart
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem)
-    tag = hashlib.sha256(f"{base_fp}|{manifest.root}|{manifest.source}".encode()).hexdigest()[:10]
+    tag = hashlib.sha256(f"{base_fp}|{_dataset_identity(manifest)}".encode()).hexdigest()[:10]
     return out / f"{stem}-{spec_name}-{tag}.h5"
+
+
+def _check_same_dataset(info: store.CacheInfo, manifest: Manifest) -> None:
+    """Refuse a cache file whose recorded dataset is not this one (a renamed file, a name collision)."""
+    if (info.dataset_root, info.dataset_list) != (manifest.root, manifest.list_path):
+        def show(root, lst):
+            return lst or root
+
+        raise CacheMismatchError(
+            f"{info.path} holds the codes of {show(info.dataset_root, info.dataset_list)}, not of "
+            f"{show(manifest.root, manifest.list_path)}. Give another --out folder, or pass --overwrite to replace it."
+        )
 
 
 # --------------------------------------------------------------------------- model runner
@@ -714,6 +739,7 @@ def extract(
     overwrite: bool = False,
     name: str | None = None,
     progress: bool = False,
+    verify_content: bool = False,
 ) -> ExtractResult:
     """Extract the codes of ``layers`` of ``model`` for every image of ``data`` into an HDF5 cache.
 
@@ -757,6 +783,11 @@ def extract(
         Discard an unfinished extraction whose spec differs, and an existing file.
     progress : bool
         Show a progress bar (tqdm).
+    verify_content : bool
+        Hash every image's bytes and reuse a row only when they equal those recorded when it
+        was extracted. By default a row is reused when the file's size, mtime, inode and ctime
+        are those recorded (any rewrite changes the ctime), and only files whose inode or ctime
+        changed with size and mtime kept (a copy, a restore) are hashed (see :func:`_match_rows`).
 
     Returns
     -------
@@ -813,14 +844,10 @@ def extract(
         old_info = store.read_info(path)
         if old_info.fingerprint != base_fp:
             raise CacheMismatchError(f"{path} holds another spec (fingerprint {old_info.fingerprint[:12]}); use --overwrite")
+        _check_same_dataset(old_info, manifest)
     old_rows = store.read_rows(path) if old_info is not None else None
-    reuse_idx = np.full(n, -1, dtype=np.int64)  # row in the old file, or -1
-    if old_rows is not None:
-        pos = {p: i for i, p in enumerate(old_rows["paths"])}
-        for j, r in enumerate(manifest.rows):
-            i = pos.get(r.relpath)
-            if i is not None and old_rows["file_size"][i] == r.size and old_rows["file_mtime_ns"][i] == r.mtime_ns:
-                reuse_idx[j] = i
+    # row in the old file (or -1), and each image's content sha256 where known
+    reuse_idx, content = _match_rows(old_rows, manifest, verify_content)
     old_layers = {} if old_info is None else {k: rec for k, rec in old_info.layers.items()}
     new_keys = [key for key in keys if key not in old_layers or old_layers[key].fingerprint != _fp_of(lplan, key)]
     # layers of the final file: the old ones (still valid) plus the requested ones
@@ -836,7 +863,8 @@ def extract(
         jobs.append((reused, new_keys))
     dropped = 0 if old_rows is None else len(old_rows["paths"]) - len(reused)
 
-    if not jobs and old_info is not None and dropped == 0 and n == old_info.n_rows and _same_rows(old_rows, manifest):
+    if (not jobs and old_info is not None and dropped == 0 and n == old_info.n_rows
+            and _same_rows(old_rows, old_info.class_names, manifest) and _same_identity(old_rows, manifest, content)):
         if store.partial_dir(path).is_dir() or _leftovers(path):
             with contextlib.suppress(CacheLockedError), store.CacheLock(path):
                 _remove_leftovers(path)
@@ -851,7 +879,13 @@ def extract(
             return extract(data, model, layers, weights=weights, pool=pool, out=out, device=real,
                            batch_size=batch_size, workers=workers, dtype=dtype, precision=precision, draft=draft,
                            decoder=decoder, compression=compression, error_budget=error_budget, overwrite=overwrite, name=name,
-                           progress=progress)
+                           progress=progress, verify_content=verify_content)
+    if old_info is not None and old_info.schema_version < store.SCHEMA_VERSION:
+        log.info("%s was written in cache schema %d: its reused rows were checked by size and mtime, as when they "
+                 "were written; it is rewritten in schema %d with each file's inode and ctime",
+                 path.name, old_info.schema_version, store.SCHEMA_VERSION)
+    unhashed = [j for j in fresh if not content[j]]  # a row computed now records the bytes it was made of
+    content[unhashed] = _hash_files([manifest.abspath(manifest.rows[j]) for j in unhashed])
 
     plan = {
         "spec": base,
@@ -859,8 +893,10 @@ def extract(
         "layers": [{"key": k, "alias": ld.alias, "node": ld.node, "stage": ld.stage, "pool": p, "fingerprint": fp}
                    for ld, p, k, fp in final],
         "manifest_hash": manifest.digest(),
-        "manifest_state": store.fingerprint_of([(r.relpath, r.size, r.mtime_ns) for r in manifest.rows]),
+        "manifest_state": store.fingerprint_of([(r.relpath, r.size, r.mtime_ns, r.ctime_ns, r.inode)
+                                                for r in manifest.rows]),
         "dataset_root": manifest.root,
+        "dataset_list": manifest.list_path,
         "n_rows": n,
         "n_todo": int(sum(len(r) for r, _ in jobs)),
         "jobs": [{"rows": len(r), "keys": ks} for r, ks in jobs],
@@ -999,8 +1035,8 @@ def extract(
 
         map_shapes = runner.map_shapes if runner is not None else {}
         try:
-            info = _consolidate(path, pdir, manifest, jobs, batches, final, old_info, reuse_idx, base, base_fp,
-                                dtype, compression, map_shapes, plan)
+            info = _consolidate(path, pdir, manifest, jobs, batches, final, old_info, reuse_idx, content, base,
+                                base_fp, dtype, compression, map_shapes, plan)
         except OSError as e:
             if isinstance(e, CnnCodesError):
                 raise
@@ -1026,10 +1062,89 @@ def _probe_device() -> str:
     return "cuda" if os.path.exists("/dev/nvidiactl") else "cpu"
 
 
-def _same_rows(old_rows: dict, manifest: Manifest) -> bool:
-    """True when the cache's row table (order, labels, splits) equals the manifest's."""
+def _match_rows(old_rows: dict | None, manifest: Manifest, verify_content: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Which old row each image reuses (-1: none), and each image's content sha256 where known ("").
+
+    An image may reuse the row of its path when its size and mtime are those recorded, and then:
+
+    - by default, when its inode and ctime are those recorded too: nothing rewrote the file
+      (a rewrite sets the ctime even when ``os.utime`` puts the mtime back). When they differ (a
+      copied or restored dataset, a chmod, a rewrite), its bytes are hashed and must equal the
+      recorded hash; a row without one is redone. Rows of a schema 1 file (no inode or ctime
+      recorded) are trusted on size and mtime, as they were when written.
+    - with ``verify_content``, only when its bytes hash to the recorded sha256: always read.
+    """
+    n = len(manifest.rows)
+    reuse = np.full(n, -1, dtype=np.int64)
+    content = np.full(n, "", dtype=object)
+    if old_rows is None:
+        return reuse, content
+    pos = {p: i for i, p in enumerate(old_rows["paths"])}
+    doubt = []  # (image, old row) whose bytes decide
+    for j, r in enumerate(manifest.rows):
+        i = pos.get(r.relpath)
+        if i is None or (old_rows["file_size"][i], old_rows["file_mtime_ns"][i]) != (r.size, r.mtime_ns):
+            continue
+        known = old_rows["file_inode"][i] != -1
+        same_file = (old_rows["file_inode"][i], old_rows["file_ctime_ns"][i]) == (r.inode, r.ctime_ns)
+        if verify_content or (known and not same_file):
+            if old_rows["content_sha256"][i]:
+                doubt.append((j, i))
+            continue
+        reuse[j] = i
+        content[j] = old_rows["content_sha256"][i]
+    for (j, i), digest in zip(doubt, _hash_files([manifest.abspath(manifest.rows[j]) for j, _ in doubt])):
+        content[j] = digest
+        if digest and digest == old_rows["content_sha256"][i]:
+            reuse[j] = i
+    return reuse, content
+
+
+def _sha256_of(path: str) -> str:
+    """sha256 of a file's bytes, or "" when it cannot be read (its decoding will say why)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError:
+        return ""
+    return h.hexdigest()
+
+
+def _hash_files(paths: Sequence[str]) -> list[str]:
+    """:func:`_sha256_of` of many files, on threads (hashlib and file reads release the GIL)."""
+    if len(paths) < 2:
+        return [_sha256_of(p) for p in paths]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
+        return list(pool.map(_sha256_of, paths))
+
+
+def _same_identity(old_rows: dict, manifest: Manifest, content: np.ndarray) -> bool:
+    """True when every row's recorded file identity is the current one (else the row table is rewritten,
+    so that the next run trusts the files as they are now, e.g. after a copy whose bytes were checked)."""
+    rows = manifest.rows
     return (
-        list(old_rows["paths"]) == [r.relpath for r in manifest.rows]
+        old_rows["file_size"].tolist() == [r.size for r in rows]
+        and old_rows["file_mtime_ns"].tolist() == [r.mtime_ns for r in rows]
+        and old_rows["file_ctime_ns"].tolist() == [r.ctime_ns for r in rows]
+        and old_rows["file_inode"].tolist() == [r.inode for r in rows]
+        and list(old_rows["content_sha256"]) == list(content)
+    )
+
+
+def _same_rows(old_rows: dict, old_class_names: Sequence[str], manifest: Manifest) -> bool:
+    """True when the cache's row table (order, labels, splits, class names) equals the manifest's.
+
+    A renamed class keeps every label index (``rose`` -> ``rosa`` sorts alike) but not its name:
+    the class names are compared too. Codes do not depend on labels, so a difference here only
+    rewrites the row table (no forward pass).
+    """
+    return (
+        list(old_class_names) == list(manifest.class_names)
+        and list(old_rows["paths"]) == [r.relpath for r in manifest.rows]
         and old_rows["labels"].tolist() == [r.label for r in manifest.rows]
         and list(old_rows["split"]) == [r.split for r in manifest.rows]
     )
@@ -1138,7 +1253,7 @@ def _progress(enabled: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, smoothing=0.1)
 
 
-def _consolidate(path, pdir, manifest, jobs, batches, final, old_info, reuse_idx, base, base_fp, dtype,
+def _consolidate(path, pdir, manifest, jobs, batches, final, old_info, reuse_idx, content, base, base_fp, dtype,
                  compression, map_shapes, plan) -> store.CacheInfo:
     """Stream old codes and shards, in manifest order, into a new cache file (atomic)."""
     n = len(manifest.rows)
@@ -1169,6 +1284,9 @@ def _consolidate(path, pdir, manifest, jobs, batches, final, old_info, reuse_idx
         "message": message,
         "file_size": np.array([r.size for r in manifest.rows], dtype=np.int64),
         "file_mtime_ns": np.array([r.mtime_ns for r in manifest.rows], dtype=np.int64),
+        "file_ctime_ns": np.array([r.ctime_ns for r in manifest.rows], dtype=np.int64),
+        "file_inode": np.array([r.inode for r in manifest.rows], dtype=np.int64),
+        "content_sha256": np.asarray(content, dtype=object),
     }
 
     def blocks_for(key: str) -> Iterator[np.ndarray]:
@@ -1216,6 +1334,7 @@ def _consolidate(path, pdir, manifest, jobs, batches, final, old_info, reuse_idx
     spec = dict(base, layers=[r.to_dict() for r in records], weights_path=plan.get("weights_path"))
     return store.write_cache(
         path, spec=spec, fingerprint=base_fp, manifest_hash=manifest.digest(), dataset_root=manifest.root,
+        dataset_list=manifest.list_path,
         class_names=list(manifest.class_names), rows=rows, layers=layers, dtype=dtype, compression=compression,
         created=None if old_info is None else old_info.created, versions=_versions(),
     )

@@ -32,6 +32,7 @@ __all__ = [
     "Manifest",
     "Row",
     "is_plain_jpeg",
+    "list_image_files",
     "load_image",
     "read_csv_list",
     "scan_folder",
@@ -103,6 +104,12 @@ class Row:
         File size in bytes when listed.
     mtime_ns : int
         File modification time in nanoseconds when listed.
+    ctime_ns : int
+        File status-change time in nanoseconds when listed (-1: unknown). Any rewrite sets
+        it, even one whose mtime was put back with ``os.utime``.
+    inode : int
+        The file's inode number when listed (-1: unknown): a file replaced by another
+        (rename, copy) gets another one.
     """
 
     relpath: str
@@ -111,6 +118,8 @@ class Row:
     split: str
     size: int
     mtime_ns: int
+    ctime_ns: int = -1
+    inode: int = -1
 
 
 @dataclass(frozen=True)
@@ -127,12 +136,16 @@ class Manifest:
         Sorted class names; a row's ``label`` indexes into it.
     source : str
         ``"folder"`` or ``"csv"``.
+    list_path : str
+        The resolved path of the CSV list (``""`` for a folder): several lists in one
+        folder share their root, so the list itself is part of a cache's identity.
     """
 
     root: str
     rows: tuple[Row, ...]
     class_names: tuple[str, ...]
     source: str
+    list_path: str = ""
 
     def digest(self) -> str:
         """Return a stable identity of the labelled image list.
@@ -173,6 +186,11 @@ class Manifest:
         return os.path.join(self.root, *row.relpath.split("/"))
 
 
+def _row(relpath: str, label: int, class_name: str, split: str, st: os.stat_result) -> Row:
+    return Row(relpath=relpath, label=label, class_name=class_name, split=split, size=st.st_size,
+               mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, inode=st.st_ino)
+
+
 def _canonical_json(obj: object) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
@@ -190,40 +208,79 @@ def _ext(name: str) -> str:
     return os.path.splitext(name)[1].lower()
 
 
-def _walk_images(
-    top: str, rel_top: str, other_exts: Counter[str]
-) -> Iterator[tuple[str, os.DirEntry[str]]]:
-    """Yield ``(relpath, entry)`` for every image below ``top``, recursively.
+def _within(path: str, folder: str) -> bool:
+    """Whether resolved ``path`` is ``folder`` or lies below it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
-    Hidden entries are skipped; non-image files are counted by extension in
-    ``other_exts``. Directory symlink loops are broken by (device, inode).
+
+class _Walk:
+    """The state of one walk over a dataset tree, shared by all its folders.
+
+    Each real folder is walked once, by (device, inode). A link to a folder is followed only
+    when it leads out of the tree to a folder not walked yet: a link back into the tree (a class
+    folder linked into another one, whose images would be listed twice under two labels) or to an
+    ancestor of the tree or of the folder holding it (a loop) is skipped with a warning. Links to
+    files are always followed.
     """
-    stack = [(top, rel_top)]
-    seen: set[tuple[int, int]] = set()
-    while stack:
-        path, rel = stack.pop()
+
+    def __init__(self, root: str):
+        self.root = os.path.realpath(root)
+        self.seen: set[tuple[int, int]] = set()
+
+    def enter(self, path: str, is_link: bool) -> bool:
+        """Whether to walk folder ``path`` (reached through a link if ``is_link``); marks it walked."""
         try:
             st = os.stat(path)
         except OSError as e:
             logger.warning("Cannot read folder %s (%s); skipped", path, e)
-            continue
+            return False
+        if is_link:
+            target = os.path.realpath(path)
+            holder = os.path.realpath(os.path.dirname(path))
+            if _within(target, self.root) or _within(self.root, target):
+                why = f"it points back into the dataset {self.root}"
+            elif _within(holder, target):
+                why = "it loops back to a folder that holds it"
+            else:
+                why = ""
+            if why:
+                logger.warning("Folder link %s -> %s skipped: %s (its images would be listed again, under "
+                               "another label)", path, target, why)
+                return False
         key = (st.st_dev, st.st_ino)
-        if key in seen:
+        if key in self.seen:
+            logger.warning("Folder %s skipped: it was already walked (reached again through a link)", path)
+            return False
+        self.seen.add(key)
+        return True
+
+
+def _walk_images(
+    top: str, rel_top: str, other_exts: Counter[str], walk: _Walk, top_is_link: bool = False
+) -> Iterator[tuple[str, os.DirEntry[str]]]:
+    """Yield ``(relpath, entry)`` for every image below ``top``, recursively, in name order.
+
+    Hidden entries are skipped; non-image files are counted by extension in
+    ``other_exts``. Folder links are followed as :class:`_Walk` allows.
+    """
+    stack = [(top, rel_top, top_is_link)]
+    while stack:
+        path, rel, is_link = stack.pop()
+        if not walk.enter(path, is_link):
             continue
-        seen.add(key)
         try:
-            with os.scandir(path) as it:
-                entries = list(it)
+            entries = _list_dir(path)
         except OSError as e:
             logger.warning("Cannot list folder %s (%s); skipped", path, e)
             continue
+        subdirs = []
         for entry in entries:
             if _is_hidden(entry.name):
                 continue
-            entry_rel = f"{rel}/{entry.name}"
+            entry_rel = f"{rel}/{entry.name}" if rel else entry.name
             try:
                 if entry.is_dir():
-                    stack.append((entry.path, entry_rel))
+                    subdirs.append((entry.path, entry_rel, entry.is_symlink()))
                     continue
                 if not entry.is_file():
                     continue
@@ -234,6 +291,18 @@ def _walk_images(
                 yield entry_rel, entry
             else:
                 other_exts[ext or "(no extension)"] += 1
+        stack.extend(reversed(subdirs))  # popped in name order
+
+
+def list_image_files(folder: str | os.PathLike[str]) -> list[str]:
+    """Every image file below ``folder`` (``folder`` joined with its relative path), sorted.
+
+    The same walk as :func:`scan_folder`'s: hidden entries skipped, folder links that lead back
+    into ``folder`` or loop skipped with a warning, file links followed.
+    """
+    top = os.fspath(folder)
+    found = _walk_images(top, "", Counter(), _Walk(top))
+    return sorted(os.path.join(top, *rel.split("/")) for rel, _entry in found)
 
 
 def _list_dir(path: str) -> list[os.DirEntry[str]]:
@@ -332,16 +401,19 @@ def scan_folder(root: str | os.PathLike[str]) -> Manifest:
         )
 
     split_layout = all(e.name.lower() in _SPLIT_ALIASES for e in top_dirs)
+    walk = _Walk(root_abs)  # one walk for the whole tree: no folder is listed twice
+    walk.enter(root_abs, False)
     # (split, folder path, relpath prefix)
     groups: list[tuple[str, str, str]]
     if split_layout:
-        groups = [(_SPLIT_ALIASES[e.name.lower()], e.path, e.name) for e in top_dirs]
+        groups = [(_SPLIT_ALIASES[e.name.lower()], e.path, e.name) for e in top_dirs
+                  if walk.enter(e.path, e.is_symlink())]
     else:
         groups = [("", root_abs, "")]
 
     other_exts: Counter[str] = Counter()
-    # (relpath, class_name, split, size, mtime_ns)
-    found: list[tuple[str, str, str, int, int]] = []
+    # (relpath, class_name, split, stat of the image: of a link's target)
+    found: list[tuple[str, str, str, os.stat_result]] = []
     n_class_dirs = 0
     for split, group_path, group_rel in groups:
         try:
@@ -365,9 +437,8 @@ def scan_folder(root: str | os.PathLike[str]) -> Manifest:
             class_name = entry.name
             class_rel = f"{group_rel}/{class_name}" if group_rel else class_name
             n_before = len(found)
-            for relpath, f in _walk_images(entry.path, class_rel, other_exts):
-                st = f.stat()
-                found.append((relpath, class_name, split, st.st_size, st.st_mtime_ns))
+            for relpath, f in _walk_images(entry.path, class_rel, other_exts, walk, entry.is_symlink()):
+                found.append((relpath, class_name, split, f.stat()))
             if len(found) == n_before:
                 logger.warning(
                     "Class folder %s holds no image file (extensions %s); it is "
@@ -385,13 +456,10 @@ def scan_folder(root: str | os.PathLike[str]) -> Manifest:
             "(case-insensitive)."
         )
 
-    class_names = tuple(sorted({c for _, c, _, _, _ in found}))
+    class_names = tuple(sorted({c for _, c, _, _ in found}))
     index = {c: i for i, c in enumerate(class_names)}
     found.sort(key=lambda t: t[0])
-    rows = tuple(
-        Row(relpath=rp, label=index[c], class_name=c, split=s, size=sz, mtime_ns=mt)
-        for rp, c, s, sz, mt in found
-    )
+    rows = tuple(_row(rp, index[c], c, s, st) for rp, c, s, st in found)
     logger.debug(
         "Scanned %s: %d images, %d classes%s",
         root_abs,
@@ -498,7 +566,7 @@ def read_csv_list(csv_path: str | os.PathLike[str]) -> Manifest:
     n_cols = len(names)
 
     problems: list[tuple[int, str]] = []
-    parsed: list[tuple[str, str, str, int, int]] = []
+    parsed: list[tuple[str, str, str, os.stat_result]] = []
     first_line_of: dict[str, int] = {}
     for line_no, rec in records[1:]:
         if len(rec) != n_cols:
@@ -539,7 +607,7 @@ def read_csv_list(csv_path: str | os.PathLike[str]) -> Manifest:
         if not os.path.isfile(absolute):
             problems.append((line_no, f"not a file: {absolute}"))
             continue
-        parsed.append((relpath, label, split, st.st_size, st.st_mtime_ns))
+        parsed.append((relpath, label, split, st))
 
     if problems:
         listed = "; ".join(
@@ -561,13 +629,11 @@ def read_csv_list(csv_path: str | os.PathLike[str]) -> Manifest:
             "per image (path,label[,split])."
         )
 
-    class_names = tuple(sorted({lab for _, lab, _, _, _ in parsed}))
+    class_names = tuple(sorted({lab for _, lab, _, _ in parsed}))
     index = {c: i for i, c in enumerate(class_names)}
-    rows = tuple(
-        Row(relpath=rp, label=index[lab], class_name=lab, split=s, size=sz, mtime_ns=mt)
-        for rp, lab, s, sz, mt in parsed
-    )
-    return Manifest(root=root, rows=rows, class_names=class_names, source="csv")
+    rows = tuple(_row(rp, index[lab], lab, s, st) for rp, lab, s, st in parsed)
+    return Manifest(root=root, rows=rows, class_names=class_names, source="csv",
+                    list_path=os.path.realpath(csv_abs))
 
 
 def _read_records(fh: Iterator[str]) -> list[tuple[int, list[str]]]:

@@ -1,6 +1,7 @@
 """Predict labels of new images with a trained run: same backbone, weights, preprocessing and layers.
 
-:func:`predict` loads a model and its sidecar (sha256 checked before unpickling),
+:func:`predict` loads a model and its sidecar (:func:`cnncodes.modelfile.load_model`: skops,
+only the types cnncodes writes; sha256 checked; pickles of older runs only when trusted),
 extracts the codes of the images with exactly the recorded extraction spec
 (:func:`cnncodes.extract.extract_images`, which refuses other weights), checks that
 the new codes match the training codes field by field
@@ -32,14 +33,15 @@ log = logging.getLogger(__name__)
 
 FIELDS = ("path", "label", "score", "status", "message")
 
-try:
-    from .images import IMAGE_EXTENSIONS as _IMAGE_EXTENSIONS
-except ImportError:  # pragma: no cover - images.py is part of the package
-    _IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"})
+from .images import IMAGE_EXTENSIONS as _IMAGE_EXTENSIONS
+from .images import list_image_files
 
 
 def expand_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
     """Image files of ``paths``: files as given, folders expanded recursively (sorted).
+
+    A folder is walked as ``scan_folder`` walks a dataset (:func:`cnncodes.images.list_image_files`):
+    hidden entries skipped, file links followed, folder links that loop or lead back into it skipped.
 
     Raises
     ------
@@ -52,10 +54,7 @@ def expand_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            found = sorted(
-                str(q) for q in p.rglob("*")
-                if q.is_file() and q.suffix.lower() in _IMAGE_EXTENSIONS and not q.name.startswith(".")
-            )
+            found = list_image_files(p)
             if not found:
                 raise UsageError(
                     f"The folder {p} holds no image file (extensions {', '.join(sorted(_IMAGE_EXTENSIONS))})."
@@ -108,13 +107,14 @@ def predict(
     model: str | None = None,
     device: str = "auto",
     batch_size: int = 64,
+    trust_pickle: bool = False,
 ) -> list[dict[str, Any]]:
     """Predict the class of images with a trained model.
 
     Parameters
     ----------
     run_dir_or_model : path-like
-        A run folder (its best model by val accuracy, or ``model``) or a ``.joblib`` file.
+        A run folder (its best model by val accuracy, or ``model``) or a ``.skops`` file.
     image_paths : sequence of path-like
         Image files and folders (expanded to their image files).
     model : str, optional
@@ -122,6 +122,9 @@ def predict(
     device : str
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
     batch_size : int
+    trust_pickle : bool
+        Load a pickle (``.joblib``) model of an older run. Unpickling runs any code the
+        file holds: only for files you wrote yourself.
 
     Returns
     -------
@@ -135,7 +138,8 @@ def predict(
     UsageError
         Missing images or folders, an unknown model name.
     ModelFileError
-        A missing, tampered or mismatched model file or sidecar.
+        A missing, tampered or mismatched model file or sidecar, a model file naming a
+        type cnncodes does not write, or a pickle without ``trust_pickle``.
     CacheMismatchError
         The weights on this machine, or the new codes' layer or spec, differ from the
         model's training codes (each differing field named).
@@ -143,7 +147,7 @@ def predict(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"The 'batch_size' parameter must be an int >= 1. Got {batch_size!r} instead.")
     path = find_model(run_dir_or_model, model)
-    est, meta = load_model(path)
+    est, meta = load_model(path, trust_pickle=trust_pickle)
     files = expand_paths(image_paths)
     import importlib
 

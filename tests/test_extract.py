@@ -291,9 +291,11 @@ def test_decoder_is_part_of_the_fingerprint_and_predict_uses_the_recorded_one(fl
     np.testing.assert_allclose(a.X, b.X, atol=0.05 * float(np.abs(b.X).max()))
     assert "decoder" not in b.spec["preprocessing"]  # Pillow: the spec of caches written before the choice
     for c in (a, b):  # new images get the preprocessing their training codes had, bit for bit
-        again = extract_images([flowers_small / p for p in c.paths[:4]], spec=c.spec, layer_keys=["fc1"],
+        # the same batch as the extraction: oneDNN's kernels may sum in another order for another batch
+        # size (seen on Intel Xeon hosts), so only the same batch composition is bitwise
+        again = extract_images([flowers_small / p for p in c.paths], spec=c.spec, layer_keys=["fc1"],
                                device="cpu", workers=0)
-        np.testing.assert_array_equal(again["codes"]["fc1"], c.X[:4])
+        np.testing.assert_array_equal(again["codes"]["fc1"], c.X)
     with pytest.raises(UsageError, match="Unknown decoder"):
         extract(flowers_small, "tiny", ["fc1"], decoder="cv2", **kw)
 

@@ -88,7 +88,7 @@ def test_train_run_reports_mcnemar_against_the_best(tmp_path):
     y = codes.labels[sp.test]
 
     def correct(layer, clf):
-        model, _ = C.load_model(tmp_path / "run" / "models" / f"{layer}__{clf}.joblib")
+        model, _ = C.load_model(tmp_path / "run" / "models" / f"{layer}__{clf}{C.MODEL_SUFFIX}")
         return model.predict(load_codes(cache, [layer]).X[sp.test]) == y
 
     best = (m["best"]["layers"], m["best"]["clf"])

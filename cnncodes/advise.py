@@ -196,25 +196,29 @@ def recommend(size: dict, sim: dict, ranking: list[LayerScore], *, top_key: str,
               shallowest_key: str, data: str, model: str, cache: str) -> dict:
     """The case, the layer (best LogME) and what to run.
 
-    Small data: a linear classifier on the best-ranked layer's cached codes (``train_svm.py``), with the top
-    layer beside it when they differ, so that the run's McNemar test says whether the pick really wins.
+    Small data: a linear classifier on the best-ranked layer's cached codes (``train_svm.py``), with a second
+    layer beside it (the top layer, or the best earlier one when the pick is the top layer), so that the run's
+    McNemar test says whether the pick really wins.
     Large data: fine-tuning (``scripts/finetune.py``): similar data keep the shallowest ranked layer and
     everything below frozen (generic edges and textures, Yosinski et al. 2014) and train the rest at 0.1x;
     different data freeze only the stem and train the rest at 0.3x.
     """
     case = f"{size['regime']}-{sim['verdict']}"
     pick = ranking[0].layer
-    layers = [pick] + ([top_key] if top_key != pick else [])
+    # a second layer beside the pick, so that a run's McNemar test says whether the pick really wins: the top
+    # layer, or when the pick is the top layer, the best earlier one (what the classic rule would try)
+    alt = top_key if top_key != pick else sim.get("best_earlier_layer")
+    layers = [pick] + ([alt] if alt else [])
     linear_cmd = f"python scripts/train_svm.py {cache} --layers {' '.join(layers)} --clf svm softmax"
-    rec = {"case": case, "layer": pick, "linear_command": linear_cmd}
+    rec = {"case": case, "layer": pick, "linear_layers": layers, "linear_command": linear_cmd}
     if size["regime"] == "small":
         where = "top" if sim["verdict"] == "similar" else "earlier-layer"
         agrees = (pick == top_key) == (sim["verdict"] == "similar")
         rec["strategy"] = f"linear classifier (SVM / softmax) on {where} codes: {pick}"
         rec["why"] = (f"{size['median_per_class']:.0f} images per class (median) is below {LARGE_PER_CLASS}; "
                       f"the data look {sim['verdict']} to ImageNet. LogME ranks {pick} first"
-                      + ("" if agrees else f" (the classic rule would look at {where} layers; the measured ranking "
-                                           f"wins, and --run checks it against {top_key})"))
+                      + ("" if agrees else f" (the classic rule points to {where} codes; the measured ranking "
+                                           f"decides, and --run tests the pick against {alt})"))
         rec["command"] = linear_cmd
         return rec
     freeze = shallowest_key if sim["verdict"] == "similar" else first_alias

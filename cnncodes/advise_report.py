@@ -77,9 +77,7 @@ def run_recommendation(advice: dict, folder: Path, **train_kw) -> dict:
     from .classify import train_run
 
     rec = advice["recommendation"]
-    top = advice["similarity"]["top_layer"]
-    layers = list(dict.fromkeys([advice["layer"], top]))
-    res = train_run(advice["cache"], layers, classifiers=["svm", "softmax"], out=folder / "linear", **train_kw)
+    res = train_run(advice["cache"], rec["linear_layers"], classifiers=["svm", "softmax"], out=folder / "linear", **train_kw)
     done = {"linear": {"folder": str(folder / "linear"), "best": res.metrics["best"],
                        "pairwise": res.metrics.get("pairwise", []), "summary": res.summary}}
     if "freeze_to" not in rec:

@@ -111,6 +111,9 @@ def test_size_threshold_and_recommendations():
     rec = A.recommend(small, {"verdict": "different"}, ranking, **kw)
     assert rec["case"] == "small-different" and rec["layer"] == "block5.linear"
     assert rec["command"] == "python scripts/train_svm.py c.h5 --layers block5.linear pool --clf svm softmax"
+    # the top layer picked: the best earlier layer runs beside it
+    rec = A.recommend(small, {"verdict": "similar", "best_earlier_layer": "block5.linear"}, _scores(), **kw)
+    assert (rec["case"], rec["layer"], rec["linear_layers"]) == ("small-similar", "pool", ["pool", "block5.linear"])
     rec = A.recommend(large, {"verdict": "similar"}, ranking, **kw)
     assert rec["case"] == "large-similar" and rec["freeze_to"] == "block2.linear"
     assert rec["command"] == ("python scripts/finetune.py D --model m --freeze-to block2.linear --lr 0.001 "
@@ -124,7 +127,7 @@ def test_run_trains_the_pick_and_reports_mcnemar(digits_h5, tmp_path, capsys):
     assert main([str(digits_h5), "--out", str(tmp_path / "adv"), "--run", "--bootstrap", "200", "-q"]) == 0
     a = json.loads((tmp_path / "adv" / "advice.json").read_text())
     m = json.loads((tmp_path / "adv" / "train" / "linear" / "metrics.json").read_text())
-    assert set(m["results"]) == {a["layer"], "fc7"} and a["run"]["linear"]["best"] == m["best"]
+    assert set(m["results"]) == {"fc6", "fc7"} and a["run"]["linear"]["best"] == m["best"]
     assert len(m["pairwise"]) == 3 and "p vs best" in capsys.readouterr().out
     assert a["case"] in ("small-similar", "small-different")
 

@@ -93,7 +93,8 @@ def bench_one(name: str, data: Path, args) -> dict:
         "earlier_minus_top": sim.get("earlier_minus_top"), "best_earlier_layer": sim.get("best_earlier_layer"),
         "pick": a["layer"], "pick_test": sw["pick_test_accuracy"], "oracle": sw["oracle_layer"],
         "oracle_test": sw["oracle_test_accuracy"], "pick_minus_oracle_pp": sw["pick_minus_oracle_pp"],
-        "kendall_tau": sw["kendall_tau"], "logme_s": a["seconds"]["logme"], "load_s": a["seconds"]["load"],
+        "pick_minus_oracle_any_clf_pp": sw["pick_minus_oracle_any_clf_pp"],
+        "kendall_tau": sw["kendall_tau"], "pick_vs_oracle_p": sw["pick_vs_oracle"]["p_value"], "logme_s": a["seconds"]["logme"], "load_s": a["seconds"]["load"],
         "sweep_s": sw["seconds"], "cost_ratio": sw["cost_ratio_logme_vs_sweep"],
         "extract_s": a["seconds"]["extract"], "curve_s": a["seconds"]["learning_curve"],
         "ranking": [(r["layer"], round(r["score"], 4)) for r in a["ranking"]],
@@ -121,13 +122,14 @@ def main(argv=None) -> int:
         print(json.dumps(rows[-1]), flush=True)
     print(f"\n{'dataset':<22} {'case':<16} {'med/cls':>7} {'top1 p':>6} {'NCE/H':>6} {'early-top':>9} "
           f"{'pick':<14} {'acc':>6} {'oracle':<14} {'acc':>6} {'gap pp':>6} {'tau':>5} {'LogME s':>7} "
-          f"{'sweep s':>7} {'cost':>6}")
+          f"{'sweep s':>7} {'cost':>6} {'p(pick=oracle)':>14}")
     for r in rows:
         f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
         print(f"{r['dataset']:<22} {r['case']:<16} {r['median_per_class']:>7.0f} {f(r['mean_top1_prob'], '6.3f')} "
               f"{f(r['nce_normalised'], '6.3f')} {f(r['earlier_minus_top'], '+9.4f')} {r['pick']:<14} "
               f"{r['pick_test']:>6.4f} {r['oracle']:<14} {r['oracle_test']:>6.4f} {r['pick_minus_oracle_pp']:>+6.2f} "
-              f"{r['kendall_tau']:>5.2f} {r['logme_s']:>7.2f} {r['sweep_s']:>7.1f} {100 * r['cost_ratio']:>5.1f}%")
+              f"{r['kendall_tau']:>5.2f} {r['logme_s']:>7.2f} {r['sweep_s']:>7.1f} {100 * r['cost_ratio']:>5.1f}% "
+              f"{r['pick_vs_oracle_p']:>14.3g}")
     BENCH.mkdir(parents=True, exist_ok=True)
     (BENCH / "advise.json").write_text(json.dumps({"cpu": cpu_model(), "rows": rows}, indent=1))
     return 0

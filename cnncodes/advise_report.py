@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .fileio import atomic_path, atomic_write_text
+from .stats import format_p
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,20 @@ def _per_layer_accuracy(metrics: dict) -> dict:
     return out
 
 
+def _test_correct(run: Path, layer: str, clf: str) -> dict:
+    """{path: right?} of one model's test rows, from the run folder's predictions CSV."""
+    import csv
+
+    with open(run / "predictions" / f"{layer}__{clf}.csv", newline="", encoding="utf-8") as f:
+        return {r["path"]: r["true"] == r["pred"] for r in csv.DictReader(f) if r["split"] == "test"}
+
+
 def run_sweep(advice: dict, folder: Path, **train_kw) -> dict:
     """Every ranked layer through ``train_run`` (SVM and softmax): the measured ranking next to LogME."""
     from scipy.stats import kendalltau
 
     from .classify import train_run
+    from .stats import mcnemar
 
     layers = [r["layer"] for r in advice["ranking"]]
     res = train_run(advice["cache"], layers, classifiers=["svm", "softmax"], out=folder, **train_kw)
@@ -60,11 +70,19 @@ def run_sweep(advice: dict, folder: Path, **train_kw) -> dict:
     oracle = max(layers, key=lambda k: acc[k]["test_accuracy"])
     pick = advice["layer"]
     tau = kendalltau(logme, measured)
+    a = _test_correct(folder, pick, acc[pick]["clf"])
+    b = _test_correct(folder, oracle, acc[oracle]["clf"])
+    rows = sorted(a)
+    pick_vs_oracle = mcnemar(np.array([b[r] for r in rows]), np.array([a[r] for r in rows])).to_dict()
     return {
         "folder": str(folder), "per_layer": acc, "oracle_layer": oracle,
         "oracle_test_accuracy": acc[oracle]["test_accuracy"], "pick_test_accuracy": acc[pick]["test_accuracy"],
         "pick_minus_oracle_pp": 100 * (acc[pick]["test_accuracy"] - acc[oracle]["test_accuracy"]),
+        # the same with each layer's better classifier on test (an upper bound that peeks at test rows)
+        "pick_minus_oracle_any_clf_pp": 100 * (acc[pick]["best_test_any_clf"]
+                                               - max(v["best_test_any_clf"] for v in acc.values())),
         "kendall_tau": float(tau.statistic), "kendall_p": float(tau.pvalue),
+        "pick_vs_oracle": pick_vs_oracle,  # McNemar, b = test rows the oracle gets right and the pick wrong
         "seconds": float(res.metrics.get("seconds", 0.0)),
         "cost_ratio_logme_vs_sweep": advice["seconds"]["logme"] / max(res.metrics.get("seconds", 0.0), 1e-9),
         "summary": res.summary,
@@ -225,7 +243,8 @@ def format_report(advice: dict, plots: bool) -> str:
         L += [f"Full sweep (train_svm, SVM + softmax, every layer): {sw['seconds']:.1f} s; LogME cost "
               f"{100 * sw['cost_ratio_logme_vs_sweep']:.1f} % of it. Kendall tau (LogME vs measured) "
               f"{sw['kendall_tau']:.2f}; pick {advice['layer']} {sw['pick_test_accuracy']:.4f} vs best "
-              f"{sw['oracle_layer']} {sw['oracle_test_accuracy']:.4f} ({sw['pick_minus_oracle_pp']:+.2f} pp)."]
+              f"{sw['oracle_layer']} {sw['oracle_test_accuracy']:.4f} ({sw['pick_minus_oracle_pp']:+.2f} pp; McNemar "
+              f"p = {format_p(sw['pick_vs_oracle']['p_value'])})."]
     L += _curve_section(advice, plots)
     L += _run_section(advice)
     return "\n".join(L) + "\n"

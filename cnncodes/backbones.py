@@ -113,6 +113,8 @@ class BackboneSpec:
     default_weights: Callable[[], "ResolvedWeights"]
     description: str = ""
     arch_args: dict = field(default_factory=dict)
+    #: applied to the network once its weights are loaded (e.g. fully connected layers as convolutions)
+    convert: Callable[["object"], "object"] | None = None
 
     def layer(self, alias: str) -> LayerDef:
         """Return the layer called ``alias``, with a "did you mean" hint if unknown.
@@ -391,6 +393,8 @@ def build_model(spec: BackboneSpec, weights: ResolvedWeights):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # --weights none is reproducible
             model = spec.build()
+    if spec.convert is not None:
+        model = spec.convert(model)
     for m in model.modules():  # a hook on a pre-activation must not be overwritten by an in-place ReLU
         if getattr(m, "inplace", False) is True:
             m.inplace = False

@@ -10,6 +10,7 @@ import sys
 from typing import Sequence
 
 from ._cli import Parser, run_cli
+from .images import DEFAULT_MAX_PIXELS
 
 PROG = "predict.py"
 
@@ -42,15 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true",
                    help="load a pickle model (.joblib) of an older run; unpickling runs any code the file holds, "
                         "so only for files you wrote yourself (else retrain the run with train_svm.py)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse images with more pixels, a decompression-bomb guard (default {DEFAULT_MAX_PIXELS}, "
+                        "Pillow's)")
     p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors on stderr")
     return p
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .predict import predict, write_predictions
+    from .predict import check_output_path, predict, write_predictions
 
+    if args.out:
+        check_output_path(args.out, "predict")  # before the work, not after it
     rows = predict(args.run, args.paths, model=args.model, device=args.device, batch_size=args.batch_size,
-                   trust_pickle=args.trust_pickle)
+                   max_pixels=args.max_pixels, trust_pickle=args.trust_pickle)
     if args.out:
         write_predictions(rows, args.out)
     else:

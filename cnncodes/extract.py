@@ -43,6 +43,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from numbers import Integral, Real
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -65,10 +66,22 @@ from .errors import (
     DatasetError,
     ErrorBudgetExceeded,
     ExtractionWriteError,
+    InvalidParameterError,
     UsageError,
 )
 from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir
-from .images import Manifest, is_plain_jpeg, load_image, read_csv_list, scan_folder
+from ._validation import Interval, PathLike, SequenceOf, StrOptions, validate_params
+from .images import (
+    DEFAULT_MAX_PIXELS,
+    Manifest,
+    is_plain_jpeg,
+    load_image,
+    pixels_over_limit,
+    read_csv_list,
+    scan_folder,
+)
+from .views import ViewSet, check_combine, combine_codes, pil_views, tensor_views
+from .views import resolve as resolve_views
 
 __all__ = ["DEFAULT_OUT", "ExtractConfig", "ExtractResult", "extract", "extract_images", "plan_layers"]
 
@@ -226,8 +239,24 @@ def resolve_device(device: str) -> str:
     return "cpu"
 
 
+def effective_backbone(spec: BackboneSpec, fc_as_conv: bool = False, input_size: int | None = None) -> BackboneSpec:
+    """``spec`` with its fully connected layers as convolutions and/or another input size
+    (both recorded in the extraction spec through ``arch_args`` and the preprocessing)."""
+    from .fc_conv import with_fc_as_conv, with_input_size
+
+    if input_size is not None and fc_as_conv and input_size < spec.preprocessing.crop:
+        raise InvalidParameterError("input_size", "extract",
+                                    f"must be >= {spec.preprocessing.crop} with fc_as_conv (the fully connected layers' "
+                                    f"field). Got {input_size} instead.")
+    if fc_as_conv:
+        spec = with_fc_as_conv(spec)
+    if input_size is not None:
+        spec = with_input_size(spec, int(input_size))
+    return spec
+
+
 def _base_spec(spec: BackboneSpec, weights: ResolvedWeights, dtype: str, precision: str, draft: bool,
-               decoder: str) -> dict:
+               decoder: str, views: ViewSet = ViewSet("center"), combine: str = "mean") -> dict:
     if dtype not in ("float16", "float32"):
         raise UsageError(f"Unknown dtype {dtype!r}: use float16 or float32")
     _check_decoder(decoder, spec.preprocessing)
@@ -235,6 +264,9 @@ def _base_spec(spec: BackboneSpec, weights: ResolvedWeights, dtype: str, precisi
     pre["draft"] = bool(draft)
     if decoder != "pil":  # absent = Pillow, as in caches written before the choice existed
         pre["decoder"] = decoder
+    if views.kind != "center":  # absent = the centre crop alone, as before views existed
+        pre["views"] = views.name
+        pre["combine"] = combine
     v = _versions()
     return {
         "backbone": spec.name,
@@ -424,13 +456,44 @@ def _crop_box(new_w: int, new_h: int, c: int) -> tuple[int, int]:
     return int(round((new_h - c) / 2.0)), int(round((new_w - c) / 2.0))
 
 
+#: Longest resized side, in multiples of ``pre.resize``, that an image is resized to whole. A
+#: 3x40,000 strip would otherwise become 256x3,413,333 pixels (2.6 GB, 6 GB at the peak of a
+#: tensor resize) for the 224x224 that the centre crop keeps; see :func:`_source_window`.
+MAX_RESIZED_ASPECT = 16
+
+
+def _source_window(w: int, h: int, pre) -> tuple[int, int, int, int] | None:
+    """The centred part of a ``w`` x ``h`` image to resize, as (left, top, right, bottom), or None for all of it.
+
+    Images whose resized long side stays within ``MAX_RESIZED_ASPECT * pre.resize`` (aspect
+    ratios up to 16:1: every ordinary photo and panorama) are resized whole, exactly as
+    torchvision's ``Resize`` + ``CenterCrop``. A longer one is first cut, along its long side, to
+    the centred window that resizes to that bound (an even margin on each side, so the window's
+    centre is the image's), then resized and cropped the same way: the resize costs no more than
+    a 16:1 image's, and the crop still comes from the image's centre at almost the same scale (within
+    about one output pixel in position, from the rounding of sizes and offsets).
+    """
+    bound = MAX_RESIZED_ASPECT * pre.resize
+    if max(_resized_size(w, h, pre)) <= bound:
+        return None
+    short, long = min(w, h), max(w, h)
+    keep = MAX_RESIZED_ASPECT * short  # source pixels that resize to `bound`, at the same scale
+    keep = min(long, keep + (long - keep) % 2)
+    start = (long - keep) // 2
+    return (start, 0, start + keep, h) if w > h else (0, start, w, start + keep)
+
+
 def resize_crop(img, pre) -> np.ndarray:
     """Resize the shorter side to ``pre.resize`` and keep the centre ``pre.crop`` square, as uint8 HWC.
 
     The same output sizes, rounding and (antialiased) PIL resampling as torchvision's
     ``Resize(pre.resize)`` + ``CenterCrop(pre.crop)`` on a PIL image, without importing torchvision
-    in every decoding worker.
+    in every decoding worker. Images longer than 16:1 are first cut to their centre
+    (:func:`_source_window`), so that the resize stays small.
     """
+    window = _source_window(*img.size, pre)
+    if window is not None:
+        img = img.crop(window)
     w, h = img.size
     new_w, new_h = _resized_size(w, h, pre)
     if (new_w, new_h) != (w, h):
@@ -447,9 +510,14 @@ def resize_crop_tensor(t, pre):
     uint8 tensor image (v1 transforms on tensors resample in float and may differ by 1); 2-6x
     faster than Pillow's resampling on this project's CPUs. It differs from the PIL pipeline by at
     most 1 (bilinear) or 2 (bicubic) grey levels in a few pixels (measured on the shared datasets).
+    Images longer than 16:1 are first cut to their centre, as in :func:`resize_crop`.
     """
     import torch
 
+    window = _source_window(t.shape[2], t.shape[1], pre)
+    if window is not None:
+        left, top, right, bottom = window
+        t = t[:, top:bottom, left:right]
     _, h, w = t.shape
     new_w, new_h = _resized_size(w, h, pre)
     if (new_w, new_h) != (w, h):
@@ -487,14 +555,19 @@ def _tv_decode():
 class _ImageDataset:
     """Decodes and resizes one image to a uint8 CHW tensor; failures become a status, not an exception."""
 
-    def __init__(self, paths: Sequence[str], pre, draft: bool, decoder: str = "pil", gate=None):
+    def __init__(self, paths: Sequence[str], pre, draft: bool, decoder: str = "pil", gate=None,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, views: ViewSet = ViewSet("center")):
         if pre.resize < pre.crop:
             raise UsageError(f"preprocessing resizes to {pre.resize} px, less than its {pre.crop} px crop")
         _check_decoder(decoder, pre)
         self.paths = list(paths)
         self.pre = pre
-        self.draft = pre.resize if draft else None
+        self.views = views
+        # draft decoding keeps at least the largest size any view is resized to
+        self.draft_size = max((pre.resize, *views.scales))
+        self.draft = self.draft_size if draft else None
         self.decoder = decoder
+        self.max_pixels = max_pixels
         self.gate = gate  # see _loader
         self._parent = os.getpid()
         if decoder == "torchvision":
@@ -512,11 +585,14 @@ class _ImageDataset:
         import torch
 
         if self.decoder == "pil":
-            img, note = load_image(path, draft=self.draft)
-            return torch.from_numpy(resize_crop(img, self.pre).transpose(2, 0, 1).copy()), note
+            img, note = load_image(path, draft=self.draft, max_pixels=self.max_pixels)
+            if self.views.kind == "center":
+                return torch.from_numpy(resize_crop(img, self.pre).transpose(2, 0, 1).copy())[None], note
+            v = pil_views(img, self.pre, self.views, _PIL_RESAMPLE[self.pre.interpolation])
+            return torch.from_numpy(v.transpose(0, 3, 1, 2).copy()), note
         t = None
         tv = _tv_decode()
-        if tv is not None and is_plain_jpeg(path, draft=self.draft):
+        if tv is not None and is_plain_jpeg(path, draft=self.draft, max_pixels=self.max_pixels):
             ImageReadMode, decode_jpeg, read_file = tv
             try:
                 with warnings.catch_warnings(record=True) as caught:
@@ -529,9 +605,11 @@ class _ImageDataset:
             except Exception:  # noqa: BLE001 - load_image below says what is wrong with the file
                 t = None
         if t is None:
-            img, note = load_image(path, draft=self.draft)
+            img, note = load_image(path, draft=self.draft, max_pixels=self.max_pixels)
             t = torch.from_numpy(np.array(img).transpose(2, 0, 1))
-        return resize_crop_tensor(t, self.pre), note
+        if self.views.kind == "center":
+            return resize_crop_tensor(t, self.pre)[None], note
+        return tensor_views(t, self.pre, self.views), note
 
     def __getitem__(self, i: int):
         import torch
@@ -546,14 +624,15 @@ class _ImageDataset:
             msg = str(e)
         except Exception as e:  # noqa: BLE001 - any decoder/resizer failure is this row's status
             msg = f"{self.paths[i]}: {type(e).__name__}: {e}"
-        return i, torch.zeros(3, pre.crop, pre.crop, dtype=torch.uint8), "error", msg
+        return i, torch.zeros(self.views.count(), 3, pre.crop, pre.crop, dtype=torch.uint8), "error", msg
 
 
 def _collate(items):
     import torch
 
+    # each item holds its image's V views; they go through the network side by side
     idx = [it[0] for it in items]
-    return idx, torch.stack([it[1] for it in items]), [it[2] for it in items], [it[3] for it in items]
+    return idx, torch.cat([it[1] for it in items]), [it[2] for it in items], [it[3] for it in items]
 
 
 @contextlib.contextmanager
@@ -589,7 +668,8 @@ def _default_workers(device: str) -> int:
     return min(8, n) if device == "cuda" else max(1, min(4, n))
 
 
-def _loader(paths, pre, draft, decoder, batches: list[list[int]], workers: int, device: str, gated: bool = False):
+def _loader(paths, pre, draft, decoder, batches: list[list[int]], workers: int, device: str, gated: bool = False,
+            max_pixels: int | None = DEFAULT_MAX_PIXELS, views: ViewSet = ViewSet("center")):
     """A DataLoader of decoded batches, and its gate (None when not ``gated``).
 
     On a CPU the forward pass keeps every core busy, and a decoding worker that runs alongside
@@ -598,18 +678,19 @@ def _loader(paths, pre, draft, decoder, batches: list[list[int]], workers: int, 
     alone would cost 5 %). A gated loader's workers decode only while the gate is open; the
     extraction closes it for each forward pass, so that decoding (on all cores, in the workers)
     and the forward pass (on all cores, in the model) take turns instead of fighting.
-    ``CNNCODES_GATE=0`` turns it off.
+    ``CNNCODES_GATE=0`` turns it off. No more workers start than there are batches to decode.
     """
     import multiprocessing
 
     import torch
     from torch.utils.data import DataLoader
 
+    workers = min(workers, len(batches))
     gate = None
     if gated and workers > 0 and os.environ.get("CNNCODES_GATE", "1") != "0":
         gate = multiprocessing.get_context().Event()
         gate.set()
-    ds = _ImageDataset(paths, pre, draft, decoder, gate)
+    ds = _ImageDataset(paths, pre, draft, decoder, gate, max_pixels, views)
     kw = {}
     if workers > 0:
         kw = {"prefetch_factor": 4, "persistent_workers": False}
@@ -718,6 +799,48 @@ class _ShardWriter:
 
 # --------------------------------------------------------------------------- public API
 
+DEVICES = ("auto", "cpu", "cuda")
+_COUNT = Interval(Integral, 1, None, closed="left")
+#: What :func:`extract_images` (and so prediction) accepts; :func:`extract` adds its own below.
+_IMAGES_PARAMS = {
+    "paths": [SequenceOf(PathLike())],
+    "spec": [dict],
+    "layer_keys": [SequenceOf(str, min_len=1)],
+    "device": [StrOptions(DEVICES)],
+    "batch_size": [_COUNT],
+    "workers": [Interval(Integral, 0, None, closed="left"), None],
+    "max_pixels": [_COUNT, None],
+}
+_EXTRACT_PARAMS = {
+    **_IMAGES_PARAMS,
+    "data": [PathLike()],
+    "model": [str],
+    "layers": [str, SequenceOf(str, min_len=1)],
+    "weights": [PathLike()],
+    "pool": [str],
+    "out": [PathLike()],
+    "dtype": [StrOptions(("float16", "float32"))],
+    "precision": [StrOptions(("auto", "fp32", "bf16", "fp16"))],
+    "draft": ["boolean"],
+    "decoder": [StrOptions(DECODERS)],
+    "compression": [StrOptions(("gzip", "sparse", "lzf", "zstd", "none"))],
+    "error_budget": [Interval(Real, 0, 1, closed="both")],
+    "overwrite": ["boolean"],
+    "name": [str, None],
+    "progress": ["boolean"],
+    "verify_content": ["boolean"],
+    "fc_as_conv": ["boolean"],
+    "input_size": [Interval(Integral, 32, None, closed="left"), None],
+    "views": [str],
+    "combine": [StrOptions(("mean", "max"))],
+}
+
+
+def _check_out_folder(out, caller: str) -> None:
+    if Path(out).exists() and not Path(out).is_dir():
+        raise InvalidParameterError("out", caller, f"must be a folder (it is created if missing). Got {str(out)!r}, "
+                                                   "a file, instead.")
+
 
 def extract(
     data: str | os.PathLike,
@@ -736,10 +859,15 @@ def extract(
     decoder: str = "torchvision",
     compression: str = "gzip",
     error_budget: float = 0.05,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
     overwrite: bool = False,
     name: str | None = None,
     progress: bool = False,
     verify_content: bool = False,
+    fc_as_conv: bool = False,
+    input_size: int | None = None,
+    views: str = "center",
+    combine: str = "mean",
 ) -> ExtractResult:
     """Extract the codes of ``layers`` of ``model`` for every image of ``data`` into an HDF5 cache.
 
@@ -779,6 +907,11 @@ def extract(
         ``lzf``, ``zstd`` (needs hdf5plugin), ``none``.
     error_budget : float
         Fraction of images allowed to fail before the run stops.
+    max_pixels : int or None
+        Images with more pixels fail (decompression bomb guard; default Pillow's limit, about
+        89.5 million; ``None``: no limit). Rows of an existing cache that failed for their
+        size alone are redone when the limit now admits them. Does not change any codes, so
+        it is not part of the fingerprint.
     overwrite : bool
         Discard an unfinished extraction whose spec differs, and an existing file.
     progress : bool
@@ -788,6 +921,17 @@ def extract(
         was extracted. By default a row is reused when the file's size, mtime, inode and ctime
         are those recorded (any rewrite changes the ctime), and only files whose inode or ctime
         changed with size and mtime kept (a copy, a restore) are hashed (see :func:`_match_rows`).
+    fc_as_conv : bool
+        AlexNet and VGG16 only: run the fully connected layers as convolutions, so that on
+        inputs larger than 224 px ``fc6``/``fc7``/``fc8`` are maps, pooled like conv maps.
+    input_size : int or None
+        Crop size fed to the network (the shorter side is resized to ``input_size`` x the
+        backbone's resize/crop ratio first); None keeps the backbone's preprocessing.
+    views : str
+        ``center`` (default), ``flip``, ``5crop``, ``10crop`` or ``multiscale[:S1,S2,...]``:
+        views of each image run in the same batch and combined into one row.
+    combine : str
+        ``mean`` (default) or ``max`` over the views.
 
     Returns
     -------
@@ -795,8 +939,8 @@ def extract(
 
     Raises
     ------
-    UsageError, DatasetError, UnknownBackboneError, UnknownLayerError
-        Bad arguments, checked before any work.
+    InvalidParameterError, UsageError, DatasetError, UnknownBackboneError, UnknownLayerError
+        Bad arguments, checked before any work (nothing is built or written).
     WeightsUnavailableError
         Default weights neither on disk nor downloadable.
     CacheLockedError
@@ -809,18 +953,23 @@ def extract(
         The disk is full or not writable; finished shards are kept.
     """
     t0 = time.perf_counter()
+    validate_params(
+        {"data": data, "model": model, "layers": layers, "weights": weights, "pool": pool, "out": out,
+         "device": device, "batch_size": batch_size, "workers": workers, "dtype": dtype, "precision": precision,
+         "draft": draft, "decoder": decoder, "compression": compression, "error_budget": error_budget,
+         "max_pixels": max_pixels, "overwrite": overwrite, "name": name, "progress": progress,
+         "verify_content": verify_content, "fc_as_conv": fc_as_conv, "input_size": input_size, "views": views,
+         "combine": combine},
+        _EXTRACT_PARAMS, "extract")
+    _check_out_folder(out, "extract")
     if isinstance(layers, str):
         layers = [layers]
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    if not 0 <= error_budget <= 1:
-        raise UsageError(f"--error-budget must be a fraction in [0, 1], got {error_budget}")
     store._compression_kwargs(compression)  # validate early
-    spec = get_backbone(model)
+    spec = effective_backbone(get_backbone(model), fc_as_conv, input_size)
+    view_set = resolve_views(views, spec.preprocessing)
+    check_combine(combine)
     # validate layers and pooling before touching the data or the weights
     plan_layers(spec, layers, pool, "")
-    if device not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"Unknown device {device!r}: use auto, cpu or cuda")
     manifest = _load_manifest(data)
     wts = resolve_weights(spec, weights)
     # The precision is part of the fingerprint and "auto" depends on the device. A cache hit
@@ -828,7 +977,7 @@ def extract(
     # needed, torch decides and the plan is redone if the guess was wrong.
     dev = _probe_device() if device == "auto" else device
     prec = resolve_precision(precision, dev)
-    base = _base_spec(spec, wts, dtype, prec, draft, decoder)
+    base = _base_spec(spec, wts, dtype, prec, draft, decoder, view_set, combine)
     base_fp = store.fingerprint_of(base)
     lplan = plan_layers(spec, layers, pool, base_fp)
     keys = [key for _ld, _p, key, _fp in lplan]
@@ -848,6 +997,7 @@ def extract(
     old_rows = store.read_rows(path) if old_info is not None else None
     # row in the old file (or -1), and each image's content sha256 where known
     reuse_idx, content = _match_rows(old_rows, manifest, verify_content)
+    _retry_rows_refused_for_size(reuse_idx, old_rows, max_pixels)
     old_layers = {} if old_info is None else {k: rec for k, rec in old_info.layers.items()}
     new_keys = [key for key in keys if key not in old_layers or old_layers[key].fingerprint != _fp_of(lplan, key)]
     # layers of the final file: the old ones (still valid) plus the requested ones
@@ -879,7 +1029,8 @@ def extract(
             return extract(data, model, layers, weights=weights, pool=pool, out=out, device=real,
                            batch_size=batch_size, workers=workers, dtype=dtype, precision=precision, draft=draft,
                            decoder=decoder, compression=compression, error_budget=error_budget, overwrite=overwrite, name=name,
-                           progress=progress, verify_content=verify_content)
+                           progress=progress, verify_content=verify_content, max_pixels=max_pixels,
+                           fc_as_conv=fc_as_conv, input_size=input_size, views=views, combine=combine)
     if old_info is not None and old_info.schema_version < store.SCHEMA_VERSION:
         log.info("%s was written in cache schema %d: its reused rows were checked by size and mtime, as when they "
                  "were written; it is rewritten in schema %d with each file's inode and ctime",
@@ -901,6 +1052,7 @@ def extract(
         "n_todo": int(sum(len(r) for r, _ in jobs)),
         "jobs": [{"rows": len(r), "keys": ks} for r, ks in jobs],
         "batch_size": int(batch_size),
+        "max_pixels": max_pixels,
         "old_file": None if old_info is None else {"updated": old_info.updated, "rows_sha256": old_info.rows_sha256},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "weights_path": wts.path,
@@ -973,7 +1125,8 @@ def extract(
             local = [[int(i) for i in range(b * batch_size, b * batch_size + len(batches[ji][b]))] for b in todo]
             nw = _default_workers(dev) if workers is None else int(workers)
             # start the decoding workers first: the first batches decode while the model loads
-            loader, gate = _loader(paths, spec.preprocessing, draft, decoder, local, nw, dev, gated=(dev == "cpu"))
+            loader, gate = _loader(paths, spec.preprocessing, draft, decoder, local, nw, dev, gated=(dev == "cpu"),
+                                   max_pixels=max_pixels, views=view_set)
             batches_in = iter(loader)
             if runner is None:
                 runner = _Runner(spec, wts, final, dev, prec)
@@ -992,7 +1145,7 @@ def extract(
                     finally:
                         if gate is not None:
                             gate.set()
-                    codes = {k: codes[k] for k in ks}
+                    codes = {k: combine_codes(codes[k], view_set.count(), combine) for k in ks}
                     bad = [i for i, s in enumerate(status) if s != "ok"]
                     for i in bad:
                         for k in codes:
@@ -1053,6 +1206,23 @@ def extract(
                         seconds=time.perf_counter() - t0, stream_seconds=stream_seconds)
     log.info("%s", res.summary())
     return res
+
+
+def _retry_rows_refused_for_size(reuse_idx: np.ndarray, old_rows: dict, max_pixels: int | None) -> None:
+    """Mark for recomputation (-1 in ``reuse_idx``) the old rows that failed only for their pixel
+    count and that ``max_pixels`` now admits: raising the limit, as the error told, must not
+    give a cache hit that keeps the error."""
+    retried = 0
+    for j in np.flatnonzero(reuse_idx >= 0):
+        i = reuse_idx[j]
+        if old_rows["status"][i] == "ok":
+            continue
+        pixels = pixels_over_limit(str(old_rows["message"][i]))
+        if pixels is not None and (max_pixels is None or pixels <= max_pixels):
+            reuse_idx[j] = -1
+            retried += 1
+    if retried:
+        log.info("Retrying %d image(s) that an earlier, lower pixel limit refused", retried)
 
 
 def _probe_device() -> str:
@@ -1366,6 +1536,7 @@ def extract_images(
     device: str = "auto",
     batch_size: int = 64,
     workers: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> dict:
     """Codes of arbitrary images with exactly a recorded extraction spec (for prediction).
 
@@ -1377,6 +1548,8 @@ def extract_images(
         The ``spec`` stored in a cache file (or a model's sidecar).
     layer_keys : list of str
         Keys of ``spec["layers"]`` to compute.
+    device, batch_size, workers, max_pixels
+        As for :func:`extract`.
 
     Returns
     -------
@@ -1389,8 +1562,17 @@ def extract_images(
     CacheMismatchError
         The weights on this machine are not those the spec records (sha256), or the
         rebuilt spec's fingerprint differs (another library major version...).
+    InvalidParameterError
+        A bad argument, before any work.
     """
-    bb = get_backbone(spec["backbone"])
+    validate_params({"paths": paths, "spec": spec, "layer_keys": layer_keys, "device": device,
+                     "batch_size": batch_size, "workers": workers, "max_pixels": max_pixels},
+                    _IMAGES_PARAMS, "extract_images")
+    pre_rec = spec["preprocessing"]
+    bb = effective_backbone(get_backbone(spec["backbone"]), bool(spec.get("arch_args", {}).get("fc_as_conv")),
+                            int(pre_rec["crop"]))
+    view_set = resolve_views(pre_rec.get("views", "center"), bb.preprocessing)
+    combine = pre_rec.get("combine", "mean")
     w = spec["weights"]
     if w["kind"] == "none":
         wts = ResolvedWeights("none", w["identity"])
@@ -1414,7 +1596,7 @@ def extract_images(
     base = {k: v for k, v in spec.items() if k not in ("layers", "weights_path")}
     draft = spec["preprocessing"]["draft"]
     decoder = spec["preprocessing"].get("decoder", "pil")  # absent: written before the choice, by Pillow
-    rebuilt = _base_spec(bb, wts, spec["dtype"], spec.get("precision", "fp32"), draft, decoder)
+    rebuilt = _base_spec(bb, wts, spec["dtype"], spec.get("precision", "fp32"), draft, decoder, view_set, combine)
     diff = [k for k in rebuilt if rebuilt[k] != base.get(k)]
     if diff:
         raise CacheMismatchError(f"This installation cannot reproduce the recorded spec: {', '.join(diff)} differ")
@@ -1439,9 +1621,10 @@ def extract_images(
     messages = np.array([""] * n, dtype=object)
     dt = np.float16 if spec["dtype"] == "float16" else np.float32
     with _heap_for_big_blocks(dev):
-        loader, _gate = _loader(paths, _pre_of(spec), draft, decoder, batches, nw, dev)
+        loader, _gate = _loader(paths, _pre_of(spec), draft, decoder, batches, nw, dev, max_pixels=max_pixels,
+                                views=view_set)
         for idx, x, st, notes in loader:
-            out = runner(x)
+            out = {k: combine_codes(v, view_set.count(), combine) for k, v in runner(x).items()}
             for i, (s, m) in enumerate(zip(st, notes)):
                 status[idx[i]] = s
                 messages[idx[i]] = m

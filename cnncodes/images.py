@@ -17,8 +17,11 @@ import json
 import logging
 import os
 import posixpath
+import re
+import threading
 import warnings
 from collections import Counter
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -28,12 +31,14 @@ from PIL import Image, ImageOps
 from cnncodes.errors import DatasetError, ImageDecodeError, UsageError
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "Manifest",
     "Row",
     "is_plain_jpeg",
     "list_image_files",
     "load_image",
+    "pixels_over_limit",
     "read_csv_list",
     "scan_folder",
 ]
@@ -698,12 +703,74 @@ def _to_rgb(img: Image.Image) -> tuple[Image.Image, str]:
     return img.convert("RGB"), f"{mode} converted to RGB"
 
 
-def is_plain_jpeg(path: str | os.PathLike[str], *, draft: int | None = None) -> bool:
+#: Default pixel limit of :func:`load_image`: Pillow's own default (``PIL.Image.MAX_IMAGE_PIXELS``,
+#: a 1 GB RGBA image), a constant so that a cache's failures do not depend on a global setting.
+DEFAULT_MAX_PIXELS: int = 1024 * 1024 * 1024 // 4 // 3
+
+_LIMIT_MESSAGE = "image has {pixels} pixels, above the limit {limit}"
+_LIMIT_RE = re.compile(r"image has (\d+) pixels, above the limit (\d+)")
+_PILLOW_PIXELS_RE = re.compile(r"\((\d+) pixels\)")
+_pillow_limit_lock = threading.Lock()
+
+
+def _check_max_pixels(max_pixels: int | None) -> None:
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1):
+        raise UsageError(f"max_pixels must be a positive integer or None; got {max_pixels!r} instead.")
+
+
+def pixels_over_limit(message: str) -> int | None:
+    """The pixel count of an image that :func:`load_image` refused for its size, from its message.
+
+    ``None`` when ``message`` is about something else. A caller that raised the limit uses it to
+    retry exactly the images the old limit refused.
+    """
+    m = _LIMIT_RE.search(message)
+    return int(m.group(1)) if m else None
+
+
+@contextlib.contextmanager
+def _pillow_allows(max_pixels: int | None) -> Iterator[None]:
+    """Let Pillow's own decompression-bomb checks pass images of up to ``max_pixels`` pixels.
+
+    Pillow checks ``PIL.Image.MAX_IMAGE_PIXELS`` (a global) when it opens a file and in some
+    plugins (GIF frames, TIFF tiles); its warnings are errors here. Where ``max_pixels`` is above
+    that global, the global is raised for the duration of the decode, under a lock so that
+    threads never restore each other's value (decodes that need it take turns; those within
+    Pillow's limit, the usual case, do not wait). Below it, :func:`load_image`'s own check is the
+    stricter one.
+    """
+    own = Image.MAX_IMAGE_PIXELS
+    if own is None or (max_pixels is not None and max_pixels <= own):
+        yield
+        return
+    with _pillow_limit_lock:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _refuse_over_limit(path_str: str, size: tuple[int, int], max_pixels: int | None) -> None:
+    pixels = size[0] * size[1]
+    if max_pixels is not None and pixels > max_pixels:
+        raise ImageDecodeError(_limit_message(path_str, pixels, max_pixels))
+
+
+def _limit_message(path_str: str, pixels: int | str, max_pixels: int | None) -> str:
+    return (f"{path_str}: {_LIMIT_MESSAGE.format(pixels=pixels, limit=max_pixels)}; raise it with --max-pixels "
+            "(max_pixels in Python) if you trust the file (a guard against decompression bombs)")
+
+
+def is_plain_jpeg(
+    path: str | os.PathLike[str], *, draft: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> bool:
     """Whether a plain JPEG decoder gives exactly what :func:`load_image` would.
 
     True for a single-frame RGB or grey JPEG in a file named ``.jpg``/``.jpeg``
     (or an extension that promises no other format), without an EXIF rotation,
-    within Pillow's pixel limit, and that ``draft`` would not downscale. For
+    within ``max_pixels`` (see :func:`load_image`), and that ``draft`` would not downscale. For
     such a file, :func:`load_image` adds no note and any libjpeg-turbo decoder
     (``torchvision.io.decode_jpeg`` with ``mode=RGB``) returns the same pixels.
     Reads the header only; any doubt (a file Pillow cannot open) is False, so
@@ -711,9 +778,11 @@ def is_plain_jpeg(path: str | os.PathLike[str], *, draft: int | None = None) -> 
     """
     path_str = os.fspath(path)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pillow_allows(max_pixels):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path_str) as img:
+                if max_pixels is not None and img.size[0] * img.size[1] > max_pixels:
+                    return False
                 if img.format != "JPEG" or img.mode not in ("RGB", "L"):
                     return False
                 if _EXPECTED_FORMAT.get(_ext(path_str), "JPEG") != "JPEG":
@@ -729,7 +798,7 @@ def is_plain_jpeg(path: str | os.PathLike[str], *, draft: int | None = None) -> 
 
 
 def load_image(
-    path: str | os.PathLike[str], *, draft: int | None = None
+    path: str | os.PathLike[str], *, draft: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
 ) -> tuple[Image.Image, str]:
     """Decode an image file into a fully loaded RGB picture.
 
@@ -745,6 +814,10 @@ def load_image(
         For a colour JPEG whose short side exceeds ``2 * draft``, let the
         decoder downscale by a power of two (DCT scaling) while keeping both
         sides at least ``draft`` pixels: much faster for large photos.
+    max_pixels : int or None, default DEFAULT_MAX_PIXELS
+        Refuse images with more pixels (width x height, as the file declares them) than
+        this: a decompression bomb guard, applied before any pixel is decoded, whatever
+        ``PIL.Image.MAX_IMAGE_PIXELS`` says. ``None``: no limit.
 
     Returns
     -------
@@ -758,16 +831,17 @@ def load_image(
     Raises
     ------
     ImageDecodeError
-        If the file is missing, empty, not an image, truncated or corrupt, a
-        decompression bomb (larger than ``PIL.Image.MAX_IMAGE_PIXELS``), or in
-        a mode that cannot be made RGB. The message starts with the path.
+        If the file is missing, empty, not an image, truncated or corrupt, has
+        more than ``max_pixels`` pixels ("image has N pixels, above the limit M"),
+        or is in a mode that cannot be made RGB. The message starts with the path.
     UsageError
-        If ``draft`` is not a positive integer.
+        If ``draft`` or ``max_pixels`` is not a positive integer (or None).
     """
     if draft is not None and (
         isinstance(draft, bool) or not isinstance(draft, int) or draft < 1
     ):
         raise UsageError(f"draft must be a positive integer or None; got {draft!r} instead.")
+    _check_max_pixels(max_pixels)
     path_str = os.fspath(path)
     try:
         size = os.stat(path_str).st_size
@@ -780,9 +854,10 @@ def load_image(
 
     notes: list[str] = []
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pillow_allows(max_pixels):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path_str) as img:
+                _refuse_over_limit(path_str, img.size, max_pixels)
                 fmt = img.format or "unknown"
                 n_frames = getattr(img, "n_frames", 1)
                 ext = _ext(path_str)
@@ -813,12 +888,12 @@ def load_image(
                 if note:
                     notes.append(note)
                 rgb.load()
+    except ImageDecodeError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageDecodeError(
-            f"{path_str}: decompression bomb: {e} The limit is "
-            f"PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}; raise it only "
-            "for files you trust."
-        ) from e
+        # Pillow's own check, at open (over the limit) or in a plugin (a GIF frame, a TIFF tile)
+        m = _PILLOW_PIXELS_RE.search(str(e))
+        raise ImageDecodeError(_limit_message(path_str, m.group(1) if m else "too many", max_pixels)) from e
     except Image.UnidentifiedImageError as e:
         raise ImageDecodeError(
             f"{path_str}: not an image (Pillow cannot identify the format)"

@@ -23,15 +23,30 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .classify import check_compatible, find_model, load_model, top_scores
-from .errors import UsageError
-from .fileio import atomic_write_text
+from numbers import Integral
 
-__all__ = ["expand_paths", "predict", "predict_codes", "write_predictions", "FIELDS"]
+from ._validation import Interval, PathLike, SequenceOf, StrOptions, validate_params
+from .classify import check_compatible, find_model, load_model, top_scores
+from .errors import InvalidParameterError, UsageError
+from .fileio import atomic_write_text
+from .images import DEFAULT_MAX_PIXELS
+
+__all__ = ["check_output_path", "expand_paths", "predict", "predict_codes", "write_predictions", "FIELDS"]
 
 log = logging.getLogger(__name__)
 
 FIELDS = ("path", "label", "score", "status", "message")
+
+_COUNT = Interval(Integral, 1, None, closed="left")
+_PREDICT_PARAMS = {
+    "run_dir_or_model": [PathLike()],
+    "image_paths": [SequenceOf(PathLike())],
+    "model": [str, None],
+    "device": [StrOptions(("auto", "cpu", "cuda"))],
+    "batch_size": [_COUNT],
+    "max_pixels": [_COUNT, None],
+    "trust_pickle": ["boolean"],
+}
 
 from .images import IMAGE_EXTENSIONS as _IMAGE_EXTENSIONS
 from .images import list_image_files
@@ -107,6 +122,7 @@ def predict(
     model: str | None = None,
     device: str = "auto",
     batch_size: int = 64,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
     trust_pickle: bool = False,
 ) -> list[dict[str, Any]]:
     """Predict the class of images with a trained model.
@@ -125,6 +141,9 @@ def predict(
     trust_pickle : bool
         Load a pickle (``.joblib``) model of an older run. Unpickling runs any code the
         file holds: only for files you wrote yourself.
+    max_pixels : int or None
+        Images with more pixels fail (status error); ``None``: no limit. See
+        :func:`cnncodes.images.load_image`.
 
     Returns
     -------
@@ -136,7 +155,8 @@ def predict(
     Raises
     ------
     UsageError
-        Missing images or folders, an unknown model name.
+        A bad argument (:class:`InvalidParameterError`), missing images or folders, an
+        unknown model name: all before any model is loaded.
     ModelFileError
         A missing, tampered or mismatched model file or sidecar, a model file naming a
         type cnncodes does not write, or a pickle without ``trust_pickle``.
@@ -144,11 +164,13 @@ def predict(
         The weights on this machine, or the new codes' layer or spec, differ from the
         model's training codes (each differing field named).
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise UsageError(f"The 'batch_size' parameter must be an int >= 1. Got {batch_size!r} instead.")
+    validate_params({"run_dir_or_model": run_dir_or_model, "image_paths": image_paths, "model": model,
+                     "device": device, "batch_size": batch_size, "max_pixels": max_pixels,
+                     "trust_pickle": trust_pickle},
+                    _PREDICT_PARAMS, "predict")
     path = find_model(run_dir_or_model, model)
-    est, meta = load_model(path, trust_pickle=trust_pickle)
     files = expand_paths(image_paths)
+    est, meta = load_model(path, trust_pickle=trust_pickle)
     import importlib
 
     # importlib, not "from . import extract": the package's lazy __getattr__ maps the
@@ -156,7 +178,7 @@ def predict(
     _extract = importlib.import_module("cnncodes.extract")
 
     res = _extract.extract_images(files, spec=meta["spec"], layer_keys=list(meta["layers"]), device=device,
-                                  batch_size=batch_size)
+                                  batch_size=batch_size, max_pixels=max_pixels)
     check_compatible(meta, res["records"], res["spec"])
     X = np.concatenate([res["codes"][k] for k in meta["layers"]], axis=1) if files else np.zeros((0, 0))
     labels, scores, status, messages = predict_codes(est, meta, X, res["status"], res["messages"])
@@ -169,6 +191,28 @@ def predict(
     ]
 
 
+def check_output_path(out: str | os.PathLike, caller: str = "write_predictions") -> Path:
+    """``out`` as a Path, if a file can be written there: not a folder, no file where a folder must be.
+
+    Raises
+    ------
+    InvalidParameterError
+        Otherwise (a command line checks this before predicting, so that no work is lost).
+    """
+    validate_params({"out": out}, {"out": [PathLike()]}, caller)
+    out = Path(out)
+    if out.is_dir():
+        raise InvalidParameterError("out", caller, f"must be a file name ending in .csv or .json. Got {str(out)!r}, "
+                                                   "a folder, instead.")
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InvalidParameterError("out", caller, f"must be a path in a folder. Got {str(out)!r} instead, "
+                                                           f"where {parent} is a file.")
+            break
+    return out
+
+
 def write_predictions(rows: Sequence[dict], out: str | os.PathLike) -> Path:
     """Write prediction rows atomically as CSV (``path,label,score,status,message``) or JSON.
 
@@ -178,11 +222,9 @@ def write_predictions(rows: Sequence[dict], out: str | os.PathLike) -> Path:
     Raises
     ------
     UsageError
-        An output path that is an existing folder.
+        An output path that is an existing folder, or below a file.
     """
-    out = Path(out)
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a folder; give a file name ending in .csv or .json")
+    out = check_output_path(out)
     if out.suffix.lower() == ".json":
         atomic_write_text(out, json.dumps(list(rows), indent=2) + "\n")
         return out

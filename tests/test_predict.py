@@ -54,9 +54,10 @@ def _fake_extract(monkeypatch, codes, images: Path, *, swap_layers: bool = False
     """Put a stand-in for cnncodes.extract in sys.modules: codes looked up by the image's relative path."""
     index = {p: i for i, p in enumerate(codes.paths)}
 
-    def extract_images(paths, *, spec, layer_keys, device="auto", batch_size=64):
+    def extract_images(paths, *, spec, layer_keys, device="auto", batch_size=64, max_pixels=None):
         if calls is not None:
-            calls.append({"paths": list(paths), "layer_keys": list(layer_keys), "spec": spec})
+            calls.append({"paths": list(paths), "layer_keys": list(layer_keys), "spec": spec,
+                          "max_pixels": max_pixels})
         n = len(paths)
         status = np.array(["ok"] * n, dtype=object)
         messages = np.array([""] * n, dtype=object)

@@ -389,8 +389,9 @@ def advise(data: str | os.PathLike, model: str | None = None, layers: Sequence[s
                                 n_boot=n_boot) for k in curve_layers}
     t_curve = time.perf_counter() - t0
     advice = {
-        "schema": "cnncodes.advice/1", "case": rec["case"], "layer": rec["layer"], "pool": pool,
-        "ranking": [dict(s.to_dict(), pool=records[s.layer].pool) for s in ranking], "recommendation": rec, "size": size, "similarity": sim,
+        "schema": "cnncodes.advice/1", "case": rec["case"], "layer": rec["layer"], "pool": records[rec["layer"]].pool,
+        "ranking": [dict(s.to_dict(), pool=records[s.layer].pool) for s in ranking],
+        "recommendation": rec, "size": size, "similarity": sim,
         "learning_curve": {"classifier": curve_clf, "C": curve_C, "norm": "l2", "seed": seed, "n_boot": n_boot,
                            "test_rows": int(len(split.test)), "layers": curves},
         "model": model, "cache": str(cache), "data": str(data_root), "split": split.to_dict(),

@@ -95,7 +95,8 @@ def run_recommendation(advice: dict, folder: Path, **train_kw) -> dict:
     from .classify import train_run
 
     rec = advice["recommendation"]
-    res = train_run(advice["cache"], rec["linear_layers"], classifiers=["svm", "softmax"], out=folder / "linear", **train_kw)
+    res = train_run(advice["cache"], rec["linear_layers"], classifiers=["svm", "softmax"], out=folder / "linear",
+                    **train_kw)
     done = {"linear": {"folder": str(folder / "linear"), "best": res.metrics["best"],
                        "pairwise": res.metrics.get("pairwise", []), "summary": res.summary}}
     if "freeze_to" not in rec:
@@ -206,7 +207,8 @@ def format_report(advice: dict, plots: bool) -> str:
     """The one-page Markdown report."""
     rec, size, sim = advice["recommendation"], advice["size"], advice["similarity"]
     L = [f"# Transfer-learning advice: {Path(advice['data']).name}, {advice['model']}", "",
-         f"**Case: {advice['case']}** — {rec['strategy']}.", "", rec["why"] + ".", "", "```bash", rec["command"], "```"]
+         f"**Case: {advice['case']}** — {rec['strategy']}.", "", rec["why"] + ".", "",
+         "```bash", rec["command"], "```"]
     if "freeze_to" in rec:
         L += ["", "Linear baseline (cheap, from the cache):", "", "```bash", rec["linear_command"], "```"]
     L += ["", "## Size", "",

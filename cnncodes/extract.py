@@ -270,6 +270,8 @@ def _base_spec(spec: BackboneSpec, weights: ResolvedWeights, dtype: str, precisi
     v = _versions()
     return {
         "backbone": spec.name,
+        # the architecture's identity (timm model name, torchvision builder arguments): a backbone name
+        # whose network changes gets another fingerprint, so no cache of the old network is reused
         "arch_args": spec.arch_args,
         "weights": {"kind": weights.kind, "identity": weights.identity, "sha256": weights.sha256},
         "preprocessing": pre,

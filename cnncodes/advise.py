@@ -65,7 +65,8 @@ LARGE_PER_CLASS = 1000
 
 #: Mean top-1 probability of the ImageNet head below which the data count as "different":
 #: on photos like ImageNet's the head is confident (in-distribution images get high maximum
-#: softmax probability, Hendrycks & Gimpel 2017); calibrated on this project's sets (README).
+#: softmax probability, Hendrycks & Gimpel 2017). Chosen before measuring any set; the README lists
+#: what this project's sets measured.
 CONFIDENT_TOP1 = 0.30
 #: Share of the label entropy explained by ImageNet's top-1 class (normalised NCE) below which the
 #: ImageNet classes say little about the user's classes.

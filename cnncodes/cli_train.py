@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--early-stop", type=int, default=2, metavar="N",
                    help="stop the C sweep once the score has fallen below its best for N consecutive larger C "
                         "(default 2; 0: evaluate the whole grid)")
+    p.add_argument("--no-widen", action="store_true",
+                   help="do not extend the C search past the grid's edge when the best C lies there")
+    p.add_argument("--refine", type=int, default=1, metavar="N",
+                   help="rounds of refinement around the best C, each halving the log step "
+                        "(default 1: half decades; 0: the grid only)")
     p.add_argument("--out", "-o", default=None,
                    help="run folder (default artifacts/runs/<cache>__<layers>__<UTC time>__<settings hash>)")
     p.add_argument("--runs-root", default="artifacts/runs", help="parent of the default run folder")
@@ -88,7 +93,8 @@ def _train(args: argparse.Namespace) -> int:
     res = train_run(
         args.cache, args.layers, classifiers=args.clf, concat=args.concat, norm=args.norm, grid=_grid(args),
         cv=args.cv, seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-        n_jobs=args.n_jobs, max_iter=args.max_iter, early_stop=args.early_stop, out=args.out,
+        n_jobs=args.n_jobs, max_iter=args.max_iter, early_stop=args.early_stop, widen=not args.no_widen,
+        refine=args.refine, out=args.out,
         runs_root=args.runs_root, overwrite=args.overwrite, plots=not args.no_plots,
     )
     print(res.summary)

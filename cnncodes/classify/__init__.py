@@ -91,6 +91,9 @@ the keys joined by ``+`` (``fc6+fc7``).
         }
       },
       "best": {"layers", "clf", "val_accuracy", "test_accuracy", "model", "file": "model.skops"},
+      "pairwise": [{"layers", "clf", "vs_layers", "vs_clf", "b", "c", "n", "method", "statistic", "p_value"}, ...],
+                  (McNemar of every other result against the best on the same test rows,
+                   cnncodes.stats.mcnemar; b = rows the best gets right and this one wrong)
       "notes": [...],
       "warnings": [...]   (e.g. "class rose (2 usable images) has no image in the val split: ...")
     }

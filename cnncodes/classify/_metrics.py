@@ -7,6 +7,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..stats import format_p
+
 
 def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> dict:
     """Classification metrics of one split: ``classification_report``, ``balanced_accuracy_score``,
@@ -55,7 +57,9 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequenc
 def format_summary(metrics: Mapping) -> str:
     """The terminal table: layers x classifier -> val acc, test acc, best C, fit seconds; then the
     best model and one ``WARNING:`` line per warning of the run (e.g. a class with no test image)."""
-    head = ["layers", "clf", "val acc", "test acc", "best C", "sweep s", "fit s", "note"]
+    head = ["layers", "clf", "val acc", "test acc", "best C", "sweep s", "fit s", "p vs best", "note"]
+    # McNemar p-value of each result against the best by val accuracy, on the same test rows
+    p_vs_best = {(q["layers"], q["clf"]): format_p(q["p_value"]) for q in metrics.get("pairwise", [])}
     rows = []
     for name, d in metrics["results"].items():
         for clf, r in d.items():
@@ -65,7 +69,8 @@ def format_summary(metrics: Mapping) -> str:
             if not r.get("converged", True):
                 note.append("not converged")
             rows.append([name, clf, f"{r['val'].get('accuracy', float('nan')):.4f}", f"{r['test']['accuracy']:.4f}",
-                         f"{r['C']:g}", f"{r['sweep_seconds']:.1f}", f"{r['fit_seconds']:.1f}", ", ".join(note)])
+                         f"{r['C']:g}", f"{r['sweep_seconds']:.1f}", f"{r['fit_seconds']:.1f}",
+                         p_vs_best.get((name, clf), "-"), ", ".join(note)])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     out = [line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)]

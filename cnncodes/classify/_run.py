@@ -19,6 +19,7 @@ from ..modelfile import BEST_MODEL, MODEL_SUFFIX, save_model
 from ..modelfile import copy_model as _copy_model
 from .._provenance import _jsonable, _now, _versions
 from ..splits import SPLITS, Split, check_codes, make_split
+from ..stats import pairwise_vs_best
 from ._estimators import CLASSIFIERS, make_classifier, make_normaliser, top_scores
 from ._metrics import compute_metrics, format_summary
 from ._plots import _plot_confusions, _plot_curves, _plot_layers
@@ -180,6 +181,7 @@ def train_run(
     curves_for_plot, cms_for_plot = [], []
     first = None
     split: Split | None = None
+    test_correct: dict[tuple[str, str], np.ndarray] = {}  # for McNemar against the best (same test rows)
     with snap, _runfolder.staged_run(target, overwrite=overwrite, cache=cache, reserve=out is None,
                                      marker=marker) as (tmp, target):
         if missing:
@@ -195,7 +197,7 @@ def train_run(
             X = np.ascontiguousarray(codes.X, dtype=np.float32)
             results[name] = {}
             for clf in classifiers:
-                r, sw = _fit_one(tmp, cache, codes, lset, X, split, clf, fit)
+                r, sw, test_correct[(name, clf)] = _fit_one(tmp, cache, codes, lset, X, split, clf, fit)
                 results[name][clf] = r
                 curves_for_plot.append((name, clf, sw))
                 cms_for_plot.append((name, clf, r["test"]))
@@ -205,7 +207,7 @@ def train_run(
         )
         _copy_model(tmp / best[2]["model"], tmp / BEST_MODEL)
         metrics = _metrics(cache, info, first, split, fit, all_keys, sets, classifiers, concat, results, best,
-                           time.perf_counter() - t_run)
+                           test_correct, time.perf_counter() - t_run)
         atomic_write_text(tmp / "metrics.json", json.dumps(_jsonable(metrics), indent=2) + "\n")
         if plots:
             _plot_confusions(tmp / "confusion_matrix.png", cms_for_plot)
@@ -260,7 +262,8 @@ def _split_of(codes, val_fraction: float, test_fraction: float, seed: int) -> Sp
 
 
 def _fit_one(tmp: Path, cache, codes, lset, X: np.ndarray, split: Split, clf: str, fit: _FitSettings):
-    """Sweep C on train (val or CV), refit on train+val, save the model and its predictions; its results."""
+    """Sweep C on train (val or CV), refit on train+val, save the model and its predictions; its results, the
+    sweep, and which test rows it gets right."""
     name = "+".join(lset)
     y = codes.labels
     trval = np.concatenate([split.train, split.val])
@@ -310,11 +313,11 @@ def _fit_one(tmp: Path, cache, codes, lset, X: np.ndarray, split: Split, clf: st
     r["train"]["rows"] = "train+val"
     log.info("%s / %s: C=%g, val %.4f, test %.4f (sweep %.1fs, fit %.1fs)", name, clf, sw.best_C,
              val_metrics["accuracy"], r["test"]["accuracy"], sw.seconds, fit_s)
-    return r, sw
+    return r, sw, pred_all["test"][0] == y[split.test]
 
 
 def _metrics(cache, info, first, split: Split, fit: _FitSettings, all_keys, sets, classifiers, concat: bool,
-             results: dict, best, seconds: float) -> dict:
+             results: dict, best, test_correct: dict, seconds: float) -> dict:
     """The run's ``metrics.json``."""
     return {
         "schema": METRICS_SCHEMA,
@@ -334,6 +337,7 @@ def _metrics(cache, info, first, split: Split, fit: _FitSettings, all_keys, sets
         "best": {"layers": best[0], "clf": best[1], "val_accuracy": best[2]["val"]["accuracy"],
                  "test_accuracy": best[2]["test"]["accuracy"], "model": best[2]["model"],
                  "file": BEST_MODEL},
+        "pairwise": pairwise_vs_best(test_correct, (best[0], best[1])),
         "notes": list(split.notes),
         "warnings": list(split.warnings),
         "seconds": seconds,

@@ -190,7 +190,8 @@ def extract(
     device : str
         ``auto``, ``cpu`` or ``cuda``.
     batch_size, workers : int
-        Images per forward pass; decoding processes (default: by device and cores).
+        Network inputs per forward pass (images x views: with ``views="10crop"`` a batch of
+        64 holds 6 images); decoding processes (default: by device and cores).
     dtype : str
         ``float16`` (default) or ``float32`` storage.
     precision : str
@@ -290,7 +291,10 @@ def _extract(data, config: ExtractConfig, run: RunOptions, t0: float) -> Extract
                  "were written; it is rewritten in schema %d with each file's inode and ctime",
                  plan.path.name, old_info.schema_version, store.SCHEMA_VERSION)
     plan.hash_fresh_rows()
-    work_plan = plan.work_plan(run.batch_size, run.max_pixels)
+    # batch_size counts network inputs: with V views per image, a batch holds batch_size // V images,
+    # so that 10crop does not ask for 10x the memory of a centre-crop extraction
+    images_per_batch = max(1, run.batch_size // plan.views.count())
+    work_plan = plan.work_plan(images_per_batch, run.max_pixels)
     with store.CacheLock(plan.path):
         pdir = store.partial_dir(plan.path)
         batch_size = open_workdir(plan.path, old_info, work_plan, run.overwrite)
@@ -409,7 +413,7 @@ def extract_images(
     paths = [os.fspath(p) for p in paths]
     nw = _default_workers(dev) if workers is None else int(workers)
     loader, _gate = _loader(paths, _pre_of(spec), pre_rec["draft"], pre_rec.get("decoder", "pil"),
-                            [list(range(s, min(len(paths), s + batch_size))) for s in range(0, len(paths), batch_size)],
+                            _image_batches(len(paths), max(1, batch_size // view_set.count())),
                             nw, dev, max_pixels=max_pixels, views=view_set)
     codes, status, messages = _run_images(loader, runner, len(paths), layer_keys, view_set.count(),
                                           pre_rec.get("combine", "mean"), spec["dtype"])
@@ -419,6 +423,11 @@ def extract_images(
                for (ld, p, k, fp), r in zip(plan, [recs[k] for k in layer_keys])}
     return {"codes": out_codes, "status": status.astype(str), "messages": messages.astype(str), "records": records,
             "spec": spec, "fingerprint": base_fp}
+
+
+def _image_batches(n: int, per_batch: int) -> list[list[int]]:
+    """Consecutive batches of ``n`` images (``batch_size`` counts network inputs, views included)."""
+    return [list(range(s, min(n, s + per_batch))) for s in range(0, n, per_batch)]
 
 
 def _rebuild_spec(spec: dict):

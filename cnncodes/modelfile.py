@@ -115,10 +115,11 @@ def trusted_types() -> dict[str, frozenset[str]]:
     from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
     from sklearn.svm import LinearSVC
 
-    from .classify import CodesLinearSVC  # what make_classifier("svm") returns (LinearSVC, dual decided at fit)
-
     estimators = frozenset(_type_name(t) for t in (Pipeline, Normalizer, StandardScaler, FunctionTransformer,
-                                                   LinearSVC, CodesLinearSVC, LogisticRegression))
+                                                   LinearSVC, LogisticRegression))
+    # what make_classifier("svm") returns (LinearSVC, dual decided at fit), by the name cnncodes.classify pins
+    # for it, as for signed_sqrt below: named, not imported, so that model files need not import classify
+    estimators |= {"cnncodes.classify.CodesLinearSVC"}
     numbers = frozenset(_type_name(np.dtype(c).type) for c in "?bBhHiIlLqQefd")
     builtins = frozenset(f"builtins.{n}" for n in ("str", "int", "float", "bool", "NoneType"))
     containers = frozenset(f"builtins.{n}" for n in ("dict", "list", "tuple"))

@@ -310,14 +310,14 @@ def _run_script(cache: Path, argv: list[str], patch: str, cwd: Path) -> subproce
 # then hold their run folders at the same time
 _BARRIER = """
 import pathlib, time
-_orig = C.make_split
+_orig = C._run.make_split  # where train_run looks it up
 def _held(*a, **k):
     pathlib.Path({start!r}).touch()
     t = time.time()
     while not all(pathlib.Path(w).exists() for w in {wait!r}) and time.time() - t < 120:
         time.sleep(0.05)
     return _orig(*a, **k)
-C.make_split = _held
+C._run.make_split = _held
 """
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
@@ -33,3 +35,17 @@ except InvalidParameterError:
 """
     p = _python(code, tmp_path)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
+
+
+@pytest.mark.parametrize("argv", [["--c-max", "inf"], ["--c-num", "100000000"], ["--c-min", "nan"],
+                                  ["--grid", *["1"] * 1001]])
+def test_train_refuses_unbounded_c_grids_before_any_work(tmp_path, capsys, monkeypatch, argv):
+    # --c-max inf made a grid of NaN and inf, --c-num 1e8 swept for hours
+    import cnncodes.store as store
+    from cnncodes.cli_train import main
+
+    monkeypatch.setattr(store, "open_cache", lambda *a, **k: pytest.fail("the cache was opened"))
+    rc = main([str(tmp_path / "c.h5"), "--layers", "fc1", "--out", str(tmp_path / "run"), "--no-plots", *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and ("C grid must hold 2 to 1000" in err or "--c-num" in err), err
+    assert not (tmp_path / "run").exists()

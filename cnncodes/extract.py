@@ -811,6 +811,7 @@ _IMAGES_PARAMS = {
     "workers": [Interval(Integral, 0, None, closed="left"), None],
     "max_pixels": [_COUNT, None],
 }
+MAX_INPUT_SIZE = 4096
 _EXTRACT_PARAMS = {
     **_IMAGES_PARAMS,
     "data": [PathLike()],
@@ -830,7 +831,8 @@ _EXTRACT_PARAMS = {
     "progress": ["boolean"],
     "verify_content": ["boolean"],
     "fc_as_conv": ["boolean"],
-    "input_size": [Interval(Integral, 32, None, closed="left"), None],
+    # 4096 px is 16x the usual crop; 10**6 asked torch for terabytes per batch
+    "input_size": [Interval(Integral, 32, MAX_INPUT_SIZE, closed="both"), None],
     "views": [str],
     "combine": [StrOptions(("mean", "max"))],
 }

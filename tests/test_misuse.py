@@ -49,3 +49,40 @@ def test_train_refuses_unbounded_c_grids_before_any_work(tmp_path, capsys, monke
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and ("C grid must hold 2 to 1000" in err or "--c-num" in err), err
     assert not (tmp_path / "run").exists()
+
+
+def test_input_size_beyond_4096_exits_2_before_any_work(tmp_path, capsys, flowers_small):
+    # --input-size 1000000 reached the model and died in a torch allocation traceback
+    from cnncodes.cli_extract import main
+
+    rc = main([str(flowers_small), "--model", "tiny", "--weights", "none", "--layers", "conv2",
+               "--input-size", "1000000", "--out", str(tmp_path / "codes")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == ("extract.py: error: argument --input-size: must be an int in the range [32, 4096] or None. "
+                               "Got 1000000 instead.")
+    assert not (tmp_path / "codes").exists()
+
+
+def test_a_failed_torch_allocation_is_a_one_line_run_error(capsys):
+    # torch reports a failed CPU allocation as a RuntimeError: it used to end in a traceback
+    import torch
+
+    from cnncodes._cli import Parser, run_cli
+
+    def body(_args):
+        torch.empty(10**14, dtype=torch.uint8)  # 100 TB: refused by the allocator
+
+    rc = run_cli("extract.py", Parser(prog="extract.py"), body, [])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1
+    assert err.startswith("extract.py: error: out of memory (") and err.endswith("lower --batch-size (or --input-size)")
+
+
+def test_other_runtime_errors_keep_their_traceback():
+    from cnncodes._cli import Parser, run_cli
+
+    def body(_args):
+        raise RuntimeError("an internal bug")
+
+    with pytest.raises(RuntimeError, match="an internal bug"):
+        run_cli("extract.py", Parser(prog="extract.py"), body, [])

@@ -70,7 +70,7 @@ from .errors import (
     UsageError,
 )
 from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir
-from ._validation import Interval, PathLike, SequenceOf, StrOptions, validate_params
+from ._validation import Interval, NonEmptyStr, PathLike, SequenceOf, StrOptions, validate_params
 from .images import (
     DEFAULT_MAX_PIXELS,
     Manifest,
@@ -827,7 +827,7 @@ _EXTRACT_PARAMS = {
     "compression": [StrOptions(("gzip", "sparse", "lzf", "zstd", "none"))],
     "error_budget": [Interval(Real, 0, 1, closed="both")],
     "overwrite": ["boolean"],
-    "name": [str, None],
+    "name": [NonEmptyStr(), None],
     "progress": ["boolean"],
     "verify_content": ["boolean"],
     "fc_as_conv": ["boolean"],

@@ -86,3 +86,40 @@ def test_other_runtime_errors_keep_their_traceback():
 
     with pytest.raises(RuntimeError, match="an internal bug"):
         run_cli("extract.py", Parser(prog="extract.py"), body, [])
+
+
+@pytest.mark.parametrize("out_name,needle", [
+    ("preds.xlsx", "must be a file name ending in .csv or .json. Got"),
+    ("run/model.skops", "must be a file name ending in .csv or .json. Got"),
+    ("run/metrics.json", "must not be a file of the run folder"),
+    ("", "must be a path (a non-empty str or os.PathLike)"),
+])
+def test_predict_out_never_overwrites_the_run_or_writes_csv_under_another_name(tmp_path, capsys, out_name, needle):
+    # "--out RUN/model.skops" replaced the model with CSV text (any suffix but .json meant CSV)
+    from cnncodes.cli_predict import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.skops").write_bytes(b"PK model")
+    (run / "metrics.json").write_text('{"results": {}}')
+    out = str(tmp_path / out_name) if out_name else ""
+    rc = main([str(run), str(tmp_path / "img.jpg"), "--out", out])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("predict.py: error: argument --out/-o: ")
+    assert needle in err, err
+    assert (run / "model.skops").read_bytes() == b"PK model" and (run / "metrics.json").read_text() == '{"results": {}}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("flag", ["--out", "--name"])
+def test_extract_empty_out_or_name_is_a_usage_error(tmp_path, capsys, monkeypatch, flag):
+    # "--out ''" (an unset shell variable) silently wrote to artifacts/codes of the current folder,
+    # and "--name ''" silently fell back to the folder's name
+    from cnncodes.cli_extract import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    rc = main([str(tmp_path / "data"), "--model", "tiny", "--weights", "none", "--layers", "conv2", flag, ""])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith(f"extract.py: error: argument {flag}") and "Got '' instead." in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

@@ -123,3 +123,25 @@ def test_extract_empty_out_or_name_is_a_usage_error(tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith(f"extract.py: error: argument {flag}") and "Got '' instead." in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+@pytest.mark.parametrize("layers", [None, [], [""], [7], ""])
+def test_load_codes_refuses_layers_that_are_not_names(tmp_path, layers):
+    import cnncodes
+    from cnncodes.errors import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError, match="'layers' parameter of load_codes must be a non-empty str or a list"):
+        cnncodes.load_codes(tmp_path / "c.h5", layers)
+
+
+def test_train_run_takes_one_layer_and_one_classifier_as_strings(tmp_path, flowers_small):
+    # train_run(cache, "fc1") iterated the string: layers "f", "c", "1"
+    import json
+
+    from cnncodes.classify import train_run
+    from cnncodes.extract import extract
+
+    cache = extract(flowers_small, "tiny", ["fc1"], weights="none", out=tmp_path / "codes", progress=False).path
+    res = train_run(cache, "fc1", classifiers="softmax", out=tmp_path / "run", plots=False, n_jobs=1)
+    results = json.loads((res.run_dir / "metrics.json").read_text())["results"]
+    assert list(results) == ["fc1"] and list(results["fc1"]) == ["softmax"]

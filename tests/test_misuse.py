@@ -145,3 +145,24 @@ def test_train_run_takes_one_layer_and_one_classifier_as_strings(tmp_path, flowe
     res = train_run(cache, "fc1", classifiers="softmax", out=tmp_path / "run", plots=False, n_jobs=1)
     results = json.loads((res.run_dir / "metrics.json").read_text())["results"]
     assert list(results) == ["fc1"] and list(results["fc1"]) == ["softmax"]
+
+
+def test_split_folders_beside_class_folders_are_refused_not_read_as_classes(tmp_path):
+    # DATA/train/<class>/..., DATA/test/<class>/... and DATA/tulip/...: every image under train/
+    # was labelled "train" (the layout fell back to class folders)
+    from conftest import FLOWERS, link_subset
+
+    from cnncodes.errors import DatasetError
+    from cnncodes.images import scan_folder
+
+    link_subset(FLOWERS, tmp_path / "train", 2, ["daisy", "rose"])
+    link_subset(FLOWERS, tmp_path / "test", 1, ["daisy", "rose"], offset=2)
+    link_subset(FLOWERS, tmp_path, 2, ["tulip"])
+    with pytest.raises(DatasetError, match=r"mixes split folders \(test, train\) with other folders \(tulip\)"):
+        scan_folder(tmp_path)
+    (tmp_path / "tulip").rename(tmp_path / "train" / "tulip")  # the layout it meant
+    m = scan_folder(tmp_path)
+    assert m.class_names == ("daisy", "rose", "tulip")
+    assert {(r.relpath.split("/")[0], r.class_name, r.split) for r in m.rows} == {
+        ("train", "daisy", "train"), ("train", "rose", "train"), ("train", "tulip", "train"),
+        ("test", "daisy", "test"), ("test", "rose", "test")}

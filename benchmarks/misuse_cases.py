@@ -296,6 +296,16 @@ case("images loose at the top", "ext-data", ex("--layers", "conv2", data=_data),
      setup=lambda w, d: [os.symlink(first_jpeg(i), _data(d) / f"{i}.jpg") for i in range(3)] if _data(d).mkdir() is None else 0)
 
 
+def _mixed_layout(w, d):
+    link_subset(_data(d) / "train", 2, ("daisy", "rose"))
+    link_subset(_data(d) / "test", 1, ("daisy", "rose"), offset=2)
+    link_subset(_data(d), 2, ("tulip",))
+
+
+case("split folders beside class folders", "ext-data", ex("--layers", "conv2", data=_data), 1,
+     r"mixes split folders", setup=_mixed_layout)
+
+
 def _broken_class(w, d):
     link_subset(_data(d), 3)
     b = _data(d) / "broken"

@@ -302,7 +302,7 @@ def _mixed_layout(w, d):
     link_subset(_data(d), 2, ("tulip",))
 
 
-case("split folders beside class folders", "ext-data", ex("--layers", "conv2", data=_data), 1,
+case("split folders beside class folders", "ext-data", ex("--layers", "conv2", data=_data), (1, 2),
      r"mixes split folders", setup=_mixed_layout)
 
 

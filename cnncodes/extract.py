@@ -70,7 +70,7 @@ from .errors import (
     UsageError,
 )
 from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir
-from ._validation import Interval, PathLike, SequenceOf, StrOptions, validate_params
+from ._validation import Interval, NonEmptyStr, PathLike, SequenceOf, StrOptions, validate_params
 from .images import (
     DEFAULT_MAX_PIXELS,
     Manifest,
@@ -813,6 +813,7 @@ _IMAGES_PARAMS = {
     "workers": [Interval(Integral, 0, None, closed="left"), None],
     "max_pixels": [_COUNT, None],
 }
+MAX_INPUT_SIZE = 4096
 _EXTRACT_PARAMS = {
     **_IMAGES_PARAMS,
     "data": [PathLike()],
@@ -828,11 +829,12 @@ _EXTRACT_PARAMS = {
     "compression": [StrOptions(("gzip", "sparse", "lzf", "zstd", "none"))],
     "error_budget": [Interval(Real, 0, 1, closed="both")],
     "overwrite": ["boolean"],
-    "name": [str, None],
+    "name": [NonEmptyStr(), None],
     "progress": ["boolean"],
     "verify_content": ["boolean"],
     "fc_as_conv": ["boolean"],
-    "input_size": [Interval(Integral, 32, None, closed="left"), None],
+    # 4096 px is 16x the usual crop; 10**6 asked torch for terabytes per batch
+    "input_size": [Interval(Integral, 32, MAX_INPUT_SIZE, closed="both"), None],
     "views": [str],
     "combine": [StrOptions(("mean", "max"))],
 }

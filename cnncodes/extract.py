@@ -459,6 +459,38 @@ def _tv_decode():
     return ImageReadMode, decode_jpeg, read_file
 
 
+def decode_uint8(path: str, decoder: str, draft: int | None):
+    """One image file as a uint8 (3, H, W) tensor at its decoded size, and a note.
+
+    ``decoder="torchvision"`` decodes plain JPEGs with ``decode_jpeg`` (the same pixels as Pillow),
+    anything else goes through :func:`cnncodes.images.load_image` (which raises
+    :class:`~cnncodes.errors.ImageDecodeError` for a bad file).
+    """
+    import torch
+
+    if decoder == "pil":
+        img, note = load_image(path, draft=draft)
+        return torch.from_numpy(np.array(img).transpose(2, 0, 1).copy()), note
+    t = None
+    tv = _tv_decode()
+    if tv is not None and is_plain_jpeg(path, draft=draft):
+        ImageReadMode, decode_jpeg, read_file = tv
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                t, note = decode_jpeg(read_file(path), mode=ImageReadMode.RGB), ""
+            # torchvision 0.29 deprecates its image decoders (DeprecationWarning at every call);
+            # any other warning ("corrupt JPEG data") leaves the file to Pillow's judgement
+            if any(not issubclass(w.category, DeprecationWarning) for w in caught):
+                t = None
+        except Exception:  # noqa: BLE001 - load_image below says what is wrong with the file
+            t = None
+    if t is None:
+        img, note = load_image(path, draft=draft)
+        t = torch.from_numpy(np.array(img).transpose(2, 0, 1))
+    return t, note
+
+
 class _ImageDataset:
     """Decodes and resizes one image to a uint8 CHW tensor; failures become a status, not an exception."""
 
@@ -486,26 +518,10 @@ class _ImageDataset:
     def _decode(self, path: str):
         import torch
 
-        if self.decoder == "pil":
+        if self.decoder == "pil":  # Pillow's resampling too, as torchvision's transforms on PIL images
             img, note = load_image(path, draft=self.draft)
             return torch.from_numpy(resize_crop(img, self.pre).transpose(2, 0, 1).copy()), note
-        t = None
-        tv = _tv_decode()
-        if tv is not None and is_plain_jpeg(path, draft=self.draft):
-            ImageReadMode, decode_jpeg, read_file = tv
-            try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    t, note = decode_jpeg(read_file(path), mode=ImageReadMode.RGB), ""
-                # torchvision 0.29 deprecates its image decoders (DeprecationWarning at every call);
-                # any other warning ("corrupt JPEG data") leaves the file to Pillow's judgement
-                if any(not issubclass(w.category, DeprecationWarning) for w in caught):
-                    t = None
-            except Exception:  # noqa: BLE001 - load_image below says what is wrong with the file
-                t = None
-        if t is None:
-            img, note = load_image(path, draft=self.draft)
-            t = torch.from_numpy(np.array(img).transpose(2, 0, 1))
+        t, note = decode_uint8(path, self.decoder, self.draft)
         return resize_crop_tensor(t, self.pre), note
 
     def __getitem__(self, i: int):

@@ -142,6 +142,10 @@ def predict(
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"The 'batch_size' parameter must be an int >= 1. Got {batch_size!r} instead.")
+    if _is_finetune_run(run_dir_or_model):  # a run of scripts/finetune.py: the whole network predicts
+        from .finetune.runfolder import predict_finetuned
+
+        return predict_finetuned(run_dir_or_model, image_paths, device=device, batch_size=batch_size)
     path = find_model(run_dir_or_model, model)
     est, meta = load_model(path)
     files = expand_paths(image_paths)
@@ -163,6 +167,12 @@ def predict(
          "message": str(m)}
         for f, lab, s, st, m in zip(files, labels, scores, status, messages)
     ]
+
+
+def _is_finetune_run(path) -> bool:
+    # the same test as cnncodes.finetune.runfolder.is_finetune_run, without importing torch
+    p = Path(path)
+    return (p.is_dir() and (p / "finetune.json").is_file()) or (p.is_file() and p.name.endswith(".safetensors"))
 
 
 def write_predictions(rows: Sequence[dict], out: str | os.PathLike) -> Path:

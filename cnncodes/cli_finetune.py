@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.2, help="test fraction of a drawn split")
     p.add_argument("--cache-dtype", default="float16", choices=["float16", "float32"],
                    help="storage of cached prefix activations (default float16, as extract.py)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="run the frozen prefix in every epoch instead of caching its output (for comparisons)")
     p.add_argument("--cache-dir", default="artifacts/codes", help="folder of the HDF5 caches")
     p.add_argument("--workers", type=int, default=None, help="image decoding processes")
     p.add_argument("--no-plots", action="store_true")
@@ -85,7 +87,7 @@ def _finetune(args: argparse.Namespace) -> int:
         resume=args.resume, overwrite=args.overwrite, workers=args.workers, cache_dir=args.cache_dir,
         plots=not args.no_plots, weight_decay=args.weight_decay, warmup=args.warmup, patience=args.patience,
         bn=args.bn, seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-        cache_dtype=args.cache_dtype,
+        cache_dtype=args.cache_dtype, prefix_cache=not args.no_prefix_cache,
     )
     print(res.summary)
     print(res.run_dir)

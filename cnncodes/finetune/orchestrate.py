@@ -64,6 +64,7 @@ class FinetuneConfig:
     cache_dtype: str = "float16"
     decoder: str = "torchvision"
     draft: bool = True
+    prefix_cache: bool = True  # False: run the frozen prefix every epoch (to measure what the cache saves)
 
     def check(self) -> None:
         """Raise :class:`UsageError` for a bad value, naming it."""
@@ -241,7 +242,7 @@ class _Job:
                 log.warning("--freeze-to with --weights none freezes random layers")
         self.frozen_nodes = freeze_prefix(self.model, self.stages, self.split) if self.split >= 0 else []
         self.bn = resolve_bn(cfg.bn, self.wts)
-        self.cached = self.split >= 0 and cfg.augment == "none"
+        self.cached = self.split >= 0 and cfg.augment == "none" and cfg.prefix_cache
         self.base_spec = _base_spec(spec, self.wts, "float16", "fp32", cfg.draft, cfg.decoder)
         if cfg.init_head_from is not None:
             self._init_head()

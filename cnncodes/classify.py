@@ -18,7 +18,12 @@ Training a run (:func:`train_run`)
    NaN/inf codes among the other rows, a single class, or an empty split raise
    :class:`~cnncodes.errors.TrainingDataError`.
 2. Split (:func:`make_split`): the split recorded per row when the cache has one
-   (``train``/``val``/``test``), else a stratified split with a recorded seed.
+   (``train``/``val``/``test``; with ``train``/``val`` only, the recorded val is the test split
+   and a val split is drawn from train), else a stratified split with a recorded seed that gives
+   every class with >= 3 images an image in each part (2 images: train and test). A class with
+   no image in a part is a warning (logged, in the summary, in ``metrics.json``).
+   All layers and the row table are read through one open handle on the cache
+   (:func:`cnncodes.store.open_cache`): one version of the file even if it is replaced meanwhile.
 3. C is chosen by a sweep over a log grid (default ``np.logspace(-4, 4, 9)``), on the
    val split, or by stratified k-fold CV on the train split when there is no val split
    (fewer folds, with a note, when a class has fewer images than folds). The codes are
@@ -35,8 +40,12 @@ Training a run (:func:`train_run`)
 Run folder
 ----------
 ``artifacts/runs/<name>/`` (written in a temporary folder next to it, renamed at the end,
-so a failed run never leaves half a folder nor overwrites a previous run)::
+so a failed run never leaves half a folder nor overwrites a previous run; see
+:mod:`cnncodes.runfolder` for names, the writer's lock and what may be replaced)::
 
+    .cnncodes-run.json             the marker that makes it a run folder (only such a folder is
+                                   ever replaced, with overwrite=True): format, created, cache,
+                                   settings and their hash
     metrics.json                   see below
     model.joblib, model.json       the best model by val accuracy and its sidecar (a copy of
                                    one models/ file, same bytes and sha256; the sidecar's
@@ -58,7 +67,8 @@ the keys joined by ``+`` (``fc6+fc7``).
       "created": "...", "versions": {...},
       "cache": {"path", "fingerprint", "spec", "records", "manifest_hash", "dataset_root", "rows_sha256"},
       "split": {"source": "recorded"|"stratified", "seed", "val_fraction", "test_fraction",
-                "counts": {"train", "val", "test"}, "n_rows", "n_failed", "failed_examples", "notes"},
+                "counts": {"train", "val", "test"}, "n_rows", "n_failed", "failed_examples", "notes",
+                "warnings", "roles": {"train", "val", "test"} (where each part comes from)},
       "settings": {"norm", "grid", "cv", "n_jobs", "concat", "max_iter", "max_iter_cap", "early_stop"},
       "results": {
         "<layers>": {
@@ -75,7 +85,8 @@ the keys joined by ``+`` (``fc6+fc7``).
         }
       },
       "best": {"layers", "clf", "val_accuracy", "test_accuracy", "model", "file": "model.joblib"},
-      "notes": [...]
+      "notes": [...],
+      "warnings": [...]   (e.g. "class rose (2 usable images) has no image in the val split: ...")
     }
 
 where ``METRICS`` (:func:`compute_metrics`) is ``{"n", "accuracy", "balanced_accuracy"
@@ -94,8 +105,6 @@ import json
 import logging
 import os
 import platform
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -109,7 +118,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
 
-from .errors import CacheMismatchError, ModelFileError, TrainingDataError, UsageError
+from . import runfolder as _runfolder
+from .errors import CacheError, CacheMismatchError, ModelFileError, TrainingDataError, UsageError
 from .fileio import atomic_path, atomic_write_bytes, atomic_write_text, sha256_bytes, sha256_of_file
 
 __all__ = [
@@ -345,6 +355,12 @@ class Split:
     failed_examples : list of str
         ``"path: message"`` of the first failed rows.
     notes : list of str
+    warnings : list of str
+        What makes the evaluation less than it seems: a class with no image in a split
+        (see :func:`make_split`). Logged, listed in the summary and in ``metrics.json``.
+    roles : dict
+        Where each part comes from (``{"train": ..., "val": ..., "test": ...}``), e.g. the
+        recorded val split used as the test split of a train/val layout.
     """
 
     train: np.ndarray
@@ -358,6 +374,8 @@ class Split:
     val_fraction: float | None = None
     test_fraction: float | None = None
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    roles: dict[str, str] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
@@ -367,6 +385,7 @@ class Split:
             "source": self.source, "seed": self.seed, "val_fraction": self.val_fraction,
             "test_fraction": self.test_fraction, "counts": self.counts(), "n_rows": self.n_rows,
             "n_failed": self.n_failed, "failed_examples": list(self.failed_examples), "notes": list(self.notes),
+            "warnings": list(self.warnings), "roles": dict(self.roles),
         }
 
 
@@ -398,6 +417,23 @@ def make_split(
     stratified split (seeded, recorded) is drawn. Rows with ``status != "ok"`` are
     left out and counted.
 
+    A drawn split follows one rule, so that every class is trained on and, where it can
+    be, tested: a class with >= 3 usable images has at least one in each of train, val
+    and test (val only when ``val_fraction > 0``); a class with 2 images has one in
+    train and one in test; a class with 1 image is in train only. Where the proportional
+    split leaves a class out of a part, one image is moved there from the part holding
+    most of that class (a note says so).
+
+    A recorded layout with ``train`` and ``val`` but no ``test`` rows (e.g. a dataset
+    shipped with ``train/`` and ``val/`` folders) is used as follows: the recorded val
+    rows become the test split, used once; C is chosen on a stratified val split drawn
+    from the recorded train rows (``val_fraction`` of them, ``seed``), or by
+    cross-validation on train when ``val_fraction == 0``. ``Split.roles`` and a note
+    record this.
+
+    Every class that ends up with no image in train, in a non-empty val split or in the
+    test split gets a warning in ``Split.warnings``.
+
     Parameters
     ----------
     labels, splits, status : ndarray of length N
@@ -418,7 +454,7 @@ def make_split(
     ------
     TrainingDataError
         No usable row, a single class, an empty train or test split, an unknown or
-        partly missing recorded split, or too few images of a class for a stratified split.
+        partly missing recorded split, or a stratified split sklearn cannot draw.
     UsageError
         Fractions outside [0, 1) or summing to 1 or more.
     """
@@ -448,36 +484,17 @@ def make_split(
     sp = splits[idx_ok]
     has = sp != ""
     if has.any():
-        unknown = sorted(set(sp[has]) - set(SPLITS))
-        if unknown:
-            raise TrainingDataError(
-                f"Unknown recorded split name(s) {', '.join(map(repr, unknown))}: expected train, val or test."
-            )
-        if not has.all():
-            raise TrainingDataError(
-                f"{int((~has).sum())} of {idx_ok.size} usable rows have no recorded split while the others have one: "
-                f"put every image in a train/val/test folder, or none."
-            )
-        parts = {s: idx_ok[sp == s] for s in SPLITS}
-        for s in ("train", "test"):
-            if parts[s].size == 0:
-                raise TrainingDataError(
-                    f"The recorded {s} split is empty (counts: train {parts['train'].size}, val {parts['val'].size}, "
-                    f"test {parts['test'].size}). Add a {s}/ folder, or extract without split folders for a drawn split."
-                )
-        if np.unique(labels[parts["train"]]).size < 2:
-            raise TrainingDataError(
-                f"The recorded train split holds a single class ({_class_list(labels[parts['train']], class_names)})."
-            )
-        notes = []
-        missing = sorted(set(np.unique(labels[idx_ok]).tolist()) - set(np.unique(labels[parts["train"]]).tolist()))
-        if missing:
-            notes.append(
-                f"class(es) {', '.join(_name(class_names, m) for m in missing)} have no train image: "
-                f"the model can never predict them"
-            )
-        return Split(parts["train"], parts["val"], parts["test"], "recorded", None, notes=notes, **common)
+        split = _recorded_split(labels, idx_ok, sp, has, class_names, val_fraction, seed, common)
+    else:
+        _check_fractions(val_fraction, test_fraction)
+        train, val, test, notes = _draw_stratified(idx_ok, labels, val_fraction, test_fraction, seed, class_names)
+        split = Split(train, val, test, "stratified", int(seed), val_fraction=float(val_fraction),
+                      test_fraction=float(test_fraction), notes=notes, roles=dict.fromkeys(SPLITS, "drawn"), **common)
+    split.warnings = _absent_class_warnings(labels, idx_ok, split, class_names)
+    return split
 
+
+def _check_fractions(val_fraction, test_fraction) -> None:
     for what, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not (isinstance(v, (int, float)) and 0 <= v < 1):
             raise UsageError(f"The '{what}' parameter must be a float in [0, 1). Got {v!r} instead.")
@@ -485,28 +502,146 @@ def make_split(
         raise UsageError("The 'test_fraction' parameter must be > 0 when the cache records no split.")
     if val_fraction + test_fraction >= 1:
         raise UsageError(f"val_fraction + test_fraction must be < 1. Got {val_fraction} + {test_fraction}.")
+
+
+def _recorded_split(labels, idx_ok, sp, has, class_names, val_fraction, seed, common) -> Split:
+    unknown = sorted(set(sp[has]) - set(SPLITS))
+    if unknown:
+        raise TrainingDataError(
+            f"Unknown recorded split name(s) {', '.join(map(repr, unknown))}: expected train, val or test."
+        )
+    if not has.all():
+        raise TrainingDataError(
+            f"{int((~has).sum())} of {idx_ok.size} usable rows have no recorded split while the others have one: "
+            f"put every image in a train/val/test folder, or none."
+        )
+    parts = {s: idx_ok[sp == s] for s in SPLITS}
+    if parts["test"].size == 0 and parts["val"].size and parts["train"].size:
+        return _train_val_layout(labels, parts, class_names, val_fraction, seed, common)
+    for s in ("train", "test"):
+        if parts[s].size == 0:
+            raise TrainingDataError(
+                f"The recorded {s} split is empty (counts: train {parts['train'].size}, val {parts['val'].size}, "
+                f"test {parts['test'].size}). Add a {s}/ folder, or extract without split folders for a drawn split."
+            )
+    if np.unique(labels[parts["train"]]).size < 2:
+        raise TrainingDataError(
+            f"The recorded train split holds a single class ({_class_list(labels[parts['train']], class_names)})."
+        )
+    return Split(parts["train"], parts["val"], parts["test"], "recorded", None,
+                 roles={s: f"recorded {s}" for s in SPLITS}, **common)
+
+
+def _train_val_layout(labels, parts, class_names, val_fraction, seed, common) -> Split:
+    """train/ and val/ recorded, no test/: the recorded val is the test split; val is drawn from train."""
+    if not (isinstance(val_fraction, (int, float)) and 0 <= val_fraction < 1):
+        raise UsageError(f"The 'val_fraction' parameter must be a float in [0, 1). Got {val_fraction!r} instead.")
+    rec_train, rec_val = parts["train"], parts["val"]
+    if np.unique(labels[rec_train]).size < 2:
+        raise TrainingDataError(
+            f"The recorded train split holds a single class ({_class_list(labels[rec_train], class_names)})."
+        )
+    how = "by cross-validation on train"
+    if val_fraction > 0:
+        train, _, val, notes = _draw_stratified(rec_train, labels, 0.0, val_fraction, seed, class_names,
+                                                shown={"test": "val"})
+        how = f"on a stratified val split drawn from the recorded train split ({val_fraction:g} of it, seed {seed})"
+    else:
+        train, val, notes = rec_train, np.array([], dtype=np.int64), []
+    notes = [f"the cache records train and val splits but no test split: the recorded val split ({rec_val.size} "
+             f"images) is used as the test split, once; C is chosen {how}"] + notes
+    roles = {"train": "recorded train" + (" less the drawn val" if val_fraction > 0 else ""),
+             "val": "drawn from recorded train" if val_fraction > 0 else "none (C by cross-validation)",
+             "test": "recorded val"}
+    return Split(train, val, np.sort(rec_val), "recorded", int(seed), val_fraction=float(val_fraction), notes=notes,
+                 roles=roles, **common)
+
+
+def _draw_stratified(rows, labels, val_fraction, test_fraction, seed, class_names, shown: Mapping | None = None):
+    """Stratified train/val/test of ``rows`` by the rule of :func:`make_split`.
+
+    Classes large enough to get at least one image of each part in proportion go through
+    sklearn's ``train_test_split`` (as they always did: the same seed gives the same split);
+    the others start in train and :func:`_give_every_class` places them.
+    """
     from sklearn.model_selection import train_test_split
 
-    y = labels[idx_ok]
+    y = labels[rows]
+    classes, counts = np.unique(y, return_counts=True)
+    smallest = min(test_fraction, val_fraction) if val_fraction > 0 else test_fraction
+    small = np.isin(y, classes[counts * smallest < 1])
+    big = rows[~small]
     try:
-        rest, test = train_test_split(idx_ok, test_size=test_fraction, stratify=y, random_state=seed)
-        if val_fraction > 0:
-            y_rest = labels[rest]
+        if big.size:
+            rest, test = train_test_split(big, test_size=test_fraction, stratify=labels[big], random_state=seed)
+        else:
+            rest, test = big, big
+        if val_fraction > 0 and rest.size:
             train, val = train_test_split(
-                rest, test_size=val_fraction / (1 - test_fraction), stratify=y_rest, random_state=seed
+                rest, test_size=val_fraction / (1 - test_fraction), stratify=labels[rest], random_state=seed
             )
         else:
             train, val = rest, np.array([], dtype=np.int64)
     except ValueError as e:
         raise TrainingDataError(
-            f"Cannot draw a stratified split of {idx_ok.size} images ({_class_list(y, class_names)}) with "
+            f"Cannot draw a stratified split of {rows.size} images ({_class_list(y, class_names)}) with "
             f"test_fraction={test_fraction}, val_fraction={val_fraction}: {e}. Add images to the small classes, "
-            f"or use --val-fraction 0 (C chosen by cross-validation) or larger fractions."
+            f"or use --val-fraction 0 (C chosen by cross-validation) or other fractions."
         ) from e
-    return Split(
-        np.sort(train), np.sort(val), np.sort(test), "stratified", int(seed),
-        val_fraction=float(val_fraction), test_fraction=float(test_fraction), **common,
-    )
+    parts = {"train": np.concatenate([train, rows[small]]), "val": np.asarray(val), "test": np.asarray(test)}
+    notes = _give_every_class(labels, parts, need_val=val_fraction > 0, seed=seed, class_names=class_names,
+                              shown=shown)
+    return (np.sort(parts["train"]).astype(np.int64), np.sort(parts["val"]).astype(np.int64),
+            np.sort(parts["test"]).astype(np.int64), notes)
+
+
+def _give_every_class(labels, parts: dict, *, need_val: bool, seed: int, class_names,
+                      shown: Mapping | None = None) -> list[str]:
+    """Move single images between parts (in place) until every class has what the rule asks:
+    test when it has >= 2 images, val too when it has >= 3 (and a val split is drawn).
+    ``shown`` renames parts in the notes (a drawn val is the "test" part of its draw)."""
+    shown = shown or {}
+    rng = np.random.default_rng(seed)
+    notes = []
+    for c in np.unique(labels[np.concatenate(list(parts.values())).astype(np.int64)]):
+        in_part = {s: parts[s][labels[parts[s]] == c] for s in parts}
+        n_c = sum(v.size for v in in_part.values())
+        wanted = (["test"] if n_c >= 2 else []) + (["val"] if need_val and n_c >= 3 else [])
+        for s in wanted:
+            donors = [d for d in parts if d != s and in_part[d].size > 1]
+            if in_part[s].size or not donors:
+                continue
+            donor = max(donors, key=lambda d: in_part[d].size)
+            row = rng.choice(np.sort(in_part[donor]))
+            parts[donor] = parts[donor][parts[donor] != row]
+            parts[s] = np.append(parts[s], row)
+            in_part[donor] = in_part[donor][in_part[donor] != row]
+            in_part[s] = np.array([row])
+            notes.append(f"class {_name(class_names, c)} ({n_c} images): 1 image moved from {shown.get(donor, donor)} "
+                         f"to {shown.get(s, s)} so that every part has one")
+    return notes
+
+
+_ABSENT_CONSEQUENCE = {
+    "train": "the model can never predict it",
+    "val": "C is chosen without it",
+    "test": "it is not tested (the test accuracy and balanced accuracy leave it out)",
+}
+
+
+def _absent_class_warnings(labels, idx_ok, split: Split, class_names) -> list[str]:
+    classes, counts = np.unique(labels[idx_ok], return_counts=True)
+    out = []
+    for part in SPLITS:
+        rows = getattr(split, part)
+        if part == "val" and rows.size == 0:
+            continue  # C by cross-validation on train: no val split to miss a class
+        absent = np.setdiff1d(classes, labels[rows])
+        for c in absent:
+            n_c = int(counts[np.searchsorted(classes, c)])
+            out.append(f"class {_name(class_names, c)} ({n_c} usable image{'s' if n_c != 1 else ''}) has no image "
+                       f"in the {part} split: {_ABSENT_CONSEQUENCE[part]}")
+    return out
 
 
 def check_codes(X: np.ndarray, rows: np.ndarray, paths: np.ndarray | None = None, what: str = "codes") -> None:
@@ -1264,37 +1399,40 @@ def _layer_sets(layers: Sequence[str], concat: bool) -> list[list[str]]:
     return [uniq] if concat else [[k] for k in uniq]
 
 
-def default_run_name(cache: str | os.PathLike, layers: Sequence[str], concat: bool = False) -> str:
-    """``<cache stem>__<layers>__<UTC timestamp>``."""
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    lay = "+".join(layers) if concat else "-".join(layers)
-    return f"{Path(cache).stem}__{lay}__{stamp}"
+def default_run_name(cache: str | os.PathLike, layers: Sequence[str], concat: bool = False,
+                     settings: Mapping | None = None) -> str:
+    """``<cache stem>__<layers>__<UTC time, ms>__<settings hash>``; :func:`train_run` creates it
+    exclusively (``-2``, ``-3`` ... when taken), so two runs never share a folder."""
+    return _runfolder.default_run_name(cache, layers, concat, settings)
 
 
-@contextlib.contextmanager
-def _staging_dir(target: Path, overwrite: bool):
-    """A temporary folder next to ``target``, renamed over it on success, removed on failure."""
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise UsageError(f"The run folder {target} exists and is not empty: choose another --out or pass --overwrite.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        if target.is_dir() and any(target.iterdir()):
-            old = target.with_name(f".{target.name}.old-{os.getpid()}-{int(time.time())}")
-            os.replace(target, old)
-        elif target.is_dir():
-            target.rmdir()
-        else:
-            target.unlink()
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _check_int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise UsageError(f"The '{name}' parameter of train_run must be an int >= {low}. Got {value!r} instead.")
+    return int(value)
+
+
+def _check_train_options(*, max_iter, max_iter_cap, n_jobs, seed, cv) -> None:
+    """The options a fit would only trip over later (or never: max_iter=0 retried forever)."""
+    _check_int("max_iter", max_iter, 1)
+    _check_int("max_iter_cap", max_iter_cap, int(max_iter))
+    _check_int("cv", cv, 2)
+    if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs == 0):
+        raise UsageError(f"The 'n_jobs' parameter of train_run must be None or an int other than 0 (-1: all cores). "
+                         f"Got {n_jobs!r} instead.")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise UsageError(f"The 'seed' parameter of train_run must be an int in the range [0, 2**32 - 1]. "
+                         f"Got {seed!r} instead.")
+
+
+def _check_same_snapshot(first, codes, cache) -> None:
+    """Every layer set must come with the row table and spec of the first (one open file guarantees
+    it; this says so loudly if that ever breaks)."""
+    if codes.rows_sha256 != first.rows_sha256 or codes.fingerprint != first.fingerprint:
+        raise CacheError(
+            f"The cache {cache} changed while the run read it (the rows or spec of layer(s) {', '.join(codes.layers)} "
+            f"differ from those of {', '.join(first.layers)}). Run again once the extraction has finished."
+        )
 
 
 def train_run(
@@ -1362,7 +1500,7 @@ def train_run(
     CacheError
         A missing, incomplete or corrupt cache.
     """
-    from .store import load_codes, read_info
+    from .store import open_cache
 
     classifiers = list(dict.fromkeys(classifiers))
     if not classifiers:
@@ -1370,27 +1508,39 @@ def train_run(
     for c in classifiers:
         make_classifier(c)
     make_normaliser(norm)
+    _check_train_options(max_iter=max_iter, max_iter_cap=max_iter_cap, n_jobs=n_jobs, seed=seed, cv=cv)
     patience = _check_patience(early_stop)
     g = _check_grid(DEFAULT_GRID if grid is None else grid)
     sets = _layer_sets(layers, concat)
     all_keys = [k for s in sets for k in s]
-    target = Path(out) if out is not None else Path(runs_root) / default_run_name(cache, all_keys, concat)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise UsageError(f"The run folder {target} exists and is not empty: choose another --out or pass --overwrite.")
+    run_settings = {"layer_sets": ["+".join(s) for s in sets], "classifiers": classifiers, "norm": norm,
+                    "grid": [float(c) for c in g], "cv": cv, "seed": seed, "val_fraction": val_fraction,
+                    "test_fraction": test_fraction, "max_iter": max_iter, "early_stop": patience}
+    if out is not None:
+        target = Path(out)
+        _runfolder.check_target(target, cache, overwrite)
+    else:
+        target = Path(runs_root) / default_run_name(cache, all_keys, concat, run_settings)
+    marker = {"created": _now(), "cache": str(Path(cache).resolve()), "settings": run_settings,
+              "settings_hash": _runfolder.settings_hash(run_settings)}
 
-    info = read_info(cache)
+    # one open handle for the whole run: every layer and the row table come from one version of the file,
+    # even if an extraction replaces the cache meanwhile (it does so by rename, never in place)
+    snap = open_cache(cache)
+    info = snap.info
     missing = [k for k in all_keys if k not in info.layers]
-    if missing:
-        load_codes(cache, missing)  # raises UsageError naming what the cache holds
     t_run = time.perf_counter()
     results: dict[str, dict] = {}
     curves_for_plot, cms_for_plot = [], []
     first = None
     split: Split | None = None
     notes: list[str] = []
-    with _staging_dir(target, overwrite) as tmp:
+    with snap, _runfolder.staged_run(target, overwrite=overwrite, cache=cache, reserve=out is None,
+                                     marker=marker) as (tmp, target):
+        if missing:
+            snap.load(missing)  # raises UsageError naming what the cache holds
         for lset in sets:
-            codes = load_codes(cache, lset)
+            codes = snap.load(lset)
             name = "+".join(lset)
             if split is None:
                 first = codes
@@ -1401,6 +1551,9 @@ def train_run(
                 notes.extend(split.notes)
                 log.info("Split (%s): %d train, %d val, %d test; %d failed rows left out", split.source,
                          len(split.train), len(split.val), len(split.test), split.n_failed)
+                for w in split.warnings:
+                    log.warning("Warning: %s", w)
+            _check_same_snapshot(first, codes, cache)
             used = np.concatenate([split.train, split.val, split.test])
             check_codes(codes.X, used, codes.paths, what=f"layer(s) {name}")
             X = np.ascontiguousarray(codes.X, dtype=np.float32)
@@ -1478,6 +1631,7 @@ def train_run(
                      "test_accuracy": best[2]["test"]["accuracy"], "model": best[2]["model"],
                      "file": BEST_MODEL},
             "notes": notes,
+            "warnings": list(split.warnings),
             "seconds": time.perf_counter() - t_run,
         }
         atomic_write_text(tmp / "metrics.json", json.dumps(_jsonable(metrics), indent=2) + "\n")
@@ -1524,7 +1678,8 @@ def _write_predictions(path: Path, codes, trval: np.ndarray, split: Split, pred_
 
 
 def format_summary(metrics: Mapping) -> str:
-    """The terminal table: layers x classifier -> val acc, test acc, best C, fit seconds."""
+    """The terminal table: layers x classifier -> val acc, test acc, best C, fit seconds; then the
+    best model and one ``WARNING:`` line per warning of the run (e.g. a class with no test image)."""
     head = ["layers", "clf", "val acc", "test acc", "best C", "sweep s", "fit s", "note"]
     rows = []
     for name, d in metrics["results"].items():
@@ -1542,6 +1697,7 @@ def format_summary(metrics: Mapping) -> str:
     b = metrics.get("best")
     if b:
         out.append(f"best by val accuracy: {b['layers']} / {b['clf']} (test {b['test_accuracy']:.4f})")
+    out.extend(f"WARNING: {w}" for w in metrics.get("warnings", []))
     return "\n".join(out)
 
 

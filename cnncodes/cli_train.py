@@ -21,7 +21,18 @@ EPILOG = """examples:
 Writes RUN_DIR/metrics.json (results[<layers>][<clf>]["test"]["accuracy"], ...), one model per
 (layers, classifier) under RUN_DIR/models/, the best of them (by val accuracy) as
 RUN_DIR/model.joblib (what scripts/predict.py RUN_DIR uses), confusion_matrix.png, c_curve.png
-and, for several layers, layer_comparison.png. Prints a summary table; the run folder is the last line of stdout.
+and, for several layers, layer_comparison.png, plus the marker .cnncodes-run.json that makes it a run folder.
+Prints a summary table (and a WARNING line per class missing from a split); the run folder is the
+last line of stdout.
+
+A split recorded in the cache (train/, val/, test/ folders) is used; with train/ and val/ only, the
+recorded val is the test split and C is chosen on a val split drawn from train (--val-fraction of it;
+0: cross-validation). Otherwise a stratified split is drawn that gives every class with >= 3 images an
+image in train, val and test (2 images: train and test).
+
+--overwrite replaces only a folder that holds a cnncodes run (its marker), never another folder, and only
+once the new run has succeeded. Two runs never share a default folder; a second run into the same --out
+while the first is writing it is refused.
 
 exit status: 0 ok, 1 run error, 2 usage error."""
 
@@ -43,16 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cv", type=int, default=5, help="CV folds to choose C when there is no val split (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of a drawn split, of the folds and of LinearSVC")
     p.add_argument("--val-fraction", type=float, default=0.15,
-                   help="val fraction of a drawn split (0: choose C by CV); ignored if the cache records splits")
+                   help="val fraction of a drawn split (0: choose C by CV); with recorded train/val folders only, "
+                        "the fraction of train drawn as val; ignored if the cache records train/val/test")
     p.add_argument("--test-fraction", type=float, default=0.2, help="test fraction of a drawn split")
     p.add_argument("--n-jobs", type=int, default=-1, help="parallel fits (default -1: all cores)")
     p.add_argument("--max-iter", type=int, default=1000, help="starting iteration limit (raised x4 if needed)")
     p.add_argument("--early-stop", type=int, default=2, metavar="N",
                    help="stop the C sweep once the score has fallen below its best for N consecutive larger C "
                         "(default 2; 0: evaluate the whole grid)")
-    p.add_argument("--out", "-o", default=None, help="run folder (default artifacts/runs/<cache>__<layers>__<time>)")
+    p.add_argument("--out", "-o", default=None,
+                   help="run folder (default artifacts/runs/<cache>__<layers>__<UTC time>__<settings hash>)")
     p.add_argument("--runs-root", default="artifacts/runs", help="parent of the default run folder")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty run folder (after success only)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run folder of cnncodes (after success only; any other folder is refused)")
     p.add_argument("--no-plots", action="store_true", help="do not write the PNG figures")
     p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors on stderr")
     return p

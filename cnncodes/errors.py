@@ -26,6 +26,7 @@ __all__ = [
     "ExtractionWriteError",
     "ModelFileError",
     "TrainingDataError",
+    "RunFolderLockedError",
 ]
 
 
@@ -101,3 +102,7 @@ class ModelFileError(CnnCodesError, OSError):
 
 class TrainingDataError(CnnCodesError, ValueError):
     """Codes cannot be used for training (one class, NaN, empty split...)."""
+
+
+class RunFolderLockedError(CnnCodesError, OSError):
+    """Another process is writing this run folder."""

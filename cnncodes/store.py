@@ -68,6 +68,8 @@ __all__ = [
     "write_cache",
     "read_info",
     "load_codes",
+    "CacheSnapshot",
+    "open_cache",
     "list_caches",
     "partial_dir",
     "partial_progress",
@@ -191,6 +193,8 @@ class Codes:
         The extraction spec stored in the file.
     fingerprint : str
         The file's extraction fingerprint.
+    rows_sha256 : str
+        The sha256 of the row table the codes were read with (the file's ``rows_sha256``).
     """
 
     X: np.ndarray
@@ -205,6 +209,7 @@ class Codes:
     spec: dict
     fingerprint: str
     path: Path
+    rows_sha256: str = ""
 
     @property
     def ok(self) -> np.ndarray:
@@ -569,39 +574,100 @@ def load_codes(
     keys = [layers] if isinstance(layers, str) else list(layers)
     if not keys:
         raise UsageError("Name at least one layer to load")
+    _register_filters()
+    with _open(path) as f:
+        return _codes_from_open(f, path, keys, dtype, verify)
+
+
+def _register_filters() -> None:
     try:  # readers of zstd-compressed files need the plugin registered
         import hdf5plugin  # noqa: F401
     except ImportError:
         pass
-    with _open(path) as f:
-        have = list(f["codes"].keys())
-        missing = [k for k in keys if k not in have]
-        if missing:
-            raise UsageError(
-                f"{path} holds no layer {', '.join(repr(m) for m in missing)}. It holds: {', '.join(have) or 'none'}. "
-                f"Extract it with: python scripts/extract.py DATA --model {json.loads(f.attrs['spec_json']).get('backbone')}"
-                f" --layers {' '.join(missing)}"
+
+
+def _codes_from_open(f, path: Path, keys: list[str], dtype, verify: bool) -> Codes:
+    have = list(f["codes"].keys())
+    missing = [k for k in keys if k not in have]
+    if missing:
+        raise UsageError(
+            f"{path} holds no layer {', '.join(repr(m) for m in missing)}. It holds: {', '.join(have) or 'none'}. "
+            f"Extract it with: python scripts/extract.py DATA --model {json.loads(f.attrs['spec_json']).get('backbone')}"
+            f" --layers {' '.join(missing)}"
+        )
+    rows, class_names = _read_rows(f, path, verify)
+    mats, records = [], {}
+    for k in keys:
+        ds = f["codes"][k]
+        raw = _read_dense(ds, 0, int(f.attrs["n_rows"]))
+        if verify and hashlib.sha256(np.ascontiguousarray(raw).tobytes()).hexdigest() != ds.attrs["sha256"]:
+            raise CacheCorruptError(
+                f"The codes of layer {k!r} in {path} changed after they were written (sha256 mismatch). "
+                f"Do not use them; delete the file and extract again."
             )
-        rows, class_names = _read_rows(f, path, verify)
-        mats, records = [], {}
-        for k in keys:
-            ds = f["codes"][k]
-            raw = _read_dense(ds, 0, int(f.attrs["n_rows"]))
-            if verify and hashlib.sha256(np.ascontiguousarray(raw).tobytes()).hexdigest() != ds.attrs["sha256"]:
-                raise CacheCorruptError(
-                    f"The codes of layer {k!r} in {path} changed after they were written (sha256 mismatch). "
-                    f"Do not use them; delete the file and extract again."
-                )
-            mats.append(raw.astype(dtype, copy=False))
-            records[k] = LayerRecord.from_attrs(k, ds.attrs)
-        spec = json.loads(f.attrs["spec_json"])
-        fp = str(f.attrs["fingerprint"])
+        mats.append(raw.astype(dtype, copy=False))
+        records[k] = LayerRecord.from_attrs(k, ds.attrs)
     X = mats[0] if len(mats) == 1 else np.concatenate(mats, axis=1)
     return Codes(
         X=X, labels=rows["labels"].astype(np.int64), paths=rows["paths"], splits=rows["split"], status=rows["status"],
-        messages=rows["message"], class_names=class_names, layers=keys, records=records, spec=spec, fingerprint=fp,
-        path=path,
+        messages=rows["message"], class_names=class_names, layers=keys, records=records,
+        spec=json.loads(f.attrs["spec_json"]), fingerprint=str(f.attrs["fingerprint"]), path=path,
+        rows_sha256=str(f.attrs["rows_sha256"]),
     )
+
+
+class CacheSnapshot:
+    """One open handle on a finished cache: every read through it sees the same version of the file.
+
+    The extractor replaces a cache only by writing a new file and renaming it over the old one
+    (:func:`write_cache`, :func:`~cnncodes.fileio.atomic_path`), never in place, so a handle opened
+    before the rename keeps reading the old inode: the row table and every layer read through one
+    snapshot belong together, even while another process rewrites the cache. Use it as a context
+    manager (:func:`open_cache`).
+
+    Attributes
+    ----------
+    path : Path
+    info : CacheInfo
+        The metadata of the opened version.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        _register_filters()
+        self._f = _open(self.path)
+        try:
+            self.info = _info_from_open(self._f, self.path)
+        except BaseException:
+            self._f.close()
+            raise
+
+    def load(self, layers: str | Sequence[str], *, dtype=np.float32, verify: bool = True) -> Codes:
+        """:func:`load_codes` through this snapshot's handle."""
+        keys = [layers] if isinstance(layers, str) else list(layers)
+        if not keys:
+            raise UsageError("Name at least one layer to load")
+        return _codes_from_open(self._f, self.path, keys, dtype, verify)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "CacheSnapshot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_cache(path: str | os.PathLike) -> CacheSnapshot:
+    """Open a cache once for several consistent reads (see :class:`CacheSnapshot`).
+
+    Raises
+    ------
+    CacheIncompleteError, CacheCorruptError, CacheError
+        As :func:`read_info`.
+    """
+    return CacheSnapshot(path)
 
 
 def iter_layer_blocks(path: str | os.PathLike, key: str, index: np.ndarray, block: int = 4096) -> Iterator[np.ndarray]:
@@ -693,9 +759,11 @@ class CacheLock:
     broken with a warning; a live holder makes :meth:`acquire` raise at once.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, lock_path: str | os.PathLike | None = None,
+                 error: type[Exception] = CacheLockedError):
         self.target = Path(path)
-        self.path = self.target.with_name(self.target.name + ".lock")
+        self.path = Path(lock_path) if lock_path is not None else self.target.with_name(self.target.name + ".lock")
+        self.error = error  # what a refusal raises (run folders use their own class)
         self.held = False
 
     def holder(self) -> dict | None:
@@ -744,7 +812,7 @@ class CacheLock:
                     except FileNotFoundError:
                         pass
                     continue
-                raise CacheLockedError(
+                raise self.error(
                     f"{self.target} is being written by pid {h.get('pid', '?')} on host {h.get('host', '?')} "
                     f"since {h.get('started', '?')}. Wait for it to finish. If that process is gone (another host, "
                     f"or a crashed machine), delete {self.path} and run again."
@@ -755,7 +823,7 @@ class CacheLock:
                 os.fsync(f.fileno())
             self.held = True
             return self
-        raise CacheLockedError(f"Could not take the lock {self.path}; try again")
+        raise self.error(f"Could not take the lock {self.path}; try again")
 
     def release(self) -> None:
         if self.held:

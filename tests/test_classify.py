@@ -24,8 +24,8 @@ from sklearn.svm import LinearSVC
 from threadpoolctl import threadpool_limits
 
 from cnncodes import classify as C
-from cnncodes.errors import CacheMismatchError, ModelFileError, TrainingDataError, UsageError
-from cnncodes.store import LayerRecord, fingerprint_of, load_codes, write_cache
+from cnncodes.errors import CacheError, CacheMismatchError, ModelFileError, TrainingDataError, UsageError
+from cnncodes.store import Codes, LayerRecord, fingerprint_of, load_codes, write_cache
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -367,7 +367,7 @@ def test_one_usable_class_after_failed_rows_is_refused():
 
 
 @pytest.mark.parametrize("splits,needle", [
-    (["train"] * 6 + ["val"] * 6, "recorded test split is empty"),
+    (["train"] * 12, "recorded test split is empty"),
     (["val"] * 6 + ["test"] * 6, "recorded train split is empty"),
     (["train"] * 6 + [""] * 6, "have no recorded split"),
     (["train"] * 6 + ["holdout"] * 6, "Unknown recorded split"),
@@ -378,10 +378,83 @@ def test_bad_recorded_splits_are_refused(splits, needle):
         C.make_split(y, np.array(splits), np.array(["ok"] * 12))
 
 
-def test_class_too_small_for_a_stratified_split_is_explained():
-    y = np.array([0] * 20 + [1])
-    with pytest.raises(TrainingDataError, match="val-fraction 0"):
-        C.make_split(y, np.array([""] * 21), np.array(["ok"] * 21), class_names=["a", "b"])
+def _per_part(sp, y, c):
+    return [int(np.sum(y[getattr(sp, part)] == c)) for part in ("train", "val", "test")]
+
+
+def test_imbalanced_drawn_split_tests_the_minority_and_warns():
+    """200:2 used to give val and test without a single minority image (sklearn's proportional split
+    rounds 0.4 images to 0), and a test accuracy of 1.0 with nothing said."""
+    y = np.array([0] * 200 + [1] * 2)
+    none, ok = np.array([""] * 202), np.array(["ok"] * 202)
+    sp = C.make_split(y, none, ok, class_names=["common", "rare"], val_fraction=0.15, test_fraction=0.2, seed=0)
+    assert _per_part(sp, y, 1) == [1, 0, 1]  # 2 images: one to train on, one to test
+    assert sorted(np.concatenate([sp.train, sp.val, sp.test]).tolist()) == list(range(202))
+    assert sp.warnings == ["class rare (2 usable images) has no image in the val split: C is chosen without it"]
+    assert any("rare (2 images): 1 image moved from train to test" in n for n in sp.notes)
+    y3 = np.array([0] * 200 + [1] * 3)
+    sp3 = C.make_split(y3, np.array([""] * 203), np.array(["ok"] * 203), class_names=["common", "rare"])
+    assert _per_part(sp3, y3, 1) == [1, 1, 1] and sp3.warnings == []
+    # one image: trained on, never tested, said twice (val and test)
+    y1 = np.array([0] * 20 + [1])
+    sp1 = C.make_split(y1, np.array([""] * 21), np.array(["ok"] * 21), class_names=["a", "b"])
+    assert _per_part(sp1, y1, 1) == [1, 0, 0]
+    assert [w.split(" has no image in the ")[1].split(" ")[0] for w in sp1.warnings] == ["val", "test"]
+
+
+def test_split_rule_leaves_ordinary_splits_as_sklearn_draws_them(digits):
+    """Every class large enough: exactly sklearn's stratified split of the same seed, as before the rule."""
+    from sklearn.model_selection import train_test_split
+
+    y = digits[1]
+    idx = np.arange(len(y))
+    sp = C.make_split(y, np.array([""] * len(y)), np.array(["ok"] * len(y)), val_fraction=0.15, test_fraction=0.2,
+                      seed=7)
+    rest, test = train_test_split(idx, test_size=0.2, stratify=y, random_state=7)
+    train, val = train_test_split(rest, test_size=0.15 / 0.8, stratify=y[rest], random_state=7)
+    for part, want in (("train", train), ("val", val), ("test", test)):
+        np.testing.assert_array_equal(getattr(sp, part), np.sort(want))
+    assert sp.notes == [] and sp.warnings == []
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_split_rule_holds_for_small_classes(seed):
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(1, 9, size=6)
+    y = np.repeat(np.arange(6), counts)
+    sp = C.make_split(y, np.array([""] * len(y)), np.array(["ok"] * len(y)), seed=seed)
+    assert sorted(np.concatenate([sp.train, sp.val, sp.test]).tolist()) == list(range(len(y)))
+    for c, n_c in enumerate(counts):
+        tr, va, te = _per_part(sp, y, c)
+        assert tr >= 1 and (te >= 1 if n_c >= 2 else te == 0) and (va >= 1 if n_c >= 3 else va == 0)
+    n_warn = sum(int(n_c < 3) + int(n_c < 2) for n_c in counts)
+    assert len(sp.warnings) == n_warn
+
+
+def test_recorded_split_missing_a_class_in_test_warns():
+    y = np.array([0] * 6 + [1] * 6)
+    splits = np.array(["train"] * 4 + ["test"] * 2 + ["train"] * 6)
+    sp = C.make_split(y, splits, np.array(["ok"] * 12), class_names=["daisy", "rose"])
+    assert sp.source == "recorded" and sp.counts() == {"train": 10, "val": 0, "test": 2}
+    assert sp.warnings == ["class rose (6 usable images) has no image in the test split: it is not tested "
+                           "(the test accuracy and balanced accuracy leave it out)"]
+
+
+def test_train_and_val_folders_without_test_use_val_as_test():
+    """hymenoptera's layout: the recorded val is the test split; val is drawn from train (stratified)."""
+    y = np.array([0] * 30 + [1] * 20 + [0] * 10 + [1] * 6)
+    splits = np.array(["train"] * 50 + ["val"] * 16)
+    sp = C.make_split(y, splits, np.array(["ok"] * 66), class_names=["ants", "bees"], val_fraction=0.2, seed=4)
+    np.testing.assert_array_equal(sp.test, np.arange(50, 66))
+    assert set(sp.train) | set(sp.val) == set(range(50)) and not set(sp.train) & set(sp.val)
+    assert _per_part(sp, y[:66], 0)[1] == 6 and _per_part(sp, y, 1)[1] == 4  # 20 % of each class of train
+    assert sp.roles == {"train": "recorded train less the drawn val", "val": "drawn from recorded train",
+                        "test": "recorded val"}
+    assert "is used as the test split" in sp.notes[0] and sp.warnings == []
+    again = C.make_split(y, splits, np.array(["ok"] * 66), val_fraction=0.2, seed=4)
+    np.testing.assert_array_equal(again.val, sp.val)
+    cv = C.make_split(y, splits, np.array(["ok"] * 66), val_fraction=0, seed=4)
+    assert cv.counts() == {"train": 50, "val": 0, "test": 16} and "cross-validation" in cv.notes[0]
 
 
 def test_nan_codes_among_ok_rows_are_refused():
@@ -620,3 +693,47 @@ def test_softmax_predictions_do_not_depend_on_float16_storage():
         p32, _ = C.refit(Z[tr], y[tr], clf="softmax", norm="l2", C=c)
         p16, _ = C.refit(Z16[tr], y[tr], clf="softmax", norm="l2", C=c)
         np.testing.assert_array_equal(p32.predict(Z[te]), p16.predict(Z16[te]))
+
+
+# --------------------------------------------------------------------------- one snapshot of the cache
+
+
+def test_cache_rewritten_between_layers_is_read_as_one_snapshot(tmp_path, monkeypatch):
+    """A cache replaced (another row set) while a run reads its layers: the run must use only the
+    version it opened. Reading each layer anew applied the split drawn on the old rows to the new."""
+    import shutil
+
+    cache = digits_cache(tmp_path / "digits.h5")
+    twin = tmp_path / "twin.h5"
+    shutil.copyfile(cache, twin)  # the old version, for the reference run
+    kw = dict(classifiers=["svm"], n_jobs=1, plots=False, grid=np.logspace(-3, 5, 9))
+    ref = C.train_run(twin, ["fc6", "fc7"], out=tmp_path / "ref", **kw).metrics
+
+    real_check = C.check_codes
+    calls = []
+
+    def rewrite_after_first_layer(*a, **k):
+        if not calls:  # between the reads of fc6 and fc7: an extraction replaces the cache (by rename)
+            digits_cache(cache, n=900, labels=np.arange(900) % 3)
+        calls.append(1)
+        return real_check(*a, **k)
+
+    monkeypatch.setattr(C, "check_codes", rewrite_after_first_layer)
+    got = C.train_run(cache, ["fc6", "fc7"], out=tmp_path / "run", **kw).metrics
+    assert len(calls) == 2 and load_codes(cache, "fc7").X.shape[0] == 900  # the file did change
+    assert got["split"] == ref["split"] and got["cache"]["rows_sha256"] == ref["cache"]["rows_sha256"]
+    for layer in ("fc6", "fc7"):
+        a, b = got["results"][layer]["svm"], ref["results"][layer]["svm"]
+        for key in ("C", "c_curve", "train", "val", "test"):
+            assert a[key] == b[key], (layer, key)
+
+
+def test_layers_of_two_cache_versions_are_refused():
+    a = Codes
+    base = dict(X=np.zeros((1, 1)), labels=np.zeros(1), paths=np.array(["p"]), splits=np.array([""]),
+                status=np.array(["ok"]), messages=np.array([""]), class_names=["a"], records={}, spec={},
+                fingerprint="f" * 8, path=Path("c.h5"))
+    first = a(layers=["fc6"], rows_sha256="1" * 64, **base)
+    C._check_same_snapshot(first, a(layers=["fc7"], rows_sha256="1" * 64, **base), "c.h5")
+    with pytest.raises(CacheError, match="changed while the run read it"):
+        C._check_same_snapshot(first, a(layers=["fc7"], rows_sha256="2" * 64, **base), "c.h5")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -204,3 +206,244 @@ def test_script_runs_from_a_checkout(cache, tmp_path):
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1] == str(out)
     assert 0 <= json.loads((out / "metrics.json").read_text())["results"]["fc6"]["svm"]["test"]["accuracy"] <= 1
+
+
+# --------------------------------------------------------------------------- run folders: who owns them
+
+
+def _tree(root: Path) -> dict:
+    return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_overwrite_never_deletes_a_folder_cnncodes_did_not_write(cache, tmp_path, capsys):
+    """--out ~/thesis --overwrite used to replace the user's folder with the run."""
+    thesis = tmp_path / "thesis"
+    (thesis / "chapter1").mkdir(parents=True)
+    (thesis / "chapter1" / "draft.tex").write_text("months of work")
+    (thesis / "metrics.json").write_text("{}")  # looks like a run, is not one: no marker
+    before = _tree(thesis)
+    rc = train.main([str(cache), "--layers", "fc6", "--clf", "svm", "--out", str(thesis), "--overwrite", *FAST])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a cnncodes run folder" in err and ".cnncodes-run.json" in err and len(err.splitlines()) == 1
+    assert _tree(thesis) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis"]  # no lock, no staging left beside it
+
+
+def test_run_folder_carries_its_marker_and_only_it_is_replaced(cache, tmp_path):
+    out = tmp_path / "run"
+    assert train.main([str(cache), "--layers", "fc6", "--clf", "svm", "--out", str(out), *FAST]) == 0
+    marker = json.loads((out / ".cnncodes-run.json").read_text())
+    assert marker["format"] == "cnncodes.run/1" and marker["cache"] == str(cache.resolve())
+    assert marker["settings"]["layer_sets"] == ["fc6"] and marker["settings"]["classifiers"] == ["svm"]
+    (out / ".cnncodes-run.json").unlink()  # no longer provably ours: refused
+    assert train.main([str(cache), "--layers", "fc7", "--clf", "svm", "--out", str(out), "--overwrite", *FAST]) == 2
+    assert list(json.loads((out / "metrics.json").read_text())["results"]) == ["fc6"]
+
+
+@pytest.mark.parametrize("where,needle", [
+    ("cwd", "is the current folder"), ("empty_cwd", "is the current folder"),
+    ("parent_of_cwd", "is the current folder or a folder above it"), ("root", "is the root of the file system"),
+    ("home", "is your home folder"), ("file", "is a file, not a folder"),
+    ("cache_folder", "is the folder of the cache"), ("marked_cache_folder", "is the folder of the cache"),
+    ("cache_parent", "is the folder of the cache or a folder above it"), ("cache_file", "is the cache file itself"),
+])
+def test_protected_out_paths_are_refused_without_traceback(cache, tmp_path, capsys, monkeypatch, where, needle):
+    """Never deleted, even with --overwrite and even when empty or holding a run marker."""
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "sub" / "keep.txt").write_text("keep")
+    (work / "empty").mkdir()
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "keep.txt").write_text("keep")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work / ("empty" if where == "empty_cwd" else "sub"))
+    codes_dir = tmp_path / "codes" / "deep"
+    codes_dir.mkdir(parents=True)
+    local = codes_dir / "c.h5"
+    local.write_bytes(cache.read_bytes())
+    (codes_dir.parent / "keep.txt").write_text("keep")
+    if where == "marked_cache_folder":
+        (codes_dir / ".cnncodes-run.json").write_text('{"format": "cnncodes.run/1"}')
+    out = {"cwd": ".", "empty_cwd": ".", "parent_of_cwd": "..", "root": "/", "home": str(home),
+           "file": str(work / "sub" / "keep.txt"), "cache_folder": str(codes_dir),
+           "marked_cache_folder": str(codes_dir), "cache_parent": str(codes_dir.parent),
+           "cache_file": str(local)}[where]
+    before = _tree(tmp_path)
+    rc = train.main([str(local), "--layers", "fc6", "--clf", "svm", "--out", out, "--overwrite", *FAST])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and needle in err
+    assert _tree(tmp_path) == before and (work / "empty").is_dir()
+
+
+def _run_script(cache: Path, argv: list[str], patch: str, cwd: Path) -> subprocess.Popen:
+    code = (
+        "import sys\n"
+        "import cnncodes.classify as C, cnncodes.runfolder as R\n"
+        f"{patch}\n"
+        "from cnncodes import cli_train\n"
+        "sys.exit(cli_train.main(sys.argv[1:]))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-c", code, str(cache), *argv], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+# make_split waits until every file in WAIT exists (after touching its own START): both processes
+# then hold their run folders at the same time
+_BARRIER = """
+import pathlib, time
+_orig = C.make_split
+def _held(*a, **k):
+    pathlib.Path({start!r}).touch()
+    t = time.time()
+    while not all(pathlib.Path(w).exists() for w in {wait!r}) and time.time() - t < 120:
+        time.sleep(0.05)
+    return _orig(*a, **k)
+C.make_split = _held
+"""
+
+
+@pytest.mark.slow
+def test_two_runs_with_the_same_default_name_get_two_folders(cache, tmp_path):
+    """Default names used to be per second: two runs started together replaced each other and both
+    reported success. Here both get the very same default name (clock frozen) and run at once."""
+    runs = tmp_path / "runs"
+    freeze = "R.run_stamp = lambda: '20000101-000000-000'\n"
+    procs = []
+    for me, other in (("a", "b"), ("b", "a")):
+        patch = freeze + _BARRIER.format(start=str(tmp_path / me), wait=[str(tmp_path / me), str(tmp_path / other)])
+        procs.append(_run_script(cache, ["--layers", "fc6", "--clf", "svm", "--runs-root", str(runs), *FAST],
+                                 patch, tmp_path))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
+    dirs = sorted(Path(o[0].strip().splitlines()[-1]) for o in outs)
+    assert dirs[0] != dirs[1] and dirs[1].name == dirs[0].name + "-2"
+    assert sorted(p.name for p in runs.iterdir()) == [d.name for d in dirs]  # nothing else left (locks, staging)
+    for d in dirs:
+        assert json.loads((d / "metrics.json").read_text())["results"]["fc6"]["svm"]["test"]["accuracy"] > 0.85
+        assert load_model(d / "model.joblib")[1]["layers"] == ["fc6"]
+
+
+@pytest.mark.slow
+def test_second_writer_to_the_same_out_is_refused_at_once(cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    go = tmp_path / "go"
+    first = _run_script(cache, ["--layers", "fc6", "--clf", "svm", "--out", str(out), "--overwrite", *FAST],
+                        _BARRIER.format(start=str(tmp_path / "started"), wait=[str(go)]), tmp_path)
+    try:
+        t0 = time.time()
+        while not (tmp_path / "started").exists():
+            assert first.poll() is None and time.time() - t0 < 120, first.communicate()
+            time.sleep(0.05)
+        t0 = time.time()
+        rc = train.main([str(cache), "--layers", "fc7", "--clf", "svm", "--out", str(out), "--overwrite", *FAST])
+        assert time.time() - t0 < 5  # refused at once, not after training
+        err = capsys.readouterr().err.strip()
+        assert rc == 1 and "is being written by pid" in err and str(first.pid) in err
+    finally:
+        go.touch()
+    assert first.wait(timeout=300) == 0, first.communicate()
+    assert list(json.loads((out / "metrics.json").read_text())["results"]) == ["fc6"]  # the first run, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["go", "run", "started"]
+
+
+def test_default_names_are_unique_and_name_the_settings(cache, tmp_path, monkeypatch):
+    from cnncodes import runfolder
+
+    monkeypatch.setattr(runfolder, "run_stamp", lambda: "20000101-000000-000")
+    runs = tmp_path / "runs"
+    dirs = [_train_default(cache, runs, "svm"), _train_default(cache, runs, "svm"),
+            _train_default(cache, runs, "softmax")]
+    assert dirs[1].name == dirs[0].name + "-2"  # same settings, same instant: never the same folder
+    assert dirs[0].name.startswith("digits__alexnet__fc6__20000101-000000-000__")
+    assert dirs[2].name.split("__")[-1] != dirs[0].name.split("__")[-1]  # other settings, other hash
+    assert sorted(p.name for p in runs.iterdir()) == sorted(d.name for d in dirs)
+
+
+def _train_default(cache: Path, runs: Path, clf: str) -> Path:
+    from cnncodes.classify import train_run
+
+    return train_run(cache, ["fc6"], classifiers=[clf], n_jobs=1, plots=False, runs_root=runs,
+                     grid=np.logspace(-3, 5, 9)).run_dir
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--max-iter", "0"], "The 'max_iter' parameter of train_run must be an int >= 1. Got 0 instead."),
+    (["--max-iter", "-5"], "The 'max_iter' parameter of train_run must be an int >= 1. Got -5 instead."),
+    (["--n-jobs", "0"], "The 'n_jobs' parameter of train_run must be None or an int other than 0"),
+    (["--seed", "-1"], "The 'seed' parameter of train_run must be an int in the range [0, 2**32 - 1]. Got -1"),
+    (["--cv", "0"], "The 'cv' parameter of train_run must be an int >= 2. Got 0 instead."),
+])
+def test_bad_training_options_exit_2_before_any_work(cache, tmp_path, capsys, monkeypatch, argv, needle):
+    import cnncodes.store as store
+
+    monkeypatch.setattr(store, "open_cache", lambda *a, **k: pytest.fail("the cache was opened"))
+    rc = train.main([str(cache), "--layers", "fc6", "--out", str(tmp_path / "run"), "--no-plots", "-q",
+                     "--n-jobs", "1", *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and needle in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- honest splits on real images
+
+
+def _extract_tiny(root: Path, out: Path) -> Path:
+    from cnncodes.extract import extract
+
+    return extract(root, "tiny", ["fc1"], weights="none", out=out, device="cpu", workers=0, batch_size=16,
+                   dtype="float32").path
+
+
+@pytest.mark.slow
+def test_class_missing_from_the_test_folder_is_said_loudly(tmp_path):
+    """Real photos, train/ and test/ folders, no rose in test/: the run still trains, and says so on
+    stderr, in the printed summary and in metrics.json."""
+    from conftest import FLOWERS, link_subset
+
+    root = tmp_path / "data"
+    link_subset(FLOWERS, root / "train", 6, ["daisy", "rose"])
+    link_subset(FLOWERS, root / "test", 4, ["daisy"], offset=6)
+    cache = _extract_tiny(root, tmp_path / "codes")
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, str(REPO / "scripts" / "train_svm.py"), str(cache), "--layers", "fc1",
+                        "--clf", "svm", "--cv", "3", "--out", str(out), *FAST], cwd=tmp_path, capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stderr
+    want = ("class rose (6 usable images) has no image in the test split: it is not tested (the test accuracy and "
+            "balanced accuracy leave it out)")
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["warnings"] == [want] and m["split"]["warnings"] == [want]
+    assert want in p.stderr  # with -q too: a warning
+    assert f"WARNING: {want}" in p.stdout.splitlines()
+    assert m["results"]["fc1"]["svm"]["test"]["per_class"]["rose"]["support"] == 0
+
+
+@pytest.mark.slow
+def test_train_and_val_folders_without_test_train(tmp_path):
+    """hymenoptera ships train/ and val/ only: it used to be refused ("recorded test split is empty")."""
+    from conftest import HYMENOPTERA, link_subset, need
+
+    root = tmp_path / "hym"
+    link_subset(need(HYMENOPTERA) / "train", root / "train", 10)
+    link_subset(HYMENOPTERA / "val", root / "val", 6)
+    cache = _extract_tiny(root, tmp_path / "codes")
+    out = tmp_path / "run"
+    assert train.main([str(cache), "--layers", "fc1", "--clf", "svm", "softmax", "--val-fraction", "0.2",
+                       "--out", str(out), *FAST]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["split"]["counts"] == {"train": 16, "val": 4, "test": 12}
+    assert m["split"]["roles"]["test"] == "recorded val" and m["split"]["seed"] == 0
+    assert "recorded val split (12 images) is used as the test split" in m["notes"][0] and m["warnings"] == []
+    codes = load_codes(cache, "fc1")
+    recorded_val = sorted(codes.paths[codes.splits == "val"])
+    with open(out / "predictions" / "fc1__svm.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["path"] for r in rows if r["split"] == "test") == recorded_val
+    for clf in ("svm", "softmax"):
+        r = m["results"]["fc1"][clf]
+        assert r["selection"]["method"] == "val" and r["val"]["n"] == 4 and r["test"]["n"] == 12
+        assert r["val"]["per_class"]["ants"]["support"] == 2 == r["val"]["per_class"]["bees"]["support"]

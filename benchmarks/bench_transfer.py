@@ -123,7 +123,7 @@ def run_dataset(name: str, args, work: Path, report: dict, save) -> None:
     lp_run = next((r["run_dir"] for r in rows if r["case"] == "linear probe"), None)
     top = dict(common, freeze_to="block4", augment="none", epochs=args.epochs_top)
     add(fine_tune, "fine-tune top (frozen to block4, cached)", **top)
-    if lp_run:
+    if lp_run and name in args.lpft:
         add(fine_tune, "fine-tune top, head from the probe (LP-FT)", init_head_from=lp_run, **top)
     add(fine_tune, "fine-tune top without the cache", **dict(top, epochs=args.nocache_epochs, prefix_cache=False))
     add(fine_tune, "fine-tune all", **dict(common, augment="default", epochs=args.epochs_all))
@@ -139,6 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("--nocache-epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lpft", nargs="*", default=["flowers5"], help="datasets that also run LP-FT")
     ap.add_argument("--only", nargs="*", default=None, help="run only the cases whose name contains one of these")
     ap.add_argument("--work", default=str(REPO / "artifacts" / "bench" / "transfer"))
     ap.add_argument("--out", default=str(REPO / "artifacts" / "bench" / "transfer.json"))
@@ -156,6 +157,7 @@ def main(argv=None) -> int:
                          "python": platform.python_version(), "torch": torch.__version__,
                          "load_at_start": os.getloadavg()}
     report["settings"] = {k: v for k, v in vars(args).items() if k not in ("work", "out", "only")}
+    report["settings"]["lp_layers"] = LP_LAYERS
 
     def save():
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -148,6 +148,7 @@ def finetune(data: str | os.PathLike, model: str, *, weights: str = "default", f
         From the data, the weights or the cache.
     """
     from ..extract import resolve_device
+    from ..runfolder import check_target
 
     freeze_to = None if freeze_to in (None, "none", "") else freeze_to
     cfg = FinetuneConfig(model=model, weights=str(weights), freeze_to=freeze_to, epochs=epochs, lr=lr,
@@ -161,8 +162,7 @@ def finetune(data: str | os.PathLike, model: str, *, weights: str = "default", f
     job.prepare_model()  # every option that needs the backbone is checked here, before any data work
     digest = cfg.digest(job.manifest.digest())
     target = Path(out) if out is not None else default_run_dir(data, cfg, digest, runs_root)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise UsageError(f"The run folder {target} exists and is not empty: choose another --out or pass --overwrite.")
+    check_target(target, None, overwrite)  # train_svm's rules: only a marked run folder is ever replaced
     work = target.with_name(target.name + ".partial")
     blob = _claim_work(work, digest, cfg, resume, overwrite)
     job.device = resolve_device(device)
@@ -382,7 +382,8 @@ class _Job:
         return self._finish(target, work, state, groups, resumed_from, overwrite, plots)
 
     def _finish(self, target, work, state, groups, resumed_from, overwrite, plots) -> FinetuneResult:
-        from ..classify import _staging_dir, compute_metrics
+        from ..classify import compute_metrics
+        from ..runfolder import settings_hash, staged_run
         from .loop import evaluate
         from .runfolder import save_weights, write_run_files
         from .surgery import set_modes
@@ -398,7 +399,11 @@ class _Job:
         rel = [r.relpath for r in self.manifest.rows]
         test_rows = [[rel[i], "test", names[t], names[p], f"{s:.6g}"]
                      for i, t, p, s in zip(ev["test"]["idx"], ev["test"]["y"], ev["test"]["pred"], ev["test"]["score"])]
-        with _staging_dir(target, overwrite) as tmp:
+        settings = asdict(self.cfg)
+        marker = {"created": metrics["created"], "kind": "finetune", "dataset": self.manifest.root,
+                  "settings": settings, "settings_hash": settings_hash(settings)}
+        cache = getattr(self, "cache_info", {}).get("path")
+        with staged_run(target, overwrite=overwrite, cache=cache, reserve=False, marker=marker) as (tmp, target):
             save_weights(self.model.state_dict(), tmp, self._sidecar())
             write_run_files(tmp, metrics, test_rows, plots)
         shutil.rmtree(work, ignore_errors=True)

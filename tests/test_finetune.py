@@ -368,3 +368,21 @@ def test_resume_refuses_a_partial_run_of_other_settings(data, tiny_weights, tmp_
     assert finetune_main([str(data), "--model", "tiny", "--weights", str(tiny_weights), "--out", str(out),
                           "--device", "cpu", "--workers", "0", "--epochs", "1"]) == 2
     assert (work / "config.json").is_file()  # nothing the user did not ask to delete is deleted
+
+
+def test_a_failed_run_keeps_the_earlier_run_and_its_checkpoint(data, tiny_weights, tmp_path, monkeypatch):
+    """--overwrite replaces a run only once the new one has succeeded; a crash keeps the work folder."""
+    out = tmp_path / "run"
+    first = _run(data, out, tiny_weights, epochs=1)
+    weights = (first.run_dir / "model.safetensors").read_bytes()
+
+    def crash(**kw):
+        kw["ckpt"].save(kw["model"], kw["optimizer"], kw["scheduler"], kw["state"])
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr("cnncodes.finetune.loop.train_epochs", crash)
+    with pytest.raises(OSError, match="injected"):
+        _run(data, out, tiny_weights, epochs=2, overwrite=True)
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert (tmp_path / "run.partial" / "checkpoint.pt").is_file()
+    assert not list(tmp_path.glob(".run.*.tmp"))

@@ -164,8 +164,8 @@ def finetune(data: str | os.PathLike, model: str, *, weights: str = "default", f
     target = Path(out) if out is not None else default_run_dir(data, cfg, digest, runs_root)
     check_target(target, None, overwrite)  # train_svm's rules: only a marked run folder is ever replaced
     work = target.with_name(target.name + ".partial")
-    blob = _claim_work(work, digest, cfg, resume, overwrite)
     job.device = resolve_device(device)
+    blob = _claim_work(work, digest, cfg, resume, overwrite)
     job.prepare_data()
     return job.run(target, work, digest, blob, overwrite, plots)
 

@@ -115,7 +115,7 @@ def _forward_only(spec, layer: str, paths, batch_size: int) -> float:
     runner = _Runner(spec, B.ResolvedWeights("none", "random-init:seed=0") if spec.name != "efficientnet_lite0"
                      else B.resolve_weights(spec, "default"), plan, "cpu", "fp32")
     ds = _ImageDataset([str(p) for p in paths], spec.preprocessing, True)
-    x = torch.stack([ds[i][1] for i in range(len(ds))])  # decoded beforehand, in memory
+    x = torch.cat([ds[i][1] for i in range(len(ds))])  # decoded beforehand, in memory (one view each)
     runner(x[:batch_size])  # warm-up
     t = time.perf_counter()
     for s in range(0, len(x), batch_size):

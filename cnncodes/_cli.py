@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import Callable, Sequence
 
-from .errors import CnnCodesError, UsageError
+from .errors import CnnCodesError, InvalidParameterError, UsageError
 
 
 class Parser(argparse.ArgumentParser):
@@ -19,6 +19,21 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UsageError(f"{message} (see --help)")
+
+
+def usage_message(parser: argparse.ArgumentParser, error: UsageError) -> str:
+    """``error``'s message, naming the command-line option when it is about a parameter.
+
+    The library names parameters (``'batch_size' parameter of extract``); the option of the same
+    destination (``--batch-size/-b``) is what a command-line user typed. This is the one place
+    where parameter names become flag names.
+    """
+    if isinstance(error, InvalidParameterError):
+        for action in parser._actions:
+            if action.dest == error.param:
+                name = "/".join(action.option_strings) or action.metavar or action.dest
+                return f"argument {name}: {error.requirement}"
+    return str(error)
 
 
 def run_cli(prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int],
@@ -36,7 +51,7 @@ def run_cli(prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse
     try:
         return body(args)
     except UsageError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {usage_message(parser, e)}", file=sys.stderr)
         return 2
     except (CnnCodesError, OSError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

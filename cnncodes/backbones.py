@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -112,6 +113,8 @@ class BackboneSpec:
     default_weights: Callable[[], "ResolvedWeights"]
     description: str = ""
     arch_args: dict = field(default_factory=dict)
+    #: applied to the network once its weights are loaded (e.g. fully connected layers as convolutions)
+    convert: Callable[["object"], "object"] | None = None
 
     def layer(self, alias: str) -> LayerDef:
         """Return the layer called ``alias``, with a "did you mean" hint if unknown.
@@ -192,11 +195,28 @@ def get_backbone(name: str) -> BackboneSpec:
 _HASH_MEMO = Path(os.environ.get("CNNCODES_CACHE_DIR", Path.home() / ".cache" / "cnncodes")) / "sha256.json"
 
 
+#: A memo entry is only written for a file whose last change is older than this: a rewrite within
+#: the same timestamp tick as the hashed version could otherwise keep every stat field (git's
+#: "racy clean" problem). Such a file is simply hashed again next time.
+_RACY_NS = 2_000_000_000
+
+
+def _file_state(st: os.stat_result) -> str:
+    """Everything the OS tells about a file's version: a rewrite in place changes ctime (even when
+    the size is kept and the mtime restored with ``os.utime``), a replacement by rename the inode."""
+    return f"{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+
+
 def sha256_file(path: str | os.PathLike, *, memo: bool = True) -> str:
-    """sha256 hex digest of a file, memoised by (path, size, mtime) for big weight files."""
+    """sha256 hex digest of a file, memoised for big weight files.
+
+    The memo is keyed by the path and the file's whole stat identity (device, inode, size, mtime,
+    ctime); any doubt (another state, a change during hashing, a change too recent to be told
+    apart from a rewrite in the same timestamp tick) means hashing the bytes again.
+    """
     path = os.path.abspath(path)
     st = os.stat(path)
-    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    key = f"{path}|{_file_state(st)}"
     table: dict = {}
     if memo:
         try:
@@ -210,10 +230,14 @@ def sha256_file(path: str | os.PathLike, *, memo: bool = True) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     digest = h.hexdigest()
-    if memo:
+    after = os.stat(path)
+    settled = max(after.st_mtime_ns, after.st_ctime_ns) < time.time_ns() - _RACY_NS
+    if memo and settled and _file_state(after) == _file_state(st):
         try:
             from .fileio import atomic_write_text
 
+            # one entry per path: an older version of the file is never asked for again
+            table = {k: v for k, v in table.items() if k.rsplit("|", 5)[0] != path}
             table[key] = digest
             _HASH_MEMO.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(_HASH_MEMO, json.dumps(table))
@@ -369,6 +393,8 @@ def build_model(spec: BackboneSpec, weights: ResolvedWeights):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # --weights none is reproducible
             model = spec.build()
+    if spec.convert is not None:
+        model = spec.convert(model)
     for m in model.modules():  # a hook on a pre-activation must not be overwritten by an in-place ReLU
         if getattr(m, "inplace", False) is True:
             m.inplace = False

@@ -47,13 +47,14 @@ so a failed run never leaves half a folder nor overwrites a previous run; see
                                    ever replaced, with overwrite=True): format, created, cache,
                                    settings and their hash
     metrics.json                   see below
-    model.joblib, model.json       the best model by val accuracy and its sidecar (a copy of
+    model.skops, model.json        the best model by val accuracy and its sidecar (a copy of
                                    one models/ file, same bytes and sha256; the sidecar's
                                    ``copy_of`` names it); what scripts/predict.py RUN_DIR uses
-    models/<layers>__<clf>.joblib  the fitted pipeline (atomic write)
-    models/<layers>__<clf>.json    its sidecar: sha256 of the .joblib, cache path,
-                                   extraction fingerprint, layer records, spec,
-                                   class names, normaliser, C, versions
+    models/<layers>__<clf>.skops   the fitted pipeline, skops format (no pickle; loaded only
+                                   with the types cnncodes writes, see cnncodes.modelfile)
+    models/<layers>__<clf>.json    its sidecar: sha256 of the .skops (integrity, not
+                                   security), cache path, extraction fingerprint, layer
+                                   records, spec, class names, normaliser, C, versions
     predictions/<layers>__<clf>.csv  path, split, true, pred, score of every used row
     confusion_matrix.png, c_curve.png, layer_comparison.png (several layer sets)
 
@@ -80,11 +81,11 @@ the keys joined by ``+`` (``fc6+fc7``).
             "train": METRICS, "val": METRICS, "test": METRICS,
             "converged": bool, "convergence_message": str, "max_iter": int,
             "sweep_seconds", "fit_seconds", "n_features", "norm",
-            "model": "models/<layers>__<clf>.joblib"
+            "model": "models/<layers>__<clf>.skops"
           }
         }
       },
-      "best": {"layers", "clf", "val_accuracy", "test_accuracy", "model", "file": "model.joblib"},
+      "best": {"layers", "clf", "val_accuracy", "test_accuracy", "model", "file": "model.skops"},
       "notes": [...],
       "warnings": [...]   (e.g. "class rose (2 usable images) has no image in the val split: ...")
     }
@@ -119,8 +120,10 @@ from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScale
 from sklearn.svm import LinearSVC
 
 from . import runfolder as _runfolder
-from .errors import CacheError, CacheMismatchError, ModelFileError, TrainingDataError, UsageError
-from .fileio import atomic_path, atomic_write_bytes, atomic_write_text, sha256_bytes, sha256_of_file
+from .errors import CacheError, CacheMismatchError, TrainingDataError, UsageError
+from .fileio import atomic_path, atomic_write_text
+from .modelfile import BEST_MODEL, MODEL_SCHEMA, MODEL_SUFFIX, find_model, load_model, save_model, sidecar_path
+from .modelfile import copy_model as _copy_model
 
 __all__ = [
     "NORMALISERS",
@@ -157,8 +160,6 @@ CLASSIFIERS = ("svm", "softmax")
 DEFAULT_GRID = np.logspace(-4, 4, 9)
 SPLITS = ("train", "val", "test")
 METRICS_SCHEMA = "cnncodes.metrics/1"
-BEST_MODEL = "model.joblib"  # the best model of a run (by val accuracy), at the top of the run folder
-MODEL_SCHEMA = "cnncodes.model/1"
 MIN_GRID_DECADES = 8.0
 
 
@@ -1091,147 +1092,6 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def sidecar_path(model_path: str | os.PathLike) -> Path:
-    """``models/x.joblib -> models/x.json``."""
-    return Path(model_path).with_suffix(".json")
-
-
-def save_model(pipe, path: str | os.PathLike, meta: Mapping[str, Any]) -> dict:
-    """Write a fitted pipeline atomically with ``joblib.dump``, then its JSON sidecar.
-
-    Parameters
-    ----------
-    pipe : estimator
-    path : path-like
-        The ``.joblib`` file; the sidecar is the same name with ``.json``.
-    meta : mapping
-        Provenance to store in the sidecar (cache, fingerprint, records, spec,
-        class_names, norm, C, classifier...).
-
-    Returns
-    -------
-    dict
-        The sidecar's content (with ``sha256``, ``model_file``, ``size_bytes``, ``versions``).
-    """
-    import joblib
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        joblib.dump(pipe, tmp)
-    side = {"schema": MODEL_SCHEMA, **dict(meta), "model_file": path.name, "sha256": sha256_of_file(path),
-            "size_bytes": path.stat().st_size, "versions": _versions(), "created": _now()}
-    atomic_write_text(sidecar_path(path), json.dumps(_jsonable(side), indent=2, sort_keys=True) + "\n")
-    return side
-
-
-def load_model(path: str | os.PathLike) -> tuple[Any, dict]:
-    """Load a model written by :func:`save_model`, checking its sidecar first.
-
-    The sidecar must exist, be valid JSON, name this file, and hold the sha256 of
-    its bytes; only then is the file unpickled.
-
-    Parameters
-    ----------
-    path : path-like
-        The ``.joblib`` file.
-
-    Returns
-    -------
-    model : estimator
-    meta : dict
-        The sidecar.
-
-    Raises
-    ------
-    ModelFileError
-        Missing model or sidecar, unreadable sidecar, a sidecar of another model,
-        a sha256 mismatch (tampered or truncated file), or a file that does not unpickle.
-    """
-    import joblib
-
-    path = Path(path)
-    side = sidecar_path(path)
-    if not path.is_file():
-        raise ModelFileError(f"No model file at {path}.")
-    if not side.is_file():
-        raise ModelFileError(
-            f"The model {path} has no sidecar {side.name}: its origin and integrity cannot be checked, so it "
-            f"is not loaded. Retrain it with scripts/train_svm.py."
-        )
-    try:
-        meta = json.loads(side.read_text(encoding="utf-8"))
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as e:
-        raise ModelFileError(f"The sidecar {side} of {path} is unreadable ({e}); the model is not loaded.") from e
-    if meta.get("model_file") != path.name:
-        raise ModelFileError(
-            f"The sidecar {side} describes the model file {meta.get('model_file')!r}, not {path.name!r}: "
-            f"it belongs to another model. The model is not loaded."
-        )
-    digest = sha256_of_file(path)
-    if digest != meta.get("sha256"):
-        raise ModelFileError(
-            f"The model file {path} does not match its sidecar (sha256 {digest[:12]}… expected "
-            f"{str(meta.get('sha256'))[:12]}…): it was changed or truncated after it was written. It is not "
-            f"unpickled; retrain it."
-        )
-    try:
-        model = joblib.load(path)
-    except Exception as e:  # noqa: BLE001 - anything from unpickling is a bad file
-        raise ModelFileError(f"The model file {path} cannot be loaded ({type(e).__name__}: {e}).") from e
-    if not hasattr(model, "predict"):
-        raise ModelFileError(f"{path} holds a {type(model).__name__}, not a fitted model.")
-    return model, meta
-
-
-def find_model(run_dir_or_model: str | os.PathLike, model: str | None = None) -> Path:
-    """The model file of a run folder: the one named ``model``, or the best by val accuracy.
-
-    Without ``model``: the run's ``model.joblib`` (the best model by val accuracy, copied
-    there by :func:`train_run`); for a run written before that file existed, the one
-    model of ``models/``, or the best named by ``metrics.json``.
-
-    Parameters
-    ----------
-    run_dir_or_model : path-like
-        A run folder, or a ``.joblib`` file (returned as is).
-    model : str, optional
-        ``"<layers>__<clf>"`` (e.g. ``"fc7__svm"``), with or without ``.joblib``.
-
-    Raises
-    ------
-    UsageError
-        A missing path, an unknown model name (the known ones are listed), or a folder with no model.
-    """
-    p = Path(run_dir_or_model)
-    if p.is_file():
-        return p
-    if not p.is_dir():
-        raise UsageError(f"{p} is neither a run folder nor a model file.")
-    if not model and (p / BEST_MODEL).is_file():
-        return p / BEST_MODEL
-    mdir = p / "models"
-    known = sorted(q.stem for q in mdir.glob("*.joblib")) if mdir.is_dir() else []
-    if not known:
-        raise UsageError(f"The run folder {p} holds no model (no models/*.joblib).")
-    if model:
-        name = model[: -len(".joblib")] if model.endswith(".joblib") else model
-        if name not in known:
-            raise UsageError(f"The run {p} has no model {model!r}. It has: {', '.join(known)}.")
-        return mdir / f"{name}.joblib"
-    if len(known) == 1:
-        return mdir / f"{known[0]}.joblib"
-    try:
-        best = json.loads((p / "metrics.json").read_text())["best"]["model"]
-        return p / best
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(
-            f"The run {p} has several models ({', '.join(known)}) and no readable metrics.json to pick the best: "
-            f"choose one with --model."
-        ) from e
-
-
 # --------------------------------------------------------------------------- compatibility
 
 
@@ -1582,7 +1442,7 @@ def train_run(
                 pred_all = {s: top_scores(pipe, X[rows]) if len(rows) else (np.array([], int), np.array([]))
                             for s, rows in (("train", trval), ("test", split.test))}
                 stem = f"{name}__{clf}"
-                rel_model = f"models/{stem}.joblib"
+                rel_model = f"models/{stem}{MODEL_SUFFIX}"
                 save_model(pipe, tmp / rel_model, {
                     "classifier": clf, "norm": norm, "C": sw.best_C, "layers": list(lset),
                     "records": {k: codes.records[k].to_dict() for k in lset}, "spec": codes.spec,
@@ -1644,19 +1504,6 @@ def train_run(
     log.info("Run written to %s; best: %s / %s (val %.4f, test %.4f)", target, best[0], best[1],
              best[2]["val"]["accuracy"], best[2]["test"]["accuracy"])
     return RunResult(target, metrics, summary)
-
-
-def _copy_model(src: Path, dst: Path) -> None:
-    """Copy a saved model and its sidecar atomically (same bytes, same sha256); the sidecar
-    names the new file and the model it copies (``copy_of``)."""
-    meta = json.loads(sidecar_path(src).read_text(encoding="utf-8"))
-    data = src.read_bytes()
-    if sha256_bytes(data) != meta.get("sha256"):
-        raise ModelFileError(f"The model file {src} changed while the run was writing it; not copied.")
-    atomic_write_bytes(dst, data)
-    side = dict(meta, model_file=dst.name, copy_of=str(src.relative_to(dst.parent)) if src.is_relative_to(dst.parent)
-                else str(src))
-    atomic_write_text(sidecar_path(dst), json.dumps(_jsonable(side), indent=2, sort_keys=True) + "\n")
 
 
 def _write_predictions(path: Path, codes, trval: np.ndarray, split: Split, pred_all: dict) -> None:

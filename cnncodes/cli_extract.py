@@ -10,8 +10,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from numbers import Integral
+
 from ._cli import Parser, run_cli
+from ._validation import Interval, validate_params
 from .errors import UsageError
+from .images import DEFAULT_MAX_PIXELS
 
 DESCRIPTION = """Extract CNN codes (activations of chosen layers of a pretrained CNN) for a labelled
 image folder or CSV list into an HDF5 cache. Re-running the same command is a cache hit;
@@ -50,8 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder", default="torchvision", choices=["torchvision", "pil"],
                    help="torchvision (default): JPEG decoding and resizing in torch, as torchvision's tensor "
                         "transforms, less CPU per image; pil: Pillow, bit-exact with transforms on PIL images")
+    p.add_argument("--fc-as-conv", action="store_true",
+                   help="alexnet/vgg16: run fc6/fc7/fc8 as convolutions, so larger inputs give maps of fc codes "
+                        "(pooled by --pool/--grid like any map)")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="crop size fed to the network (shorter side resized to it x the backbone's resize/crop "
+                        "ratio, e.g. 448 -> 512 for AlexNet), default: the backbone's")
+    p.add_argument("--views", default="center",
+                   help="center (default), flip, 5crop, 10crop or multiscale[:S1,S2,...]: views of each image whose "
+                        "codes are combined into one row")
+    p.add_argument("--combine", default="mean", choices=["mean", "max"], help="how view codes are combined")
     p.add_argument("--error-budget", type=float, default=0.05, help="fraction of images allowed to fail (default 0.05)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse images with more pixels, a decompression-bomb guard (default {DEFAULT_MAX_PIXELS}, "
+                        "Pillow's); raising it redoes the images an earlier run refused for their size")
     p.add_argument("--overwrite", action="store_true", help="discard an unfinished extraction with another spec")
+    p.add_argument("--verify-content", action="store_true",
+                   help="reuse a cached row only if its image's bytes hash to those it was extracted from (reads "
+                        "every image; default: trust size, mtime, inode and ctime, hash only files whose inode or "
+                        "ctime changed)")
     p.add_argument("--list", action="store_true", help="list the caches in --out and exit")
     p.add_argument("--list-layers", action="store_true", help="list the layers of --model and exit")
     p.add_argument("--list-models", action="store_true", help="list the backbones and exit")
@@ -117,8 +138,7 @@ def _run(args: argparse.Namespace) -> int:
     missing = [n for n, v in (("DATA", args.data), ("--model", args.model), ("--layers", args.layers)) if not v]
     if missing:
         raise UsageError(f"missing {', '.join(missing)}. Usage: extract.py DATA --model NAME --layers L1 [L2 ...]")
-    if args.grid < 1:
-        raise UsageError(f"--grid must be >= 1, got {args.grid}")
+    validate_params({"grid": args.grid}, {"grid": [Interval(Integral, 1, None, closed="left")]}, "extract")
     pool = args.pool if args.grid == 1 or args.pool == "none" else f"{args.pool}{args.grid}x{args.grid}"
     from .extract import extract
 
@@ -126,7 +146,9 @@ def _run(args: argparse.Namespace) -> int:
         args.data, args.model, args.layers, weights=args.weights, pool=pool, out=out, device=args.device,
         batch_size=args.batch_size, workers=args.workers, dtype=args.dtype, precision=args.precision,
         draft=not args.no_draft, decoder=args.decoder, compression=args.compression, error_budget=args.error_budget,
-        overwrite=args.overwrite, name=args.name, progress=not (args.no_progress or args.quiet),
+        max_pixels=args.max_pixels, overwrite=args.overwrite, name=args.name,
+        progress=not (args.no_progress or args.quiet), verify_content=args.verify_content,
+        fc_as_conv=args.fc_as_conv, input_size=args.input_size, views=args.views, combine=args.combine,
     )
     if res.skipped:
         print(f"{len(res.skipped)} image(s) skipped (status 'error', NaN codes):", file=sys.stderr)

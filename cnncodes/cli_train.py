@@ -20,7 +20,7 @@ EPILOG = """examples:
 
 Writes RUN_DIR/metrics.json (results[<layers>][<clf>]["test"]["accuracy"], ...), one model per
 (layers, classifier) under RUN_DIR/models/, the best of them (by val accuracy) as
-RUN_DIR/model.joblib (what scripts/predict.py RUN_DIR uses), confusion_matrix.png, c_curve.png
+RUN_DIR/model.skops (what scripts/predict.py RUN_DIR uses), confusion_matrix.png, c_curve.png
 and, for several layers, layer_comparison.png, plus the marker .cnncodes-run.json that makes it a run folder.
 Prints a summary table (and a WARNING line per class missing from a split); the run folder is the
 last line of stdout.

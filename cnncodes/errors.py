@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "CnnCodesError",
     "UsageError",
+    "InvalidParameterError",
     "UnknownBackboneError",
     "UnknownLayerError",
     "WeightsError",
@@ -36,6 +37,21 @@ class CnnCodesError(Exception):
 
 class UsageError(CnnCodesError, ValueError):
     """Bad arguments: the command-line wrappers exit with status 2 on it."""
+
+
+class InvalidParameterError(UsageError):
+    """An argument outside what its parameter accepts (see ``cnncodes._validation``).
+
+    ``param`` is the parameter's name and ``requirement`` what it must be ("must be an int in
+    the range [1, inf). Got 0 instead."), so that a command line can name its flag instead.
+    """
+
+    def __init__(self, param: str, caller: str, requirement: str):
+        super().__init__(f"The {param!r} parameter of {caller} {requirement}")
+        self.param, self.caller, self.requirement = param, caller, requirement
+
+    def __reduce__(self):  # raised in a worker process, it must survive pickling
+        return type(self), (self.param, self.caller, self.requirement)
 
 
 class UnknownBackboneError(UsageError, KeyError):
@@ -97,7 +113,7 @@ class ExtractionWriteError(CacheError):
 
 
 class ModelFileError(CnnCodesError, OSError):
-    """A trained-model file is missing, corrupt, or does not match its sidecar."""
+    """A trained-model file is missing, corrupt, does not match its sidecar, or names a type cnncodes does not write."""
 
 
 class TrainingDataError(CnnCodesError, ValueError):

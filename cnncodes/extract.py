@@ -43,6 +43,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from numbers import Integral, Real
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -65,16 +66,32 @@ from .errors import (
     DatasetError,
     ErrorBudgetExceeded,
     ExtractionWriteError,
+    InvalidParameterError,
     UsageError,
 )
 from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir
-from .images import Manifest, is_plain_jpeg, load_image, read_csv_list, scan_folder
+from ._validation import Interval, PathLike, SequenceOf, StrOptions, validate_params
+from .images import (
+    DEFAULT_MAX_PIXELS,
+    Manifest,
+    is_plain_jpeg,
+    load_image,
+    pixels_over_limit,
+    read_csv_list,
+    scan_folder,
+)
+from .views import ViewSet, check_combine, combine_codes, pil_views, tensor_views
+from .views import resolve as resolve_views
 
 __all__ = ["DEFAULT_OUT", "ExtractConfig", "ExtractResult", "extract", "extract_images", "plan_layers"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OUT = "artifacts/codes"
+#: Version of what a spec's codes mean (part of the fingerprint). The file layout has its own,
+#: ``store.SCHEMA_VERSION``: new row fields do not change any code, so they must not retire caches
+#: or trained models.
+_SPEC_VERSION = 1
 _SHARD_RE = re.compile(r"^shard-(\d+)_(\d+)-(\d+)-([0-9a-f]{16})\.npz$")
 
 
@@ -222,8 +239,24 @@ def resolve_device(device: str) -> str:
     return "cpu"
 
 
+def effective_backbone(spec: BackboneSpec, fc_as_conv: bool = False, input_size: int | None = None) -> BackboneSpec:
+    """``spec`` with its fully connected layers as convolutions and/or another input size
+    (both recorded in the extraction spec through ``arch_args`` and the preprocessing)."""
+    from .fc_conv import with_fc_as_conv, with_input_size
+
+    if input_size is not None and fc_as_conv and input_size < spec.preprocessing.crop:
+        raise InvalidParameterError("input_size", "extract",
+                                    f"must be >= {spec.preprocessing.crop} with fc_as_conv (the fully connected layers' "
+                                    f"field). Got {input_size} instead.")
+    if fc_as_conv:
+        spec = with_fc_as_conv(spec)
+    if input_size is not None:
+        spec = with_input_size(spec, int(input_size))
+    return spec
+
+
 def _base_spec(spec: BackboneSpec, weights: ResolvedWeights, dtype: str, precision: str, draft: bool,
-               decoder: str) -> dict:
+               decoder: str, views: ViewSet = ViewSet("center"), combine: str = "mean") -> dict:
     if dtype not in ("float16", "float32"):
         raise UsageError(f"Unknown dtype {dtype!r}: use float16 or float32")
     _check_decoder(decoder, spec.preprocessing)
@@ -231,6 +264,9 @@ def _base_spec(spec: BackboneSpec, weights: ResolvedWeights, dtype: str, precisi
     pre["draft"] = bool(draft)
     if decoder != "pil":  # absent = Pillow, as in caches written before the choice existed
         pre["decoder"] = decoder
+    if views.kind != "center":  # absent = the centre crop alone, as before views existed
+        pre["views"] = views.name
+        pre["combine"] = combine
     v = _versions()
     return {
         "backbone": spec.name,
@@ -240,7 +276,7 @@ def _base_spec(spec: BackboneSpec, weights: ResolvedWeights, dtype: str, precisi
         "dtype": dtype,
         "precision": precision,
         "library_majors": {k: _major(v[k]) for k in ("torch", "torchvision", "timm")},
-        "schema_version": store.SCHEMA_VERSION,
+        "schema_version": _SPEC_VERSION,
     }
 
 
@@ -279,11 +315,32 @@ def _load_manifest(data: str | os.PathLike) -> Manifest:
     return scan_folder(p)
 
 
+def _dataset_identity(manifest: Manifest) -> str:
+    """What names a dataset: its resolved root, how it was listed, and for a CSV the list itself
+    (every list of one folder shares that folder as its root)."""
+    ident = f"{manifest.root}|{manifest.source}"  # an image folder's identity, as in caches written before lists had one
+    return f"{ident}|{manifest.list_path}" if manifest.list_path else ident
+
+
 def _cache_path(out: Path, manifest: Manifest, spec_name: str, base_fp: str, name: str | None) -> Path:
     stem = name or Path(manifest.root).name or "data"
+    if manifest.list_path and not name:
+        stem = f"{stem}_{Path(manifest.list_path).stem}"  # data_train.csv and data_test.csv read apart
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem)
-    tag = hashlib.sha256(f"{base_fp}|{manifest.root}|{manifest.source}".encode()).hexdigest()[:10]
+    tag = hashlib.sha256(f"{base_fp}|{_dataset_identity(manifest)}".encode()).hexdigest()[:10]
     return out / f"{stem}-{spec_name}-{tag}.h5"
+
+
+def _check_same_dataset(info: store.CacheInfo, manifest: Manifest) -> None:
+    """Refuse a cache file whose recorded dataset is not this one (a renamed file, a name collision)."""
+    if (info.dataset_root, info.dataset_list) != (manifest.root, manifest.list_path):
+        def show(root, lst):
+            return lst or root
+
+        raise CacheMismatchError(
+            f"{info.path} holds the codes of {show(info.dataset_root, info.dataset_list)}, not of "
+            f"{show(manifest.root, manifest.list_path)}. Give another --out folder, or pass --overwrite to replace it."
+        )
 
 
 # --------------------------------------------------------------------------- model runner
@@ -399,13 +456,44 @@ def _crop_box(new_w: int, new_h: int, c: int) -> tuple[int, int]:
     return int(round((new_h - c) / 2.0)), int(round((new_w - c) / 2.0))
 
 
+#: Longest resized side, in multiples of ``pre.resize``, that an image is resized to whole. A
+#: 3x40,000 strip would otherwise become 256x3,413,333 pixels (2.6 GB, 6 GB at the peak of a
+#: tensor resize) for the 224x224 that the centre crop keeps; see :func:`_source_window`.
+MAX_RESIZED_ASPECT = 16
+
+
+def _source_window(w: int, h: int, pre) -> tuple[int, int, int, int] | None:
+    """The centred part of a ``w`` x ``h`` image to resize, as (left, top, right, bottom), or None for all of it.
+
+    Images whose resized long side stays within ``MAX_RESIZED_ASPECT * pre.resize`` (aspect
+    ratios up to 16:1: every ordinary photo and panorama) are resized whole, exactly as
+    torchvision's ``Resize`` + ``CenterCrop``. A longer one is first cut, along its long side, to
+    the centred window that resizes to that bound (an even margin on each side, so the window's
+    centre is the image's), then resized and cropped the same way: the resize costs no more than
+    a 16:1 image's, and the crop still comes from the image's centre at almost the same scale (within
+    about one output pixel in position, from the rounding of sizes and offsets).
+    """
+    bound = MAX_RESIZED_ASPECT * pre.resize
+    if max(_resized_size(w, h, pre)) <= bound:
+        return None
+    short, long = min(w, h), max(w, h)
+    keep = MAX_RESIZED_ASPECT * short  # source pixels that resize to `bound`, at the same scale
+    keep = min(long, keep + (long - keep) % 2)
+    start = (long - keep) // 2
+    return (start, 0, start + keep, h) if w > h else (0, start, w, start + keep)
+
+
 def resize_crop(img, pre) -> np.ndarray:
     """Resize the shorter side to ``pre.resize`` and keep the centre ``pre.crop`` square, as uint8 HWC.
 
     The same output sizes, rounding and (antialiased) PIL resampling as torchvision's
     ``Resize(pre.resize)`` + ``CenterCrop(pre.crop)`` on a PIL image, without importing torchvision
-    in every decoding worker.
+    in every decoding worker. Images longer than 16:1 are first cut to their centre
+    (:func:`_source_window`), so that the resize stays small.
     """
+    window = _source_window(*img.size, pre)
+    if window is not None:
+        img = img.crop(window)
     w, h = img.size
     new_w, new_h = _resized_size(w, h, pre)
     if (new_w, new_h) != (w, h):
@@ -422,9 +510,14 @@ def resize_crop_tensor(t, pre):
     uint8 tensor image (v1 transforms on tensors resample in float and may differ by 1); 2-6x
     faster than Pillow's resampling on this project's CPUs. It differs from the PIL pipeline by at
     most 1 (bilinear) or 2 (bicubic) grey levels in a few pixels (measured on the shared datasets).
+    Images longer than 16:1 are first cut to their centre, as in :func:`resize_crop`.
     """
     import torch
 
+    window = _source_window(t.shape[2], t.shape[1], pre)
+    if window is not None:
+        left, top, right, bottom = window
+        t = t[:, top:bottom, left:right]
     _, h, w = t.shape
     new_w, new_h = _resized_size(w, h, pre)
     if (new_w, new_h) != (w, h):
@@ -459,21 +552,19 @@ def _tv_decode():
     return ImageReadMode, decode_jpeg, read_file
 
 
-def decode_uint8(path: str, decoder: str, draft: int | None):
+def decode_uint8(path: str, decoder: str, draft: int | None, max_pixels: int | None = DEFAULT_MAX_PIXELS):
     """One image file as a uint8 (3, H, W) tensor at its decoded size, and a note.
 
-    ``decoder="torchvision"`` decodes plain JPEGs with ``decode_jpeg`` (the same pixels as Pillow),
-    anything else goes through :func:`cnncodes.images.load_image` (which raises
-    :class:`~cnncodes.errors.ImageDecodeError` for a bad file).
+    ``decoder="torchvision"`` decodes plain JPEGs with ``decode_jpeg`` (the same pixels as Pillow);
+    anything else, and every file with ``decoder="pil"``, goes through :func:`cnncodes.images.load_image`
+    (which raises :class:`~cnncodes.errors.ImageDecodeError` for a bad file). Shared by extraction and
+    fine-tuning's train-time augmentation.
     """
     import torch
 
-    if decoder == "pil":
-        img, note = load_image(path, draft=draft)
-        return torch.from_numpy(np.array(img).transpose(2, 0, 1).copy()), note
     t = None
-    tv = _tv_decode()
-    if tv is not None and is_plain_jpeg(path, draft=draft):
+    tv = _tv_decode() if decoder != "pil" else None
+    if tv is not None and is_plain_jpeg(path, draft=draft, max_pixels=max_pixels):
         ImageReadMode, decode_jpeg, read_file = tv
         try:
             with warnings.catch_warnings(record=True) as caught:
@@ -486,7 +577,7 @@ def decode_uint8(path: str, decoder: str, draft: int | None):
         except Exception:  # noqa: BLE001 - load_image below says what is wrong with the file
             t = None
     if t is None:
-        img, note = load_image(path, draft=draft)
+        img, note = load_image(path, draft=draft, max_pixels=max_pixels)
         t = torch.from_numpy(np.array(img).transpose(2, 0, 1))
     return t, note
 
@@ -494,14 +585,19 @@ def decode_uint8(path: str, decoder: str, draft: int | None):
 class _ImageDataset:
     """Decodes and resizes one image to a uint8 CHW tensor; failures become a status, not an exception."""
 
-    def __init__(self, paths: Sequence[str], pre, draft: bool, decoder: str = "pil", gate=None):
+    def __init__(self, paths: Sequence[str], pre, draft: bool, decoder: str = "pil", gate=None,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, views: ViewSet = ViewSet("center")):
         if pre.resize < pre.crop:
             raise UsageError(f"preprocessing resizes to {pre.resize} px, less than its {pre.crop} px crop")
         _check_decoder(decoder, pre)
         self.paths = list(paths)
         self.pre = pre
-        self.draft = pre.resize if draft else None
+        self.views = views
+        # draft decoding keeps at least the largest size any view is resized to
+        self.draft_size = max((pre.resize, *views.scales))
+        self.draft = self.draft_size if draft else None
         self.decoder = decoder
+        self.max_pixels = max_pixels
         self.gate = gate  # see _loader
         self._parent = os.getpid()
         if decoder == "torchvision":
@@ -518,11 +614,16 @@ class _ImageDataset:
     def _decode(self, path: str):
         import torch
 
-        if self.decoder == "pil":  # Pillow's resampling too, as torchvision's transforms on PIL images
-            img, note = load_image(path, draft=self.draft)
-            return torch.from_numpy(resize_crop(img, self.pre).transpose(2, 0, 1).copy()), note
-        t, note = decode_uint8(path, self.decoder, self.draft)
-        return resize_crop_tensor(t, self.pre), note
+        if self.decoder == "pil":
+            img, note = load_image(path, draft=self.draft, max_pixels=self.max_pixels)
+            if self.views.kind == "center":
+                return torch.from_numpy(resize_crop(img, self.pre).transpose(2, 0, 1).copy())[None], note
+            v = pil_views(img, self.pre, self.views, _PIL_RESAMPLE[self.pre.interpolation])
+            return torch.from_numpy(v.transpose(0, 3, 1, 2).copy()), note
+        t, note = decode_uint8(path, self.decoder, self.draft, self.max_pixels)
+        if self.views.kind == "center":
+            return resize_crop_tensor(t, self.pre)[None], note
+        return tensor_views(t, self.pre, self.views), note
 
     def __getitem__(self, i: int):
         import torch
@@ -537,14 +638,15 @@ class _ImageDataset:
             msg = str(e)
         except Exception as e:  # noqa: BLE001 - any decoder/resizer failure is this row's status
             msg = f"{self.paths[i]}: {type(e).__name__}: {e}"
-        return i, torch.zeros(3, pre.crop, pre.crop, dtype=torch.uint8), "error", msg
+        return i, torch.zeros(self.views.count(), 3, pre.crop, pre.crop, dtype=torch.uint8), "error", msg
 
 
 def _collate(items):
     import torch
 
+    # each item holds its image's V views; they go through the network side by side
     idx = [it[0] for it in items]
-    return idx, torch.stack([it[1] for it in items]), [it[2] for it in items], [it[3] for it in items]
+    return idx, torch.cat([it[1] for it in items]), [it[2] for it in items], [it[3] for it in items]
 
 
 @contextlib.contextmanager
@@ -580,7 +682,8 @@ def _default_workers(device: str) -> int:
     return min(8, n) if device == "cuda" else max(1, min(4, n))
 
 
-def _loader(paths, pre, draft, decoder, batches: list[list[int]], workers: int, device: str, gated: bool = False):
+def _loader(paths, pre, draft, decoder, batches: list[list[int]], workers: int, device: str, gated: bool = False,
+            max_pixels: int | None = DEFAULT_MAX_PIXELS, views: ViewSet = ViewSet("center")):
     """A DataLoader of decoded batches, and its gate (None when not ``gated``).
 
     On a CPU the forward pass keeps every core busy, and a decoding worker that runs alongside
@@ -589,18 +692,19 @@ def _loader(paths, pre, draft, decoder, batches: list[list[int]], workers: int, 
     alone would cost 5 %). A gated loader's workers decode only while the gate is open; the
     extraction closes it for each forward pass, so that decoding (on all cores, in the workers)
     and the forward pass (on all cores, in the model) take turns instead of fighting.
-    ``CNNCODES_GATE=0`` turns it off.
+    ``CNNCODES_GATE=0`` turns it off. No more workers start than there are batches to decode.
     """
     import multiprocessing
 
     import torch
     from torch.utils.data import DataLoader
 
+    workers = min(workers, len(batches))
     gate = None
     if gated and workers > 0 and os.environ.get("CNNCODES_GATE", "1") != "0":
         gate = multiprocessing.get_context().Event()
         gate.set()
-    ds = _ImageDataset(paths, pre, draft, decoder, gate)
+    ds = _ImageDataset(paths, pre, draft, decoder, gate, max_pixels, views)
     kw = {}
     if workers > 0:
         kw = {"prefetch_factor": 4, "persistent_workers": False}
@@ -709,6 +813,48 @@ class _ShardWriter:
 
 # --------------------------------------------------------------------------- public API
 
+DEVICES = ("auto", "cpu", "cuda")
+_COUNT = Interval(Integral, 1, None, closed="left")
+#: What :func:`extract_images` (and so prediction) accepts; :func:`extract` adds its own below.
+_IMAGES_PARAMS = {
+    "paths": [SequenceOf(PathLike())],
+    "spec": [dict],
+    "layer_keys": [SequenceOf(str, min_len=1)],
+    "device": [StrOptions(DEVICES)],
+    "batch_size": [_COUNT],
+    "workers": [Interval(Integral, 0, None, closed="left"), None],
+    "max_pixels": [_COUNT, None],
+}
+_EXTRACT_PARAMS = {
+    **_IMAGES_PARAMS,
+    "data": [PathLike()],
+    "model": [str],
+    "layers": [str, SequenceOf(str, min_len=1)],
+    "weights": [PathLike()],
+    "pool": [str],
+    "out": [PathLike()],
+    "dtype": [StrOptions(("float16", "float32"))],
+    "precision": [StrOptions(("auto", "fp32", "bf16", "fp16"))],
+    "draft": ["boolean"],
+    "decoder": [StrOptions(DECODERS)],
+    "compression": [StrOptions(("gzip", "sparse", "lzf", "zstd", "none"))],
+    "error_budget": [Interval(Real, 0, 1, closed="both")],
+    "overwrite": ["boolean"],
+    "name": [str, None],
+    "progress": ["boolean"],
+    "verify_content": ["boolean"],
+    "fc_as_conv": ["boolean"],
+    "input_size": [Interval(Integral, 32, None, closed="left"), None],
+    "views": [str],
+    "combine": [StrOptions(("mean", "max"))],
+}
+
+
+def _check_out_folder(out, caller: str) -> None:
+    if Path(out).exists() and not Path(out).is_dir():
+        raise InvalidParameterError("out", caller, f"must be a folder (it is created if missing). Got {str(out)!r}, "
+                                                   "a file, instead.")
+
 
 def extract(
     data: str | os.PathLike,
@@ -727,9 +873,15 @@ def extract(
     decoder: str = "torchvision",
     compression: str = "gzip",
     error_budget: float = 0.05,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
     overwrite: bool = False,
     name: str | None = None,
     progress: bool = False,
+    verify_content: bool = False,
+    fc_as_conv: bool = False,
+    input_size: int | None = None,
+    views: str = "center",
+    combine: str = "mean",
 ) -> ExtractResult:
     """Extract the codes of ``layers`` of ``model`` for every image of ``data`` into an HDF5 cache.
 
@@ -769,10 +921,31 @@ def extract(
         ``lzf``, ``zstd`` (needs hdf5plugin), ``none``.
     error_budget : float
         Fraction of images allowed to fail before the run stops.
+    max_pixels : int or None
+        Images with more pixels fail (decompression bomb guard; default Pillow's limit, about
+        89.5 million; ``None``: no limit). Rows of an existing cache that failed for their
+        size alone are redone when the limit now admits them. Does not change any codes, so
+        it is not part of the fingerprint.
     overwrite : bool
         Discard an unfinished extraction whose spec differs, and an existing file.
     progress : bool
         Show a progress bar (tqdm).
+    verify_content : bool
+        Hash every image's bytes and reuse a row only when they equal those recorded when it
+        was extracted. By default a row is reused when the file's size, mtime, inode and ctime
+        are those recorded (any rewrite changes the ctime), and only files whose inode or ctime
+        changed with size and mtime kept (a copy, a restore) are hashed (see :func:`_match_rows`).
+    fc_as_conv : bool
+        AlexNet and VGG16 only: run the fully connected layers as convolutions, so that on
+        inputs larger than 224 px ``fc6``/``fc7``/``fc8`` are maps, pooled like conv maps.
+    input_size : int or None
+        Crop size fed to the network (the shorter side is resized to ``input_size`` x the
+        backbone's resize/crop ratio first); None keeps the backbone's preprocessing.
+    views : str
+        ``center`` (default), ``flip``, ``5crop``, ``10crop`` or ``multiscale[:S1,S2,...]``:
+        views of each image run in the same batch and combined into one row.
+    combine : str
+        ``mean`` (default) or ``max`` over the views.
 
     Returns
     -------
@@ -780,8 +953,8 @@ def extract(
 
     Raises
     ------
-    UsageError, DatasetError, UnknownBackboneError, UnknownLayerError
-        Bad arguments, checked before any work.
+    InvalidParameterError, UsageError, DatasetError, UnknownBackboneError, UnknownLayerError
+        Bad arguments, checked before any work (nothing is built or written).
     WeightsUnavailableError
         Default weights neither on disk nor downloadable.
     CacheLockedError
@@ -794,18 +967,23 @@ def extract(
         The disk is full or not writable; finished shards are kept.
     """
     t0 = time.perf_counter()
+    validate_params(
+        {"data": data, "model": model, "layers": layers, "weights": weights, "pool": pool, "out": out,
+         "device": device, "batch_size": batch_size, "workers": workers, "dtype": dtype, "precision": precision,
+         "draft": draft, "decoder": decoder, "compression": compression, "error_budget": error_budget,
+         "max_pixels": max_pixels, "overwrite": overwrite, "name": name, "progress": progress,
+         "verify_content": verify_content, "fc_as_conv": fc_as_conv, "input_size": input_size, "views": views,
+         "combine": combine},
+        _EXTRACT_PARAMS, "extract")
+    _check_out_folder(out, "extract")
     if isinstance(layers, str):
         layers = [layers]
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    if not 0 <= error_budget <= 1:
-        raise UsageError(f"--error-budget must be a fraction in [0, 1], got {error_budget}")
     store._compression_kwargs(compression)  # validate early
-    spec = get_backbone(model)
+    spec = effective_backbone(get_backbone(model), fc_as_conv, input_size)
+    view_set = resolve_views(views, spec.preprocessing)
+    check_combine(combine)
     # validate layers and pooling before touching the data or the weights
     plan_layers(spec, layers, pool, "")
-    if device not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"Unknown device {device!r}: use auto, cpu or cuda")
     manifest = _load_manifest(data)
     wts = resolve_weights(spec, weights)
     # The precision is part of the fingerprint and "auto" depends on the device. A cache hit
@@ -813,7 +991,7 @@ def extract(
     # needed, torch decides and the plan is redone if the guess was wrong.
     dev = _probe_device() if device == "auto" else device
     prec = resolve_precision(precision, dev)
-    base = _base_spec(spec, wts, dtype, prec, draft, decoder)
+    base = _base_spec(spec, wts, dtype, prec, draft, decoder, view_set, combine)
     base_fp = store.fingerprint_of(base)
     lplan = plan_layers(spec, layers, pool, base_fp)
     keys = [key for _ld, _p, key, _fp in lplan]
@@ -829,14 +1007,11 @@ def extract(
         old_info = store.read_info(path)
         if old_info.fingerprint != base_fp:
             raise CacheMismatchError(f"{path} holds another spec (fingerprint {old_info.fingerprint[:12]}); use --overwrite")
+        _check_same_dataset(old_info, manifest)
     old_rows = store.read_rows(path) if old_info is not None else None
-    reuse_idx = np.full(n, -1, dtype=np.int64)  # row in the old file, or -1
-    if old_rows is not None:
-        pos = {p: i for i, p in enumerate(old_rows["paths"])}
-        for j, r in enumerate(manifest.rows):
-            i = pos.get(r.relpath)
-            if i is not None and old_rows["file_size"][i] == r.size and old_rows["file_mtime_ns"][i] == r.mtime_ns:
-                reuse_idx[j] = i
+    # row in the old file (or -1), and each image's content sha256 where known
+    reuse_idx, content = _match_rows(old_rows, manifest, verify_content)
+    _retry_rows_refused_for_size(reuse_idx, old_rows, max_pixels)
     old_layers = {} if old_info is None else {k: rec for k, rec in old_info.layers.items()}
     new_keys = [key for key in keys if key not in old_layers or old_layers[key].fingerprint != _fp_of(lplan, key)]
     # layers of the final file: the old ones (still valid) plus the requested ones
@@ -852,7 +1027,8 @@ def extract(
         jobs.append((reused, new_keys))
     dropped = 0 if old_rows is None else len(old_rows["paths"]) - len(reused)
 
-    if not jobs and old_info is not None and dropped == 0 and n == old_info.n_rows and _same_rows(old_rows, manifest):
+    if (not jobs and old_info is not None and dropped == 0 and n == old_info.n_rows
+            and _same_rows(old_rows, old_info.class_names, manifest) and _same_identity(old_rows, manifest, content)):
         if store.partial_dir(path).is_dir() or _leftovers(path):
             with contextlib.suppress(CacheLockedError), store.CacheLock(path):
                 _remove_leftovers(path)
@@ -867,7 +1043,14 @@ def extract(
             return extract(data, model, layers, weights=weights, pool=pool, out=out, device=real,
                            batch_size=batch_size, workers=workers, dtype=dtype, precision=precision, draft=draft,
                            decoder=decoder, compression=compression, error_budget=error_budget, overwrite=overwrite, name=name,
-                           progress=progress)
+                           progress=progress, verify_content=verify_content, max_pixels=max_pixels,
+                           fc_as_conv=fc_as_conv, input_size=input_size, views=views, combine=combine)
+    if old_info is not None and old_info.schema_version < store.SCHEMA_VERSION:
+        log.info("%s was written in cache schema %d: its reused rows were checked by size and mtime, as when they "
+                 "were written; it is rewritten in schema %d with each file's inode and ctime",
+                 path.name, old_info.schema_version, store.SCHEMA_VERSION)
+    unhashed = [j for j in fresh if not content[j]]  # a row computed now records the bytes it was made of
+    content[unhashed] = _hash_files([manifest.abspath(manifest.rows[j]) for j in unhashed])
 
     plan = {
         "spec": base,
@@ -875,12 +1058,15 @@ def extract(
         "layers": [{"key": k, "alias": ld.alias, "node": ld.node, "stage": ld.stage, "pool": p, "fingerprint": fp}
                    for ld, p, k, fp in final],
         "manifest_hash": manifest.digest(),
-        "manifest_state": store.fingerprint_of([(r.relpath, r.size, r.mtime_ns) for r in manifest.rows]),
+        "manifest_state": store.fingerprint_of([(r.relpath, r.size, r.mtime_ns, r.ctime_ns, r.inode)
+                                                for r in manifest.rows]),
         "dataset_root": manifest.root,
+        "dataset_list": manifest.list_path,
         "n_rows": n,
         "n_todo": int(sum(len(r) for r, _ in jobs)),
         "jobs": [{"rows": len(r), "keys": ks} for r, ks in jobs],
         "batch_size": int(batch_size),
+        "max_pixels": max_pixels,
         "old_file": None if old_info is None else {"updated": old_info.updated, "rows_sha256": old_info.rows_sha256},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "weights_path": wts.path,
@@ -953,7 +1139,8 @@ def extract(
             local = [[int(i) for i in range(b * batch_size, b * batch_size + len(batches[ji][b]))] for b in todo]
             nw = _default_workers(dev) if workers is None else int(workers)
             # start the decoding workers first: the first batches decode while the model loads
-            loader, gate = _loader(paths, spec.preprocessing, draft, decoder, local, nw, dev, gated=(dev == "cpu"))
+            loader, gate = _loader(paths, spec.preprocessing, draft, decoder, local, nw, dev, gated=(dev == "cpu"),
+                                   max_pixels=max_pixels, views=view_set)
             batches_in = iter(loader)
             if runner is None:
                 runner = _Runner(spec, wts, final, dev, prec)
@@ -972,7 +1159,7 @@ def extract(
                     finally:
                         if gate is not None:
                             gate.set()
-                    codes = {k: codes[k] for k in ks}
+                    codes = {k: combine_codes(codes[k], view_set.count(), combine) for k in ks}
                     bad = [i for i, s in enumerate(status) if s != "ok"]
                     for i in bad:
                         for k in codes:
@@ -1015,8 +1202,8 @@ def extract(
 
         map_shapes = runner.map_shapes if runner is not None else {}
         try:
-            info = _consolidate(path, pdir, manifest, jobs, batches, final, old_info, reuse_idx, base, base_fp,
-                                dtype, compression, map_shapes, plan)
+            info = _consolidate(path, pdir, manifest, jobs, batches, final, old_info, reuse_idx, content, base,
+                                base_fp, dtype, compression, map_shapes, plan)
         except OSError as e:
             if isinstance(e, CnnCodesError):
                 raise
@@ -1035,6 +1222,23 @@ def extract(
     return res
 
 
+def _retry_rows_refused_for_size(reuse_idx: np.ndarray, old_rows: dict, max_pixels: int | None) -> None:
+    """Mark for recomputation (-1 in ``reuse_idx``) the old rows that failed only for their pixel
+    count and that ``max_pixels`` now admits: raising the limit, as the error told, must not
+    give a cache hit that keeps the error."""
+    retried = 0
+    for j in np.flatnonzero(reuse_idx >= 0):
+        i = reuse_idx[j]
+        if old_rows["status"][i] == "ok":
+            continue
+        pixels = pixels_over_limit(str(old_rows["message"][i]))
+        if pixels is not None and (max_pixels is None or pixels <= max_pixels):
+            reuse_idx[j] = -1
+            retried += 1
+    if retried:
+        log.info("Retrying %d image(s) that an earlier, lower pixel limit refused", retried)
+
+
 def _probe_device() -> str:
     """Guess, without importing torch, whether ``auto`` will find a GPU."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
@@ -1042,10 +1246,89 @@ def _probe_device() -> str:
     return "cuda" if os.path.exists("/dev/nvidiactl") else "cpu"
 
 
-def _same_rows(old_rows: dict, manifest: Manifest) -> bool:
-    """True when the cache's row table (order, labels, splits) equals the manifest's."""
+def _match_rows(old_rows: dict | None, manifest: Manifest, verify_content: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Which old row each image reuses (-1: none), and each image's content sha256 where known ("").
+
+    An image may reuse the row of its path when its size and mtime are those recorded, and then:
+
+    - by default, when its inode and ctime are those recorded too: nothing rewrote the file
+      (a rewrite sets the ctime even when ``os.utime`` puts the mtime back). When they differ (a
+      copied or restored dataset, a chmod, a rewrite), its bytes are hashed and must equal the
+      recorded hash; a row without one is redone. Rows of a schema 1 file (no inode or ctime
+      recorded) are trusted on size and mtime, as they were when written.
+    - with ``verify_content``, only when its bytes hash to the recorded sha256: always read.
+    """
+    n = len(manifest.rows)
+    reuse = np.full(n, -1, dtype=np.int64)
+    content = np.full(n, "", dtype=object)
+    if old_rows is None:
+        return reuse, content
+    pos = {p: i for i, p in enumerate(old_rows["paths"])}
+    doubt = []  # (image, old row) whose bytes decide
+    for j, r in enumerate(manifest.rows):
+        i = pos.get(r.relpath)
+        if i is None or (old_rows["file_size"][i], old_rows["file_mtime_ns"][i]) != (r.size, r.mtime_ns):
+            continue
+        known = old_rows["file_inode"][i] != -1
+        same_file = (old_rows["file_inode"][i], old_rows["file_ctime_ns"][i]) == (r.inode, r.ctime_ns)
+        if verify_content or (known and not same_file):
+            if old_rows["content_sha256"][i]:
+                doubt.append((j, i))
+            continue
+        reuse[j] = i
+        content[j] = old_rows["content_sha256"][i]
+    for (j, i), digest in zip(doubt, _hash_files([manifest.abspath(manifest.rows[j]) for j, _ in doubt])):
+        content[j] = digest
+        if digest and digest == old_rows["content_sha256"][i]:
+            reuse[j] = i
+    return reuse, content
+
+
+def _sha256_of(path: str) -> str:
+    """sha256 of a file's bytes, or "" when it cannot be read (its decoding will say why)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError:
+        return ""
+    return h.hexdigest()
+
+
+def _hash_files(paths: Sequence[str]) -> list[str]:
+    """:func:`_sha256_of` of many files, on threads (hashlib and file reads release the GIL)."""
+    if len(paths) < 2:
+        return [_sha256_of(p) for p in paths]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
+        return list(pool.map(_sha256_of, paths))
+
+
+def _same_identity(old_rows: dict, manifest: Manifest, content: np.ndarray) -> bool:
+    """True when every row's recorded file identity is the current one (else the row table is rewritten,
+    so that the next run trusts the files as they are now, e.g. after a copy whose bytes were checked)."""
+    rows = manifest.rows
     return (
-        list(old_rows["paths"]) == [r.relpath for r in manifest.rows]
+        old_rows["file_size"].tolist() == [r.size for r in rows]
+        and old_rows["file_mtime_ns"].tolist() == [r.mtime_ns for r in rows]
+        and old_rows["file_ctime_ns"].tolist() == [r.ctime_ns for r in rows]
+        and old_rows["file_inode"].tolist() == [r.inode for r in rows]
+        and list(old_rows["content_sha256"]) == list(content)
+    )
+
+
+def _same_rows(old_rows: dict, old_class_names: Sequence[str], manifest: Manifest) -> bool:
+    """True when the cache's row table (order, labels, splits, class names) equals the manifest's.
+
+    A renamed class keeps every label index (``rose`` -> ``rosa`` sorts alike) but not its name:
+    the class names are compared too. Codes do not depend on labels, so a difference here only
+    rewrites the row table (no forward pass).
+    """
+    return (
+        list(old_class_names) == list(manifest.class_names)
+        and list(old_rows["paths"]) == [r.relpath for r in manifest.rows]
         and old_rows["labels"].tolist() == [r.label for r in manifest.rows]
         and list(old_rows["split"]) == [r.split for r in manifest.rows]
     )
@@ -1154,7 +1437,7 @@ def _progress(enabled: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, smoothing=0.1)
 
 
-def _consolidate(path, pdir, manifest, jobs, batches, final, old_info, reuse_idx, base, base_fp, dtype,
+def _consolidate(path, pdir, manifest, jobs, batches, final, old_info, reuse_idx, content, base, base_fp, dtype,
                  compression, map_shapes, plan) -> store.CacheInfo:
     """Stream old codes and shards, in manifest order, into a new cache file (atomic)."""
     n = len(manifest.rows)
@@ -1185,6 +1468,9 @@ def _consolidate(path, pdir, manifest, jobs, batches, final, old_info, reuse_idx
         "message": message,
         "file_size": np.array([r.size for r in manifest.rows], dtype=np.int64),
         "file_mtime_ns": np.array([r.mtime_ns for r in manifest.rows], dtype=np.int64),
+        "file_ctime_ns": np.array([r.ctime_ns for r in manifest.rows], dtype=np.int64),
+        "file_inode": np.array([r.inode for r in manifest.rows], dtype=np.int64),
+        "content_sha256": np.asarray(content, dtype=object),
     }
 
     def blocks_for(key: str) -> Iterator[np.ndarray]:
@@ -1232,6 +1518,7 @@ def _consolidate(path, pdir, manifest, jobs, batches, final, old_info, reuse_idx
     spec = dict(base, layers=[r.to_dict() for r in records], weights_path=plan.get("weights_path"))
     return store.write_cache(
         path, spec=spec, fingerprint=base_fp, manifest_hash=manifest.digest(), dataset_root=manifest.root,
+        dataset_list=manifest.list_path,
         class_names=list(manifest.class_names), rows=rows, layers=layers, dtype=dtype, compression=compression,
         created=None if old_info is None else old_info.created, versions=_versions(),
     )
@@ -1263,6 +1550,7 @@ def extract_images(
     device: str = "auto",
     batch_size: int = 64,
     workers: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> dict:
     """Codes of arbitrary images with exactly a recorded extraction spec (for prediction).
 
@@ -1274,6 +1562,8 @@ def extract_images(
         The ``spec`` stored in a cache file (or a model's sidecar).
     layer_keys : list of str
         Keys of ``spec["layers"]`` to compute.
+    device, batch_size, workers, max_pixels
+        As for :func:`extract`.
 
     Returns
     -------
@@ -1286,8 +1576,17 @@ def extract_images(
     CacheMismatchError
         The weights on this machine are not those the spec records (sha256), or the
         rebuilt spec's fingerprint differs (another library major version...).
+    InvalidParameterError
+        A bad argument, before any work.
     """
-    bb = get_backbone(spec["backbone"])
+    validate_params({"paths": paths, "spec": spec, "layer_keys": layer_keys, "device": device,
+                     "batch_size": batch_size, "workers": workers, "max_pixels": max_pixels},
+                    _IMAGES_PARAMS, "extract_images")
+    pre_rec = spec["preprocessing"]
+    bb = effective_backbone(get_backbone(spec["backbone"]), bool(spec.get("arch_args", {}).get("fc_as_conv")),
+                            int(pre_rec["crop"]))
+    view_set = resolve_views(pre_rec.get("views", "center"), bb.preprocessing)
+    combine = pre_rec.get("combine", "mean")
     w = spec["weights"]
     if w["kind"] == "none":
         wts = ResolvedWeights("none", w["identity"])
@@ -1311,7 +1610,7 @@ def extract_images(
     base = {k: v for k, v in spec.items() if k not in ("layers", "weights_path")}
     draft = spec["preprocessing"]["draft"]
     decoder = spec["preprocessing"].get("decoder", "pil")  # absent: written before the choice, by Pillow
-    rebuilt = _base_spec(bb, wts, spec["dtype"], spec.get("precision", "fp32"), draft, decoder)
+    rebuilt = _base_spec(bb, wts, spec["dtype"], spec.get("precision", "fp32"), draft, decoder, view_set, combine)
     diff = [k for k in rebuilt if rebuilt[k] != base.get(k)]
     if diff:
         raise CacheMismatchError(f"This installation cannot reproduce the recorded spec: {', '.join(diff)} differ")
@@ -1336,9 +1635,10 @@ def extract_images(
     messages = np.array([""] * n, dtype=object)
     dt = np.float16 if spec["dtype"] == "float16" else np.float32
     with _heap_for_big_blocks(dev):
-        loader, _gate = _loader(paths, _pre_of(spec), draft, decoder, batches, nw, dev)
+        loader, _gate = _loader(paths, _pre_of(spec), draft, decoder, batches, nw, dev, max_pixels=max_pixels,
+                                views=view_set)
         for idx, x, st, notes in loader:
-            out = runner(x)
+            out = {k: combine_codes(v, view_set.count(), combine) for k, v in runner(x).items()}
             for i, (s, m) in enumerate(zip(st, notes)):
                 status[idx[i]] = s
                 messages[idx[i]] = m

@@ -17,8 +17,11 @@ import json
 import logging
 import os
 import posixpath
+import re
+import threading
 import warnings
 from collections import Counter
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -28,11 +31,14 @@ from PIL import Image, ImageOps
 from cnncodes.errors import DatasetError, ImageDecodeError, UsageError
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "Manifest",
     "Row",
     "is_plain_jpeg",
+    "list_image_files",
     "load_image",
+    "pixels_over_limit",
     "read_csv_list",
     "scan_folder",
 ]
@@ -103,6 +109,12 @@ class Row:
         File size in bytes when listed.
     mtime_ns : int
         File modification time in nanoseconds when listed.
+    ctime_ns : int
+        File status-change time in nanoseconds when listed (-1: unknown). Any rewrite sets
+        it, even one whose mtime was put back with ``os.utime``.
+    inode : int
+        The file's inode number when listed (-1: unknown): a file replaced by another
+        (rename, copy) gets another one.
     """
 
     relpath: str
@@ -111,6 +123,8 @@ class Row:
     split: str
     size: int
     mtime_ns: int
+    ctime_ns: int = -1
+    inode: int = -1
 
 
 @dataclass(frozen=True)
@@ -127,12 +141,16 @@ class Manifest:
         Sorted class names; a row's ``label`` indexes into it.
     source : str
         ``"folder"`` or ``"csv"``.
+    list_path : str
+        The resolved path of the CSV list (``""`` for a folder): several lists in one
+        folder share their root, so the list itself is part of a cache's identity.
     """
 
     root: str
     rows: tuple[Row, ...]
     class_names: tuple[str, ...]
     source: str
+    list_path: str = ""
 
     def digest(self) -> str:
         """Return a stable identity of the labelled image list.
@@ -173,6 +191,11 @@ class Manifest:
         return os.path.join(self.root, *row.relpath.split("/"))
 
 
+def _row(relpath: str, label: int, class_name: str, split: str, st: os.stat_result) -> Row:
+    return Row(relpath=relpath, label=label, class_name=class_name, split=split, size=st.st_size,
+               mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, inode=st.st_ino)
+
+
 def _canonical_json(obj: object) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
@@ -190,40 +213,79 @@ def _ext(name: str) -> str:
     return os.path.splitext(name)[1].lower()
 
 
-def _walk_images(
-    top: str, rel_top: str, other_exts: Counter[str]
-) -> Iterator[tuple[str, os.DirEntry[str]]]:
-    """Yield ``(relpath, entry)`` for every image below ``top``, recursively.
+def _within(path: str, folder: str) -> bool:
+    """Whether resolved ``path`` is ``folder`` or lies below it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
-    Hidden entries are skipped; non-image files are counted by extension in
-    ``other_exts``. Directory symlink loops are broken by (device, inode).
+
+class _Walk:
+    """The state of one walk over a dataset tree, shared by all its folders.
+
+    Each real folder is walked once, by (device, inode). A link to a folder is followed only
+    when it leads out of the tree to a folder not walked yet: a link back into the tree (a class
+    folder linked into another one, whose images would be listed twice under two labels) or to an
+    ancestor of the tree or of the folder holding it (a loop) is skipped with a warning. Links to
+    files are always followed.
     """
-    stack = [(top, rel_top)]
-    seen: set[tuple[int, int]] = set()
-    while stack:
-        path, rel = stack.pop()
+
+    def __init__(self, root: str):
+        self.root = os.path.realpath(root)
+        self.seen: set[tuple[int, int]] = set()
+
+    def enter(self, path: str, is_link: bool) -> bool:
+        """Whether to walk folder ``path`` (reached through a link if ``is_link``); marks it walked."""
         try:
             st = os.stat(path)
         except OSError as e:
             logger.warning("Cannot read folder %s (%s); skipped", path, e)
-            continue
+            return False
+        if is_link:
+            target = os.path.realpath(path)
+            holder = os.path.realpath(os.path.dirname(path))
+            if _within(target, self.root) or _within(self.root, target):
+                why = f"it points back into the dataset {self.root}"
+            elif _within(holder, target):
+                why = "it loops back to a folder that holds it"
+            else:
+                why = ""
+            if why:
+                logger.warning("Folder link %s -> %s skipped: %s (its images would be listed again, under "
+                               "another label)", path, target, why)
+                return False
         key = (st.st_dev, st.st_ino)
-        if key in seen:
+        if key in self.seen:
+            logger.warning("Folder %s skipped: it was already walked (reached again through a link)", path)
+            return False
+        self.seen.add(key)
+        return True
+
+
+def _walk_images(
+    top: str, rel_top: str, other_exts: Counter[str], walk: _Walk, top_is_link: bool = False
+) -> Iterator[tuple[str, os.DirEntry[str]]]:
+    """Yield ``(relpath, entry)`` for every image below ``top``, recursively, in name order.
+
+    Hidden entries are skipped; non-image files are counted by extension in
+    ``other_exts``. Folder links are followed as :class:`_Walk` allows.
+    """
+    stack = [(top, rel_top, top_is_link)]
+    while stack:
+        path, rel, is_link = stack.pop()
+        if not walk.enter(path, is_link):
             continue
-        seen.add(key)
         try:
-            with os.scandir(path) as it:
-                entries = list(it)
+            entries = _list_dir(path)
         except OSError as e:
             logger.warning("Cannot list folder %s (%s); skipped", path, e)
             continue
+        subdirs = []
         for entry in entries:
             if _is_hidden(entry.name):
                 continue
-            entry_rel = f"{rel}/{entry.name}"
+            entry_rel = f"{rel}/{entry.name}" if rel else entry.name
             try:
                 if entry.is_dir():
-                    stack.append((entry.path, entry_rel))
+                    subdirs.append((entry.path, entry_rel, entry.is_symlink()))
                     continue
                 if not entry.is_file():
                     continue
@@ -234,6 +296,18 @@ def _walk_images(
                 yield entry_rel, entry
             else:
                 other_exts[ext or "(no extension)"] += 1
+        stack.extend(reversed(subdirs))  # popped in name order
+
+
+def list_image_files(folder: str | os.PathLike[str]) -> list[str]:
+    """Every image file below ``folder`` (``folder`` joined with its relative path), sorted.
+
+    The same walk as :func:`scan_folder`'s: hidden entries skipped, folder links that lead back
+    into ``folder`` or loop skipped with a warning, file links followed.
+    """
+    top = os.fspath(folder)
+    found = _walk_images(top, "", Counter(), _Walk(top))
+    return sorted(os.path.join(top, *rel.split("/")) for rel, _entry in found)
 
 
 def _list_dir(path: str) -> list[os.DirEntry[str]]:
@@ -332,16 +406,19 @@ def scan_folder(root: str | os.PathLike[str]) -> Manifest:
         )
 
     split_layout = all(e.name.lower() in _SPLIT_ALIASES for e in top_dirs)
+    walk = _Walk(root_abs)  # one walk for the whole tree: no folder is listed twice
+    walk.enter(root_abs, False)
     # (split, folder path, relpath prefix)
     groups: list[tuple[str, str, str]]
     if split_layout:
-        groups = [(_SPLIT_ALIASES[e.name.lower()], e.path, e.name) for e in top_dirs]
+        groups = [(_SPLIT_ALIASES[e.name.lower()], e.path, e.name) for e in top_dirs
+                  if walk.enter(e.path, e.is_symlink())]
     else:
         groups = [("", root_abs, "")]
 
     other_exts: Counter[str] = Counter()
-    # (relpath, class_name, split, size, mtime_ns)
-    found: list[tuple[str, str, str, int, int]] = []
+    # (relpath, class_name, split, stat of the image: of a link's target)
+    found: list[tuple[str, str, str, os.stat_result]] = []
     n_class_dirs = 0
     for split, group_path, group_rel in groups:
         try:
@@ -365,9 +442,8 @@ def scan_folder(root: str | os.PathLike[str]) -> Manifest:
             class_name = entry.name
             class_rel = f"{group_rel}/{class_name}" if group_rel else class_name
             n_before = len(found)
-            for relpath, f in _walk_images(entry.path, class_rel, other_exts):
-                st = f.stat()
-                found.append((relpath, class_name, split, st.st_size, st.st_mtime_ns))
+            for relpath, f in _walk_images(entry.path, class_rel, other_exts, walk, entry.is_symlink()):
+                found.append((relpath, class_name, split, f.stat()))
             if len(found) == n_before:
                 logger.warning(
                     "Class folder %s holds no image file (extensions %s); it is "
@@ -385,13 +461,10 @@ def scan_folder(root: str | os.PathLike[str]) -> Manifest:
             "(case-insensitive)."
         )
 
-    class_names = tuple(sorted({c for _, c, _, _, _ in found}))
+    class_names = tuple(sorted({c for _, c, _, _ in found}))
     index = {c: i for i, c in enumerate(class_names)}
     found.sort(key=lambda t: t[0])
-    rows = tuple(
-        Row(relpath=rp, label=index[c], class_name=c, split=s, size=sz, mtime_ns=mt)
-        for rp, c, s, sz, mt in found
-    )
+    rows = tuple(_row(rp, index[c], c, s, st) for rp, c, s, st in found)
     logger.debug(
         "Scanned %s: %d images, %d classes%s",
         root_abs,
@@ -498,7 +571,7 @@ def read_csv_list(csv_path: str | os.PathLike[str]) -> Manifest:
     n_cols = len(names)
 
     problems: list[tuple[int, str]] = []
-    parsed: list[tuple[str, str, str, int, int]] = []
+    parsed: list[tuple[str, str, str, os.stat_result]] = []
     first_line_of: dict[str, int] = {}
     for line_no, rec in records[1:]:
         if len(rec) != n_cols:
@@ -539,7 +612,7 @@ def read_csv_list(csv_path: str | os.PathLike[str]) -> Manifest:
         if not os.path.isfile(absolute):
             problems.append((line_no, f"not a file: {absolute}"))
             continue
-        parsed.append((relpath, label, split, st.st_size, st.st_mtime_ns))
+        parsed.append((relpath, label, split, st))
 
     if problems:
         listed = "; ".join(
@@ -561,13 +634,11 @@ def read_csv_list(csv_path: str | os.PathLike[str]) -> Manifest:
             "per image (path,label[,split])."
         )
 
-    class_names = tuple(sorted({lab for _, lab, _, _, _ in parsed}))
+    class_names = tuple(sorted({lab for _, lab, _, _ in parsed}))
     index = {c: i for i, c in enumerate(class_names)}
-    rows = tuple(
-        Row(relpath=rp, label=index[lab], class_name=lab, split=s, size=sz, mtime_ns=mt)
-        for rp, lab, s, sz, mt in parsed
-    )
-    return Manifest(root=root, rows=rows, class_names=class_names, source="csv")
+    rows = tuple(_row(rp, index[lab], lab, s, st) for rp, lab, s, st in parsed)
+    return Manifest(root=root, rows=rows, class_names=class_names, source="csv",
+                    list_path=os.path.realpath(csv_abs))
 
 
 def _read_records(fh: Iterator[str]) -> list[tuple[int, list[str]]]:
@@ -632,12 +703,74 @@ def _to_rgb(img: Image.Image) -> tuple[Image.Image, str]:
     return img.convert("RGB"), f"{mode} converted to RGB"
 
 
-def is_plain_jpeg(path: str | os.PathLike[str], *, draft: int | None = None) -> bool:
+#: Default pixel limit of :func:`load_image`: Pillow's own default (``PIL.Image.MAX_IMAGE_PIXELS``,
+#: a 1 GB RGBA image), a constant so that a cache's failures do not depend on a global setting.
+DEFAULT_MAX_PIXELS: int = 1024 * 1024 * 1024 // 4 // 3
+
+_LIMIT_MESSAGE = "image has {pixels} pixels, above the limit {limit}"
+_LIMIT_RE = re.compile(r"image has (\d+) pixels, above the limit (\d+)")
+_PILLOW_PIXELS_RE = re.compile(r"\((\d+) pixels\)")
+_pillow_limit_lock = threading.Lock()
+
+
+def _check_max_pixels(max_pixels: int | None) -> None:
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1):
+        raise UsageError(f"max_pixels must be a positive integer or None; got {max_pixels!r} instead.")
+
+
+def pixels_over_limit(message: str) -> int | None:
+    """The pixel count of an image that :func:`load_image` refused for its size, from its message.
+
+    ``None`` when ``message`` is about something else. A caller that raised the limit uses it to
+    retry exactly the images the old limit refused.
+    """
+    m = _LIMIT_RE.search(message)
+    return int(m.group(1)) if m else None
+
+
+@contextlib.contextmanager
+def _pillow_allows(max_pixels: int | None) -> Iterator[None]:
+    """Let Pillow's own decompression-bomb checks pass images of up to ``max_pixels`` pixels.
+
+    Pillow checks ``PIL.Image.MAX_IMAGE_PIXELS`` (a global) when it opens a file and in some
+    plugins (GIF frames, TIFF tiles); its warnings are errors here. Where ``max_pixels`` is above
+    that global, the global is raised for the duration of the decode, under a lock so that
+    threads never restore each other's value (decodes that need it take turns; those within
+    Pillow's limit, the usual case, do not wait). Below it, :func:`load_image`'s own check is the
+    stricter one.
+    """
+    own = Image.MAX_IMAGE_PIXELS
+    if own is None or (max_pixels is not None and max_pixels <= own):
+        yield
+        return
+    with _pillow_limit_lock:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _refuse_over_limit(path_str: str, size: tuple[int, int], max_pixels: int | None) -> None:
+    pixels = size[0] * size[1]
+    if max_pixels is not None and pixels > max_pixels:
+        raise ImageDecodeError(_limit_message(path_str, pixels, max_pixels))
+
+
+def _limit_message(path_str: str, pixels: int | str, max_pixels: int | None) -> str:
+    return (f"{path_str}: {_LIMIT_MESSAGE.format(pixels=pixels, limit=max_pixels)}; raise it with --max-pixels "
+            "(max_pixels in Python) if you trust the file (a guard against decompression bombs)")
+
+
+def is_plain_jpeg(
+    path: str | os.PathLike[str], *, draft: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> bool:
     """Whether a plain JPEG decoder gives exactly what :func:`load_image` would.
 
     True for a single-frame RGB or grey JPEG in a file named ``.jpg``/``.jpeg``
     (or an extension that promises no other format), without an EXIF rotation,
-    within Pillow's pixel limit, and that ``draft`` would not downscale. For
+    within ``max_pixels`` (see :func:`load_image`), and that ``draft`` would not downscale. For
     such a file, :func:`load_image` adds no note and any libjpeg-turbo decoder
     (``torchvision.io.decode_jpeg`` with ``mode=RGB``) returns the same pixels.
     Reads the header only; any doubt (a file Pillow cannot open) is False, so
@@ -645,9 +778,11 @@ def is_plain_jpeg(path: str | os.PathLike[str], *, draft: int | None = None) -> 
     """
     path_str = os.fspath(path)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pillow_allows(max_pixels):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path_str) as img:
+                if max_pixels is not None and img.size[0] * img.size[1] > max_pixels:
+                    return False
                 if img.format != "JPEG" or img.mode not in ("RGB", "L"):
                     return False
                 if _EXPECTED_FORMAT.get(_ext(path_str), "JPEG") != "JPEG":
@@ -663,7 +798,7 @@ def is_plain_jpeg(path: str | os.PathLike[str], *, draft: int | None = None) -> 
 
 
 def load_image(
-    path: str | os.PathLike[str], *, draft: int | None = None
+    path: str | os.PathLike[str], *, draft: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
 ) -> tuple[Image.Image, str]:
     """Decode an image file into a fully loaded RGB picture.
 
@@ -679,6 +814,10 @@ def load_image(
         For a colour JPEG whose short side exceeds ``2 * draft``, let the
         decoder downscale by a power of two (DCT scaling) while keeping both
         sides at least ``draft`` pixels: much faster for large photos.
+    max_pixels : int or None, default DEFAULT_MAX_PIXELS
+        Refuse images with more pixels (width x height, as the file declares them) than
+        this: a decompression bomb guard, applied before any pixel is decoded, whatever
+        ``PIL.Image.MAX_IMAGE_PIXELS`` says. ``None``: no limit.
 
     Returns
     -------
@@ -692,16 +831,17 @@ def load_image(
     Raises
     ------
     ImageDecodeError
-        If the file is missing, empty, not an image, truncated or corrupt, a
-        decompression bomb (larger than ``PIL.Image.MAX_IMAGE_PIXELS``), or in
-        a mode that cannot be made RGB. The message starts with the path.
+        If the file is missing, empty, not an image, truncated or corrupt, has
+        more than ``max_pixels`` pixels ("image has N pixels, above the limit M"),
+        or is in a mode that cannot be made RGB. The message starts with the path.
     UsageError
-        If ``draft`` is not a positive integer.
+        If ``draft`` or ``max_pixels`` is not a positive integer (or None).
     """
     if draft is not None and (
         isinstance(draft, bool) or not isinstance(draft, int) or draft < 1
     ):
         raise UsageError(f"draft must be a positive integer or None; got {draft!r} instead.")
+    _check_max_pixels(max_pixels)
     path_str = os.fspath(path)
     try:
         size = os.stat(path_str).st_size
@@ -714,9 +854,10 @@ def load_image(
 
     notes: list[str] = []
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pillow_allows(max_pixels):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path_str) as img:
+                _refuse_over_limit(path_str, img.size, max_pixels)
                 fmt = img.format or "unknown"
                 n_frames = getattr(img, "n_frames", 1)
                 ext = _ext(path_str)
@@ -747,12 +888,12 @@ def load_image(
                 if note:
                     notes.append(note)
                 rgb.load()
+    except ImageDecodeError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageDecodeError(
-            f"{path_str}: decompression bomb: {e} The limit is "
-            f"PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}; raise it only "
-            "for files you trust."
-        ) from e
+        # Pillow's own check, at open (over the limit) or in a plugin (a GIF frame, a TIFF tile)
+        m = _PILLOW_PIXELS_RE.search(str(e))
+        raise ImageDecodeError(_limit_message(path_str, m.group(1) if m else "too many", max_pixels)) from e
     except Image.UnidentifiedImageError as e:
         raise ImageDecodeError(
             f"{path_str}: not an image (Pillow cannot identify the format)"

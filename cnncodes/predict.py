@@ -1,6 +1,7 @@
 """Predict labels of new images with a trained run: same backbone, weights, preprocessing and layers.
 
-:func:`predict` loads a model and its sidecar (sha256 checked before unpickling),
+:func:`predict` loads a model and its sidecar (:func:`cnncodes.modelfile.load_model`: skops,
+only the types cnncodes writes; sha256 checked; pickles of older runs only when trusted),
 extracts the codes of the images with exactly the recorded extraction spec
 (:func:`cnncodes.extract.extract_images`, which refuses other weights), checks that
 the new codes match the training codes field by field
@@ -22,24 +23,40 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .classify import check_compatible, find_model, load_model, top_scores
-from .errors import UsageError
-from .fileio import atomic_write_text
+from numbers import Integral
 
-__all__ = ["expand_paths", "predict", "predict_codes", "write_predictions", "FIELDS"]
+from ._validation import Interval, PathLike, SequenceOf, StrOptions, validate_params
+from .classify import check_compatible, find_model, load_model, top_scores
+from .errors import InvalidParameterError, UsageError
+from .fileio import atomic_write_text
+from .images import DEFAULT_MAX_PIXELS
+
+__all__ = ["check_output_path", "expand_paths", "predict", "predict_codes", "write_predictions", "FIELDS"]
 
 log = logging.getLogger(__name__)
 
 FIELDS = ("path", "label", "score", "status", "message")
 
-try:
-    from .images import IMAGE_EXTENSIONS as _IMAGE_EXTENSIONS
-except ImportError:  # pragma: no cover - images.py is part of the package
-    _IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"})
+_COUNT = Interval(Integral, 1, None, closed="left")
+_PREDICT_PARAMS = {
+    "run_dir_or_model": [PathLike()],
+    "image_paths": [SequenceOf(PathLike())],
+    "model": [str, None],
+    "device": [StrOptions(("auto", "cpu", "cuda"))],
+    "batch_size": [_COUNT],
+    "max_pixels": [_COUNT, None],
+    "trust_pickle": ["boolean"],
+}
+
+from .images import IMAGE_EXTENSIONS as _IMAGE_EXTENSIONS
+from .images import list_image_files
 
 
 def expand_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
     """Image files of ``paths``: files as given, folders expanded recursively (sorted).
+
+    A folder is walked as ``scan_folder`` walks a dataset (:func:`cnncodes.images.list_image_files`):
+    hidden entries skipped, file links followed, folder links that loop or lead back into it skipped.
 
     Raises
     ------
@@ -52,10 +69,7 @@ def expand_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            found = sorted(
-                str(q) for q in p.rglob("*")
-                if q.is_file() and q.suffix.lower() in _IMAGE_EXTENSIONS and not q.name.startswith(".")
-            )
+            found = list_image_files(p)
             if not found:
                 raise UsageError(
                     f"The folder {p} holds no image file (extensions {', '.join(sorted(_IMAGE_EXTENSIONS))})."
@@ -108,13 +122,15 @@ def predict(
     model: str | None = None,
     device: str = "auto",
     batch_size: int = 64,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    trust_pickle: bool = False,
 ) -> list[dict[str, Any]]:
     """Predict the class of images with a trained model.
 
     Parameters
     ----------
     run_dir_or_model : path-like
-        A run folder (its best model by val accuracy, or ``model``) or a ``.joblib`` file.
+        A run folder (its best model by val accuracy, or ``model``) or a ``.skops`` file.
     image_paths : sequence of path-like
         Image files and folders (expanded to their image files).
     model : str, optional
@@ -122,6 +138,12 @@ def predict(
     device : str
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
     batch_size : int
+    trust_pickle : bool
+        Load a pickle (``.joblib``) model of an older run. Unpickling runs any code the
+        file holds: only for files you wrote yourself.
+    max_pixels : int or None
+        Images with more pixels fail (status error); ``None``: no limit. See
+        :func:`cnncodes.images.load_image`.
 
     Returns
     -------
@@ -133,22 +155,27 @@ def predict(
     Raises
     ------
     UsageError
-        Missing images or folders, an unknown model name.
+        A bad argument (:class:`InvalidParameterError`), missing images or folders, an
+        unknown model name: all before any model is loaded.
     ModelFileError
-        A missing, tampered or mismatched model file or sidecar.
+        A missing, tampered or mismatched model file or sidecar, a model file naming a
+        type cnncodes does not write, or a pickle without ``trust_pickle``.
     CacheMismatchError
         The weights on this machine, or the new codes' layer or spec, differ from the
         model's training codes (each differing field named).
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise UsageError(f"The 'batch_size' parameter must be an int >= 1. Got {batch_size!r} instead.")
+    validate_params({"run_dir_or_model": run_dir_or_model, "image_paths": image_paths, "model": model,
+                     "device": device, "batch_size": batch_size, "max_pixels": max_pixels,
+                     "trust_pickle": trust_pickle},
+                    _PREDICT_PARAMS, "predict")
     if _is_finetune_run(run_dir_or_model):  # a run of scripts/finetune.py: the whole network predicts
         from .finetune.runfolder import predict_finetuned
 
-        return predict_finetuned(run_dir_or_model, image_paths, device=device, batch_size=batch_size)
+        return predict_finetuned(run_dir_or_model, image_paths, device=device, batch_size=batch_size,
+                                 max_pixels=max_pixels)
     path = find_model(run_dir_or_model, model)
-    est, meta = load_model(path)
     files = expand_paths(image_paths)
+    est, meta = load_model(path, trust_pickle=trust_pickle)
     import importlib
 
     # importlib, not "from . import extract": the package's lazy __getattr__ maps the
@@ -156,7 +183,7 @@ def predict(
     _extract = importlib.import_module("cnncodes.extract")
 
     res = _extract.extract_images(files, spec=meta["spec"], layer_keys=list(meta["layers"]), device=device,
-                                  batch_size=batch_size)
+                                  batch_size=batch_size, max_pixels=max_pixels)
     check_compatible(meta, res["records"], res["spec"])
     X = np.concatenate([res["codes"][k] for k in meta["layers"]], axis=1) if files else np.zeros((0, 0))
     labels, scores, status, messages = predict_codes(est, meta, X, res["status"], res["messages"])
@@ -175,6 +202,28 @@ def _is_finetune_run(path) -> bool:
     return (p.is_dir() and (p / "finetune.json").is_file()) or (p.is_file() and p.name.endswith(".safetensors"))
 
 
+def check_output_path(out: str | os.PathLike, caller: str = "write_predictions") -> Path:
+    """``out`` as a Path, if a file can be written there: not a folder, no file where a folder must be.
+
+    Raises
+    ------
+    InvalidParameterError
+        Otherwise (a command line checks this before predicting, so that no work is lost).
+    """
+    validate_params({"out": out}, {"out": [PathLike()]}, caller)
+    out = Path(out)
+    if out.is_dir():
+        raise InvalidParameterError("out", caller, f"must be a file name ending in .csv or .json. Got {str(out)!r}, "
+                                                   "a folder, instead.")
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InvalidParameterError("out", caller, f"must be a path in a folder. Got {str(out)!r} instead, "
+                                                           f"where {parent} is a file.")
+            break
+    return out
+
+
 def write_predictions(rows: Sequence[dict], out: str | os.PathLike) -> Path:
     """Write prediction rows atomically as CSV (``path,label,score,status,message``) or JSON.
 
@@ -184,11 +233,9 @@ def write_predictions(rows: Sequence[dict], out: str | os.PathLike) -> Path:
     Raises
     ------
     UsageError
-        An output path that is an existing folder.
+        An output path that is an existing folder, or below a file.
     """
-    out = Path(out)
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a folder; give a file name ending in .csv or .json")
+    out = check_output_path(out)
     if out.suffix.lower() == ".json":
         atomic_write_text(out, json.dumps(list(rows), indent=2) + "\n")
         return out

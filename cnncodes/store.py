@@ -2,11 +2,11 @@
 
 This module never imports torch: reading codes, a cache hit and training stay fast.
 
-Schema (version 1) of one cache file, for one dataset and one extraction spec::
+Schema (version 2) of one cache file, for one dataset and one extraction spec::
 
     /                      attrs: format="cnncodes", schema_version, fingerprint, spec_json,
-                                  manifest_hash, dataset_root, created, updated, versions_json,
-                                  n_rows, rows_sha256
+                                  manifest_hash, dataset_root, dataset_list, created, updated,
+                                  versions_json, n_rows, rows_sha256
     /paths      (N,)  str  relative image path (the identity of a row)
     /labels     (N,)  int64
     /class_names (K,) str
@@ -14,6 +14,9 @@ Schema (version 1) of one cache file, for one dataset and one extraction spec::
     /status     (N,)  str  "ok" or "error"
     /message    (N,)  str  why a row failed, or a note ("CMYK converted to RGB")
     /file_size  (N,)  int64, /file_mtime_ns (N,) int64   to notice changed images
+    /file_ctime_ns (N,) int64, /file_inode (N,) int64     to notice rewrites that keep size and mtime
+                                                         (-1: unknown)
+    /content_sha256 (N,) str  sha256 of the image file's bytes when extracted ("" unknown)
     /codes/<key> (N, D) float16 (or float32), chunked, compressed; attrs: alias, node, stage,
                  pool, dim, map_shape, fingerprint, sha256 (of the array's bytes)
 
@@ -32,6 +35,9 @@ matrix gives 0.32 (EfficientNet-Lite0 pool on flowers5, float16). ``load_codes``
 vector layer), else ``alias@pool`` (``conv5@max``, ``conv5@avg2x2``, ``conv5@none``).
 Rows are in the canonical order of the manifest (sorted relative paths); failed rows
 hold NaN codes.
+
+Version 1 files (no ctime, inode or content hash) are still read: those rows' identity is unknown
+(-1, ""), and :func:`cnncodes.extract.extract` rewrites such a file in version 2 when it uses it.
 
 A file only ever appears complete: it is written under a temporary name and renamed.
 An extraction in progress lives in ``<file>.partial/`` (see :mod:`cnncodes.extract`).
@@ -78,10 +84,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
 FORMAT = "cnncodes"
-ROW_FIELDS = ("paths", "labels", "split", "status", "message", "file_size", "file_mtime_ns")
-_STR_FIELDS = ("paths", "split", "status", "message")
+_ROW_FIELDS_V1 = ("paths", "labels", "split", "status", "message", "file_size", "file_mtime_ns")
+#: Each row's file identity added in schema 2, and its value when unknown (a version 1 file, or a
+#: writer that does not know it): unknown never matches a file on disk, so it is never trusted blindly.
+ROW_IDENTITY_DEFAULTS = {"file_ctime_ns": -1, "file_inode": -1, "content_sha256": ""}
+ROW_FIELDS = _ROW_FIELDS_V1 + tuple(ROW_IDENTITY_DEFAULTS)
+_STR_FIELDS = ("paths", "split", "status", "message", "content_sha256")
 
 
 def canonical_json(obj) -> str:
@@ -168,6 +179,9 @@ class CacheInfo:
     size_bytes: int
     rows_sha256: str
     versions: dict = field(default_factory=dict)
+    dataset_list: str = ""  # the CSV list the rows came from ("" for an image folder)
+    class_names: list[str] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
 
     @property
     def backbone(self) -> str:
@@ -239,9 +253,10 @@ def _compression_kwargs(compression: str) -> dict:
     raise UsageError(f"Unknown compression {compression!r}: use gzip, sparse, lzf, zstd or none")
 
 
-def _rows_sha256(rows: Mapping[str, np.ndarray], class_names: Sequence[str]) -> str:
+def _rows_sha256(rows: Mapping[str, np.ndarray], class_names: Sequence[str],
+                 fields: Sequence[str] = ROW_FIELDS) -> str:
     h = hashlib.sha256()
-    for name in ROW_FIELDS:
+    for name in fields:
         arr = rows[name]
         if name in _STR_FIELDS:
             h.update(canonical_json([str(v) for v in arr]).encode())
@@ -265,13 +280,15 @@ def write_cache(
     compression: str = "gzip",
     created: str | None = None,
     versions: dict | None = None,
+    dataset_list: str = "",
 ) -> CacheInfo:
     """Write a complete cache file atomically.
 
     Parameters
     ----------
     rows : mapping
-        The row table: every name in ``ROW_FIELDS``, each an array of length N.
+        The row table: every name in ``ROW_FIELDS``, each an array of length N; the file
+        identity fields of ``ROW_IDENTITY_DEFAULTS`` may be left out (written as unknown).
     layers : mapping
         ``key -> (record, blocks)`` where ``blocks`` yields row blocks (2-D arrays)
         whose concatenation, in order, is the (N, dim) code matrix. Blocks are
@@ -291,6 +308,8 @@ def write_cache(
     import h5py
 
     n = len(rows["paths"])
+    rows = {**{k: np.full(n, v, dtype=object if isinstance(v, str) else np.int64)
+               for k, v in ROW_IDENTITY_DEFAULTS.items()}, **rows}
     for name in ROW_FIELDS:
         if len(rows[name]) != n:
             raise CacheError(f"row field {name!r} has {len(rows[name])} entries, expected {n}")
@@ -335,6 +354,7 @@ def write_cache(
                 "spec_json": canonical_json(spec),
                 "manifest_hash": manifest_hash,
                 "dataset_root": dataset_root,
+                "dataset_list": dataset_list,
                 "created": created or now,
                 "updated": now,
                 "versions_json": canonical_json(versions or {}),
@@ -469,10 +489,13 @@ def _open(path: Path):
     if f.attrs.get("format") != FORMAT:
         f.close()
         raise CacheError(f"{path} is an HDF5 file but not a cnncodes cache (no format attribute)")
-    if int(f.attrs.get("schema_version", -1)) != SCHEMA_VERSION:
+    if int(f.attrs.get("schema_version", -1)) not in READABLE_SCHEMAS:
         v = f.attrs.get("schema_version")
         f.close()
-        raise CacheError(f"{path} has schema version {v}; this cnncodes reads version {SCHEMA_VERSION}")
+        raise CacheError(
+            f"{path} has schema version {v}; this cnncodes reads versions "
+            f"{', '.join(map(str, READABLE_SCHEMAS))}. Read it with the cnncodes that wrote it, or extract again."
+        )
     return f
 
 
@@ -496,6 +519,9 @@ def _info_from_open(f, path: Path) -> CacheInfo:
         size_bytes=path.stat().st_size,
         rows_sha256=str(f.attrs["rows_sha256"]),
         versions=json.loads(f.attrs["versions_json"]),
+        dataset_list=str(f.attrs.get("dataset_list", "")),
+        class_names=[str(c) for c in f["class_names"].asstr()[:]],
+        schema_version=int(f.attrs["schema_version"]),
     )
 
 
@@ -517,7 +543,8 @@ def read_info(path: str | os.PathLike) -> CacheInfo:
 
 
 def read_rows(path: str | os.PathLike, *, verify: bool = True) -> dict[str, np.ndarray]:
-    """The row table of a cache (paths, labels, split, status, message, file_size, file_mtime_ns)."""
+    """The row table of a cache: every field of ``ROW_FIELDS`` (unknown identities of a version 1 file
+    as in ``ROW_IDENTITY_DEFAULTS``)."""
     path = Path(path)
     with _open(path) as f:
         rows, _ = _read_rows(f, path, verify)
@@ -525,11 +552,16 @@ def read_rows(path: str | os.PathLike, *, verify: bool = True) -> dict[str, np.n
 
 
 def _read_rows(f, path: Path, verify: bool) -> tuple[dict[str, np.ndarray], list[str]]:
+    fields = _ROW_FIELDS_V1 if int(f.attrs["schema_version"]) == 1 else ROW_FIELDS
     rows = {}
-    for name in ROW_FIELDS:
+    for name in fields:
         rows[name] = f[name].asstr()[:] if name in _STR_FIELDS else f[name][:]
     class_names = [str(c) for c in f["class_names"].asstr()[:]]
-    if verify and _rows_sha256(rows, class_names) != str(f.attrs["rows_sha256"]):
+    tampered = verify and _rows_sha256(rows, class_names, fields) != str(f.attrs["rows_sha256"])
+    n = len(rows["paths"])
+    for name, unknown in ROW_IDENTITY_DEFAULTS.items():
+        rows.setdefault(name, np.full(n, unknown, dtype=object if isinstance(unknown, str) else np.int64))
+    if tampered:
         raise CacheCorruptError(
             f"The row table of {path} (paths, labels, splits) changed after it was written: its sha256 "
             f"does not match. Do not use it; delete the file and extract again."
@@ -713,7 +745,8 @@ def list_caches(folder: str | os.PathLike) -> list[dict]:
         try:
             info = read_info(p)
             out.append({
-                "path": str(p), "status": "complete", "dataset": info.dataset_root, "backbone": info.backbone,
+                "path": str(p), "status": "complete", "dataset": info.dataset_list or info.dataset_root,
+                "backbone": info.backbone,
                 "layers": list(info.layers), "rows": info.n_rows, "failed": info.n_failed,
                 "size_bytes": info.size_bytes, "updated": info.updated,
                 "progress": "", "dtype": info.spec.get("dtype", ""),
@@ -731,7 +764,8 @@ def list_caches(folder: str | os.PathLike) -> list[dict]:
             plan = {}
         spec = plan.get("spec", {})
         out.append({
-            "path": str(target), "status": "partial", "dataset": plan.get("dataset_root", ""),
+            "path": str(target), "status": "partial",
+            "dataset": plan.get("dataset_list") or plan.get("dataset_root", ""),
             "backbone": spec.get("backbone", ""), "layers": [r["key"] for r in plan.get("layers", [])],
             "rows": plan.get("n_rows", 0), "failed": 0, "size_bytes": sum(q.stat().st_size for q in pdir.iterdir()),
             "updated": plan.get("created", ""), "progress": f"{done}/{todo} images", "dtype": spec.get("dtype", ""),

@@ -481,7 +481,7 @@ def test_train_run_refuses_nan_codes_and_writes_nothing(tmp_path):
 def saved_model(tmp_path, digits):
     X, y = digits
     pipe = C.make_pipeline("l2", "svm", 1.0, n_samples=len(y), n_features=64).fit(X, y)
-    path = tmp_path / "models" / "fc7__svm.joblib"
+    path = tmp_path / "models" / "fc7__svm.skops"
     C.save_model(pipe, path, {"classifier": "svm", "layers": ["fc7"], "class_names": [str(i) for i in range(10)],
                               "records": {"fc7": _record("fc7", "classifier.5", 64).to_dict()}, "spec": SPEC})
     return pipe, path
@@ -495,21 +495,21 @@ def test_saved_model_predicts_the_same(saved_model, digits):
     np.testing.assert_array_equal(model.decision_function(X), pipe.decision_function(X))
     from cnncodes.fileio import sha256_of_file
 
-    assert meta["sha256"] == sha256_of_file(path) and meta["model_file"] == "fc7__svm.joblib"
+    assert meta["sha256"] == sha256_of_file(path) and meta["model_file"] == "fc7__svm.skops"
     assert meta["versions"]["sklearn"] and meta["spec"] == SPEC
 
 
-def test_tampered_model_is_refused_before_unpickling(saved_model, monkeypatch):
+def test_tampered_model_is_refused_before_loading(saved_model, monkeypatch):
     _, path = saved_model
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    import joblib
+    from cnncodes import modelfile
 
     def boom(*a, **k):
-        raise AssertionError("joblib.load was called on a tampered file")
+        raise AssertionError("the skops loader was called on a tampered file")
 
-    monkeypatch.setattr(joblib, "load", boom)
+    monkeypatch.setattr(modelfile, "_load_skops", boom)
     with pytest.raises(ModelFileError, match="does not match its sidecar"):
         C.load_model(path)
 
@@ -524,7 +524,7 @@ def test_truncated_model_is_refused(saved_model):
 def test_missing_model_or_sidecar_is_refused(saved_model, tmp_path):
     _, path = saved_model
     with pytest.raises(ModelFileError, match="No model file"):
-        C.load_model(tmp_path / "nope.joblib")
+        C.load_model(tmp_path / "nope.skops")
     C.sidecar_path(path).unlink()
     with pytest.raises(ModelFileError, match="no sidecar"):
         C.load_model(path)
@@ -533,7 +533,7 @@ def test_missing_model_or_sidecar_is_refused(saved_model, tmp_path):
 def test_sidecar_of_another_model_is_refused(saved_model, digits):
     _, path = saved_model
     X, y = digits
-    other = path.with_name("fc6__svm.joblib")
+    other = path.with_name("fc6__svm.skops")
     C.save_model(C.make_pipeline("l2", "svm", 10.0).fit(X, y), other, {"layers": ["fc6"]})
     C.sidecar_path(path).write_text(C.sidecar_path(other).read_text())
     with pytest.raises(ModelFileError, match="belongs to another model"):
@@ -554,19 +554,20 @@ def test_corrupt_sidecar_is_refused(saved_model):
 
 
 def test_model_write_is_atomic(saved_model, monkeypatch, digits):
-    """A dump that dies half-way leaves the previous model and sidecar intact and loadable."""
-    pipe, path = saved_model
-    before = path.read_bytes()
-    import joblib
+    """A write that dies half-way (the disk fills before the data reach it) leaves the previous model and
+    sidecar intact and loadable, and no temporary file."""
+    import os
 
-    def dying_dump(obj, filename, *a, **k):
-        Path(filename).write_bytes(b"half a pickle")
+    pipe, path = saved_model
+    before, side_before = path.read_bytes(), C.sidecar_path(path).read_bytes()
+
+    def dying_fsync(fd):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(joblib, "dump", dying_dump)
+    monkeypatch.setattr(os, "fsync", dying_fsync)
     with pytest.raises(OSError, match="No space"):
-        C.save_model(pipe, path, {"layers": ["fc7"]})
-    assert path.read_bytes() == before
+        C.save_model(C.make_pipeline("l2", "svm", 10.0).fit(*digits), path, {"layers": ["fc7"]})
+    assert path.read_bytes() == before and C.sidecar_path(path).read_bytes() == side_before
     monkeypatch.undo()
     C.load_model(path)
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
@@ -576,7 +577,7 @@ def test_model_write_is_atomic(saved_model, monkeypatch, digits):
 
 
 def _meta(key="fc7", node="classifier.5", spec=SPEC):
-    return {"model_file": "fc7__svm.joblib", "layers": [key], "records": {key: _record(key, node, 4096, spec).to_dict()},
+    return {"model_file": "fc7__svm.skops", "layers": [key], "records": {key: _record(key, node, 4096, spec).to_dict()},
             "spec": spec}
 
 
@@ -649,7 +650,7 @@ def test_train_run_values_and_files(tmp_path):
 
 
 def test_best_model_at_the_top_of_the_run_folder(tmp_path):
-    """RUN/model.joblib is the best model by val accuracy: same bytes and predictions as its models/ copy,
+    """RUN/model.skops is the best model by val accuracy: same bytes and predictions as its models/ copy,
     its own sidecar (sha256 checked on load), and the default of find_model / predict."""
     cache = digits_cache(tmp_path / "digits.h5")
     run = tmp_path / "run"
@@ -657,25 +658,25 @@ def test_best_model_at_the_top_of_the_run_folder(tmp_path):
     m = json.loads((run / "metrics.json").read_text())
     best = max(((k, c) for k, d in m["results"].items() for c in d),
                key=lambda kc: m["results"][kc[0]][kc[1]]["val"]["accuracy"])
-    assert m["best"]["model"] == f"models/{best[0]}__{best[1]}.joblib" and m["best"]["file"] == "model.joblib"
-    top, top_meta = C.load_model(run / "model.joblib")
+    assert m["best"]["model"] == f"models/{best[0]}__{best[1]}.skops" and m["best"]["file"] == "model.skops"
+    top, top_meta = C.load_model(run / "model.skops")
     copy, copy_meta = C.load_model(run / m["best"]["model"])
-    assert (run / "model.joblib").read_bytes() == (run / m["best"]["model"]).read_bytes()
-    assert top_meta["sha256"] == copy_meta["sha256"] and top_meta["model_file"] == "model.joblib"
+    assert (run / "model.skops").read_bytes() == (run / m["best"]["model"]).read_bytes()
+    assert top_meta["sha256"] == copy_meta["sha256"] and top_meta["model_file"] == "model.skops"
     assert top_meta["copy_of"] == m["best"]["model"] and top_meta["layers"] == [best[0]]
     assert top_meta["classifier"] == best[1] and top_meta["C"] == m["results"][best[0]][best[1]]["C"]
     codes = load_codes(cache, [best[0]])
     np.testing.assert_array_equal(top.predict(codes.X), copy.predict(codes.X))
-    assert C.find_model(run) == run / "model.joblib"
-    assert C.find_model(run, "fc6__svm") == run / "models" / "fc6__svm.joblib"
-    # tampered: refused before unpickling, like every model file
-    data = bytearray((run / "model.joblib").read_bytes())
+    assert C.find_model(run) == run / "model.skops"
+    assert C.find_model(run, "fc6__svm") == run / "models" / "fc6__svm.skops"
+    # tampered: refused before loading, like every model file
+    data = bytearray((run / "model.skops").read_bytes())
     data[-20] ^= 0x01
-    (run / "model.joblib").write_bytes(bytes(data))
+    (run / "model.skops").write_bytes(bytes(data))
     with pytest.raises(ModelFileError, match="does not match its sidecar"):
         C.load_model(C.find_model(run))
-    # a run written before model.joblib existed: the best named by metrics.json
-    (run / "model.joblib").unlink()
+    # a run written before model.skops existed: the best named by metrics.json
+    (run / "model.skops").unlink()
     (run / "model.json").unlink()
     assert C.find_model(run) == run / m["best"]["model"]
 

@@ -271,6 +271,7 @@ def test_each_decoder_equals_its_torchvision_pipeline_on_real_files(interp, tmp_
     for i, p in enumerate(paths):
         _, a, status, note = fast[i]
         _, b, status_b, _ = exact[i]
+        a, b = a[0], b[0]  # one view per image: the centre crop
         assert status == status_b == "ok" and note == ""
         torch.testing.assert_close(a, tf(decode_image(p, mode=ImageReadMode.RGB)), rtol=0, atol=0)
         torch.testing.assert_close(b, torch.from_numpy(np.asarray(tf(Image.open(p).convert("RGB")))).permute(2, 0, 1),
@@ -291,10 +292,12 @@ def test_decoder_is_part_of_the_fingerprint_and_predict_uses_the_recorded_one(fl
     np.testing.assert_allclose(a.X, b.X, atol=0.05 * float(np.abs(b.X).max()))
     assert "decoder" not in b.spec["preprocessing"]  # Pillow: the spec of caches written before the choice
     for c in (a, b):  # new images get the preprocessing their training codes had, bit for bit
-        again = extract_images([flowers_small / p for p in c.paths[:4]], spec=c.spec, layer_keys=["fc1"],
+        # the same batch as the extraction: oneDNN's kernels may sum in another order for another batch
+        # size (seen on Intel Xeon hosts), so only the same batch composition is bitwise
+        again = extract_images([flowers_small / p for p in c.paths], spec=c.spec, layer_keys=["fc1"],
                                device="cpu", workers=0)
-        np.testing.assert_array_equal(again["codes"]["fc1"], c.X[:4])
-    with pytest.raises(UsageError, match="Unknown decoder"):
+        np.testing.assert_array_equal(again["codes"]["fc1"], c.X)
+    with pytest.raises(UsageError, match="'decoder' parameter"):
         extract(flowers_small, "tiny", ["fc1"], decoder="cv2", **kw)
 
 

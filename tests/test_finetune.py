@@ -214,7 +214,7 @@ def test_cache_is_reused_by_a_second_run(data, tiny_weights, tmp_path):
 
 @pytest.mark.parametrize("norm", ["l2", "standard", "sqrt"])
 def test_head_from_train_svm_softmax_reproduces_its_probabilities(data, tiny_weights, tmp_path, norm):
-    from cnncodes.classify import load_model, train_run
+    from cnncodes.classify import find_model, load_model, train_run
     from cnncodes.extract import extract
     from cnncodes.store import load_codes
 
@@ -225,7 +225,7 @@ def test_head_from_train_svm_softmax_reproduces_its_probabilities(data, tiny_wei
     job = _Job(cfg, data, tmp_path / "codes", 0)
     job.prepare_model()
     codes = load_codes(res.path, "fc1")
-    est, _ = load_model(run / "model.joblib")
+    est, _ = load_model(find_model(run))
     head = job.model.get_submodule("classifier.3").eval()
     with torch.no_grad():
         p = torch.softmax(head(torch.from_numpy(codes.X)), 1).numpy()

@@ -481,28 +481,36 @@ def test_load_truncated_jpeg(tmp_path):
 
 
 def test_load_decompression_bomb_error(tmp_path, monkeypatch):
+    from cnncodes.images import pixels_over_limit
+
     p = _write_rgb(tmp_path / "big.png", size=(100, 100), fmt="PNG")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)  # 10000 > 2 * 4000
     with pytest.raises(ImageDecodeError) as ei:
-        load_image(p)
+        load_image(p, max_pixels=4000)  # 10000 > 2 * 4000: Pillow's own check would raise too
     msg = str(ei.value)
-    assert msg.startswith(f"{p}: decompression bomb")
-    assert "PIL.Image.MAX_IMAGE_PIXELS=4000" in msg
-    assert isinstance(ei.value.__cause__, Image.DecompressionBombError)
+    assert msg.startswith(f"{p}: image has 10000 pixels, above the limit 4000")
+    assert "--max-pixels" in msg and pixels_over_limit(msg) == 10000
+    # Pillow's global limit neither lowers nor raises load_image's
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)
+    img, _ = load_image(p)
+    assert img.size == (100, 100) and Image.MAX_IMAGE_PIXELS == 4000  # restored after the decode
+    with pytest.raises(ImageDecodeError, match="image has 10000 pixels, above the limit 9999"):
+        load_image(p, max_pixels=9999)
 
 
 def test_load_decompression_bomb_warning_is_error(tmp_path, monkeypatch):
+    from cnncodes.images import pixels_over_limit
+
     p = _write_rgb(tmp_path / "big.png", size=(100, 100), fmt="PNG")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)  # 6000 < 10000 < 12000
     with pytest.raises(ImageDecodeError) as ei:
-        load_image(p)
-    msg = str(ei.value)
-    assert "decompression bomb" in msg
-    assert "PIL.Image.MAX_IMAGE_PIXELS=6000" in msg
-    assert isinstance(ei.value.__cause__, Image.DecompressionBombWarning)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10000)  # at the limit: fine
-    img, _ = load_image(p)
+        load_image(p, max_pixels=6000)  # 6000 < 10000 < 12000: Pillow would only warn
+    assert "image has 10000 pixels, above the limit 6000" in str(ei.value)
+    img, _ = load_image(p, max_pixels=10000)  # at the limit: fine
     assert img.size == (100, 100)
+    img, _ = load_image(p, max_pixels=None)  # no limit, even where Pillow has one
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    img, _ = load_image(p, max_pixels=None)
+    assert img.size == (100, 100) and Image.MAX_IMAGE_PIXELS == 100
+    assert pixels_over_limit("x.jpg: corrupt or truncated image") is None
 
 
 def test_file_handles_closed_on_success_and_error(tmp_path, monkeypatch):
@@ -518,10 +526,9 @@ def test_file_handles_closed_on_success_and_error(tmp_path, monkeypatch):
         for bad in (txt, trunc):
             with pytest.raises(ImageDecodeError):
                 load_image(bad)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     for _ in range(10):
         with pytest.raises(ImageDecodeError):
-            load_image(good)
+            load_image(good, max_pixels=100)
     assert _open_fds() == before
 
 

@@ -54,9 +54,10 @@ def _fake_extract(monkeypatch, codes, images: Path, *, swap_layers: bool = False
     """Put a stand-in for cnncodes.extract in sys.modules: codes looked up by the image's relative path."""
     index = {p: i for i, p in enumerate(codes.paths)}
 
-    def extract_images(paths, *, spec, layer_keys, device="auto", batch_size=64):
+    def extract_images(paths, *, spec, layer_keys, device="auto", batch_size=64, max_pixels=None):
         if calls is not None:
-            calls.append({"paths": list(paths), "layer_keys": list(layer_keys), "spec": spec})
+            calls.append({"paths": list(paths), "layer_keys": list(layer_keys), "spec": spec,
+                          "max_pixels": max_pixels})
         n = len(paths)
         status = np.array(["ok"] * n, dtype=object)
         messages = np.array([""] * n, dtype=object)
@@ -123,7 +124,7 @@ def test_predict_reproduces_training_time_predictions(trained, monkeypatch):
     _fake_extract(monkeypatch, trained["codes"], trained["images"], calls=calls)
     for name in ("fc7__svm", "fc6__softmax"):
         rows = P.predict(trained["run"], [trained["images"]], model=name, device="cpu")
-        model, meta = load_model(trained["run"] / "models" / f"{name}.joblib")
+        model, meta = load_model(trained["run"] / "models" / f"{name}.skops")
         assert calls[-1]["spec"] == meta["spec"] and calls[-1]["layer_keys"] == meta["layers"]
         with open(trained["run"] / "predictions" / f"{name}.csv", newline="") as f:
             at_training = {r["path"]: r for r in csv.DictReader(f)}
@@ -171,13 +172,75 @@ def test_tampered_model_is_refused_before_extraction(trained, monkeypatch, tmp_p
     shutil.copytree(trained["run"], run)
     calls = []
     _fake_extract(monkeypatch, trained["codes"], trained["images"], calls=calls)
-    f = run / "models" / "fc7__svm.joblib"
+    f = run / "models" / "fc7__svm.skops"
     data = bytearray(f.read_bytes())
     data[-20] ^= 0x01
     f.write_bytes(bytes(data))
     with pytest.raises(ModelFileError, match="does not match its sidecar"):
         P.predict(run, [trained["images"]], model="fc7__svm")
     assert calls == []
+
+
+def _as_old_run(run: Path) -> None:
+    """Turn a run folder into one of an older cnncodes: joblib pickles, sidecars naming them."""
+    import joblib
+
+    from cnncodes.fileio import sha256_of_file
+
+    for f in sorted(run.glob("models/*.skops")) + [run / "model.skops"]:
+        model, meta = load_model(f)
+        old = f.with_suffix(".joblib")
+        joblib.dump(model, old)
+        meta.update(model_file=old.name, sha256=sha256_of_file(old), schema="cnncodes.model/1")
+        if "copy_of" in meta:
+            meta["copy_of"] = meta["copy_of"].replace(".skops", ".joblib")
+        f.with_suffix(".json").write_text(json.dumps(meta))
+        f.unlink()
+    m = json.loads((run / "metrics.json").read_text())
+    m["best"]["model"] = m["best"]["model"].replace(".skops", ".joblib")
+    (run / "metrics.json").write_text(json.dumps(m))
+
+
+def test_planted_pickle_in_a_run_folder_does_not_run(trained, monkeypatch, tmp_path, capsys):
+    """Someone sends a run folder whose model.joblib runs code when unpickled, its sidecar rewritten to the
+    matching sha256: predict refuses it before any extraction, the code never runs, the CLI exits 1."""
+    import shutil
+
+    from test_modelfile import Payload, plant
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    _as_old_run(run)
+    marker = tmp_path / "EXECUTED"
+    plant(run / "model.joblib", __import__("pickle").dumps(Payload(str(marker))))
+    calls = []
+    _fake_extract(monkeypatch, trained["codes"], trained["images"], calls=calls)
+    with pytest.raises(ModelFileError, match=r"is a pickle.*scripts/train_svm\.py.*--trust-pickle"):
+        P.predict(run, [trained["images"]])
+    assert predict_script.main([str(run), str(trained["images"]), "--out", str(tmp_path / "p.csv")]) == 1
+    err = capsys.readouterr().err
+    assert "is a pickle" in err and "Traceback" not in err and not (tmp_path / "p.csv").exists()
+    assert not marker.exists() and calls == []
+    # the payload is live: trusting the stranger's pickle runs it
+    assert predict_script.main([str(run), str(trained["images"]), "--trust-pickle"]) == 1
+    assert marker.exists() and "not a fitted model" in capsys.readouterr().err
+
+
+def test_trust_pickle_predicts_with_an_old_run(trained, monkeypatch, tmp_path):
+    """An older run (joblib pickles) predicts as the skops run did, with --trust-pickle and only with it."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    _as_old_run(run)
+    _fake_extract(monkeypatch, trained["codes"], trained["images"])
+    want = P.predict(trained["run"], [trained["images"]])
+    assert predict_script.main([str(run), str(trained["images"]), "--out", str(tmp_path / "p.json")]) == 1
+    assert predict_script.main([str(run), str(trained["images"]), "--out", str(tmp_path / "p.json"),
+                                "--trust-pickle"]) == 0
+    assert json.loads((tmp_path / "p.json").read_text()) == want
+    assert P.predict(run, [trained["images"]], model="fc6__svm", trust_pickle=True) == P.predict(
+        trained["run"], [trained["images"]], model="fc6__svm")
 
 
 def test_unknown_model_name_lists_the_known_ones(trained):

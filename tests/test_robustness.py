@@ -484,8 +484,8 @@ def write_bad_images(folder: Path) -> dict[str, str]:
     (folder / "truncated.jpg").write_bytes(real[: len(real) * 2 // 5])
     (folder / "zero.jpg").write_bytes(b"")
     (folder / "text.jpg").write_text("this is not an image, it is a text file named .jpg\n" * 20)
-    # decompression bombs (MAX_IMAGE_PIXELS is lowered to 1e6 by the test): one above 2x the
-    # limit (Pillow raises DecompressionBombError), one between 1x and 2x (it only warns)
+    # decompression bombs (the tests lower max_pixels to 1e6): one above 2x the limit (Pillow
+    # would raise DecompressionBombError), one between 1x and 2x (Pillow would only warn)
     Image.new("L", (2000, 2000), 128).save(folder / "bomb.png")
     Image.new("L", (1200, 1100), 64).save(folder / "bomb_warning.png")
     # decodable oddities
@@ -521,15 +521,12 @@ ODD_OK = {
 }
 
 
-def test_bad_images_are_recorded_never_substituted(tmp_path, monkeypatch):
-    from PIL import Image
-
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
+def test_bad_images_are_recorded_never_substituted(tmp_path):
     data = tmp_path / "mixed"
     make_data(data, per_class=5, classes=("daisy", "tulip"))
     bad = write_bad_images(data / "odd")
     n = 10 + len(list((data / "odd").iterdir()))
-    res = run_extract(data, tmp_path / "out", error_budget=0.5)
+    res = run_extract(data, tmp_path / "out", error_budget=0.5, max_pixels=1_000_000)
     codes = {k: store.load_codes(res.path, k) for k in LAYERS}
     rows = codes["fc1"]
     assert len(rows.paths) == n and res.info.n_failed == len(bad) == res.n_failed
@@ -576,15 +573,12 @@ def test_bad_images_are_recorded_never_substituted(tmp_path, monkeypatch):
     assert dist[~np.eye(len(good), dtype=bool)].min() > 1e-2
 
 
-def test_error_budget_stops_the_run_and_keeps_shards(tmp_path, monkeypatch):
-    from PIL import Image
-
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
+def test_error_budget_stops_the_run_and_keeps_shards(tmp_path):
     data = tmp_path / "mixed"
     make_data(data, per_class=4, classes=("daisy", "rose"))  # sorted first: 2 clean batches
     bad = write_bad_images(data / "zz_odd")
     with pytest.raises(ErrorBudgetExceeded) as ei:
-        run_extract(data, tmp_path / "out")  # default budget: 5 %
+        run_extract(data, tmp_path / "out", max_pixels=1_000_000)  # default budget: 5 %
     msg = str(ei.value)
     assert "error budget" in msg and "First failures" in msg
     assert any(f"zz_odd/{name}" in msg for name in bad), msg
@@ -594,7 +588,7 @@ def test_error_budget_stops_the_run_and_keeps_shards(tmp_path, monkeypatch):
     assert not path.exists()
     assert not Path(str(path) + ".lock").exists()
     # with a generous budget the same data resumes from the kept shards
-    res = run_extract(data, tmp_path / "out", error_budget=0.9)
+    res = run_extract(data, tmp_path / "out", error_budget=0.9, max_pixels=1_000_000)
     assert res.resumed_from >= 8 and res.n_failed == len(bad)
 
 

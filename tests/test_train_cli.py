@@ -52,8 +52,8 @@ def test_compare_layers_and_classifiers(cache, tmp_path, capsys):
             assert r["selection"]["method"] == "val" and r["converged"] is True
             assert (out / r["model"]).is_file() and (out / r["model"]).with_suffix(".json").is_file()
     # the best model by val accuracy, at the top of the run folder
-    assert (out / "model.joblib").read_bytes() == (out / m["best"]["model"]).read_bytes()
-    assert load_model(out / "model.joblib")[1]["copy_of"] == m["best"]["model"]
+    assert (out / "model.skops").read_bytes() == (out / m["best"]["model"]).read_bytes()
+    assert load_model(out / "model.skops")[1]["copy_of"] == m["best"]["model"]
     for png in ("confusion_matrix.png", "c_curve.png", "layer_comparison.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the terminal table: one row per (layer, classifier), then the run folder as the last line
@@ -100,7 +100,7 @@ def test_second_run_into_the_same_folder_keeps_the_first(cache, tmp_path, capsys
     # with --overwrite the new run replaces the old one, as a whole
     assert train.main([str(cache), "--layers", "fc7", "--clf", "svm", "--out", str(out), "--overwrite", *FAST]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert list(m["results"]) == ["fc7"] and not (out / "models" / "fc6__svm.joblib").exists()
+    assert list(m["results"]) == ["fc7"] and not (out / "models" / "fc6__svm.skops").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging or old folder left
 
 

@@ -120,7 +120,7 @@ class _AugmentedDataset(_ImageDataset):
         import torch
         from torchvision.transforms import v2
 
-        t, note = decode_uint8(path, self.decoder, self.draft)
+        t, note = decode_uint8(path, self.decoder, self.draft, self.max_pixels)
         i = self._index
         interp = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC,
                   "nearest": v2.InterpolationMode.NEAREST}.get(self.pre.interpolation, v2.InterpolationMode.BILINEAR)
@@ -128,7 +128,7 @@ class _AugmentedDataset(_ImageDataset):
                                               antialias=True), v2.RandomHorizontalFlip()])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mix_seed(self.seed, self.epoch, i))
-            return tf(t).contiguous(), note
+            return tf(t).contiguous()[None], note  # one view: extract's collate concatenates views
 
     _index = None
 
@@ -155,9 +155,9 @@ def augmented_loader(paths: Sequence[str], pre, draft: bool, decoder: str, batch
 
 
 def eval_loader(paths: Sequence[str], pre, draft: bool, decoder: str, batches: list[list[int]], workers: int,
-                device: str):
+                device: str, **kw):
     """Batches decoded exactly as extract.py decodes them (resize, centre crop)."""
-    loader, _gate = _loader(paths, pre, draft, decoder, batches, workers, device)
+    loader, _gate = _loader(paths, pre, draft, decoder, batches, workers, device, **kw)
     return loader
 
 

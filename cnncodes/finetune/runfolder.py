@@ -139,7 +139,8 @@ def load_finetuned(run: str | os.PathLike):
 
 
 def predict_finetuned(run: str | os.PathLike, image_paths: Sequence[str | os.PathLike], *, device: str = "auto",
-                      batch_size: int = 64, workers: int | None = None) -> list[dict[str, Any]]:
+                      batch_size: int = 64, workers: int | None = None, max_pixels: int | None = None
+                      ) -> list[dict[str, Any]]:
     """Rows ``path,label,score,status,message`` for images, as :func:`cnncodes.predict.predict` returns."""
     import torch
 
@@ -158,7 +159,9 @@ def predict_finetuned(run: str | os.PathLike, image_paths: Sequence[str | os.Pat
     nw = _default_workers(dev) if workers is None else int(workers)
     names = meta["class_names"]
     out: list[dict] = [{} for _ in files]
-    loader = eval_loader(files, pre, pre.draft, meta["spec"]["preprocessing"].get("decoder", "pil"), batches, nw, dev)
+    kw = {} if max_pixels is None else {"max_pixels": max_pixels}
+    loader = eval_loader(files, pre, pre.draft, meta["spec"]["preprocessing"].get("decoder", "pil"), batches, nw, dev,
+                         **kw)
     with torch.inference_mode(), autocast(dev):
         for idx, x, status, notes in loader:
             p = torch.softmax(model(normalise(x, pre, dev)).float(), 1).cpu().numpy()

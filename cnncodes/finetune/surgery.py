@@ -168,8 +168,11 @@ def head_from_run(run: str | Path, *, spec: BackboneSpec, base_spec: dict, class
 
 
 def _softmax_name(run, in_alias: str) -> str | None:
+    from ..modelfile import MODEL_SUFFIX, PICKLE_SUFFIXES
+
     d = Path(run) / "models"
-    names = sorted(p.stem for p in d.glob("*__softmax.joblib")) if d.is_dir() else []
+    names = sorted({p.stem for s in (MODEL_SUFFIX, *PICKLE_SUFFIXES) for p in d.glob(f"*__softmax{s}")}) \
+        if d.is_dir() else []
     return names[0] if len(names) == 1 else (f"{in_alias}__softmax" if f"{in_alias}__softmax" in names else None)
 
 

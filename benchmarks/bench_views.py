@@ -1,0 +1,178 @@
+"""Figures of FC-as-convolution and multi-view codes (issue: "FC layers as convolutions ... views").
+
+Three parts, each printed as a table and written to ``artifacts/bench/views.json``:
+
+1. ``fcconv-time``: one forward pass of AlexNet with its FC layers as convolutions at 448 px against
+   the ordinary network at 224 px (batch ``--batch``, random weights, model only): time ratio and how
+   many fc7 codes each pass gives (Caffe's reference: 64x the outputs for about 3x the time).
+2. ``fcconv-acc``: test accuracy of AlexNet ``fc7`` (plain, 224 px) against avg- and max-pooled fc7
+   maps at 384 and 448 px, on a flowers5 subset. Without real AlexNet weights (none can be had
+   offline) pass ``--alexnet-weights PATH``; with random weights the figure only shows the pipeline.
+3. ``views``: test accuracy of EfficientNet-Lite0 ``pool`` and ``block5.linear`` codes with
+   ``--views center``, ``flip`` and ``10crop`` (mean), on subsets of flowers5 and
+   sign_language_digits, and the extraction cost per image of each.
+
+Accuracy: ``train_run`` defaults (linear SVM and softmax, C chosen on a stratified val split, the
+same seed for every variant, so every variant is tested on the same images).
+
+Usage::
+
+    python benchmarks/bench_views.py --per-class 200            # all three parts
+    python benchmarks/bench_views.py --parts views --per-class 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from _machine import cpu_model  # noqa: E402
+
+DATA = REPO.parent / "shared" / "datasets"
+
+
+def subset(src: Path, dst: Path, per_class: int) -> Path:
+    """An image folder of links to the first ``per_class`` images of each class of ``src``."""
+    if dst.exists():
+        return dst
+    for cls in sorted(p.name for p in src.iterdir() if p.is_dir()):
+        files = sorted(f for f in os.listdir(src / cls) if f.lower().endswith((".jpg", ".jpeg", ".png")))
+        (dst / cls).mkdir(parents=True, exist_ok=True)
+        for f in files[:per_class]:
+            os.symlink(src / cls / f, dst / cls / f)
+    return dst
+
+
+def fcconv_time(batch: int, repeats: int) -> dict:
+    import torch
+
+    from cnncodes.backbones import ResolvedWeights, build_model, get_backbone
+    from cnncodes.fc_conv import with_fc_as_conv
+
+    spec, none = get_backbone("alexnet"), ResolvedWeights("none", "none")
+    dense, conv = build_model(spec, none), build_model(with_fc_as_conv(spec), none)
+
+    def best(model, size):
+        x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            model(x)  # warm-up
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                out = model(x)
+                times.append(time.perf_counter() - t)
+        return min(times), out
+
+    t224, _ = best(dense, 224)
+    t448, out = best(conv, 448)
+    grid = out.shape[-1] * out.shape[-2]
+    return {"batch": batch, "t224_s": t224, "t448_fcconv_s": t448, "time_ratio": t448 / t224,
+            "codes_per_image_448": grid, "outputs_ratio": grid}
+
+
+def accuracy(cache: Path, keys: list[str], runs: Path) -> dict:
+    from cnncodes.classify import train_run
+
+    res = train_run(cache, keys, out=runs / f"{cache.stem}-{'-'.join(k.replace('@', '_') for k in keys)}",
+                    overwrite=True, plots=False)
+    m = res.metrics
+    out = {}
+    for key in keys:
+        r = m["results"][key]
+        out[key] = {clf: r[clf]["test"]["accuracy"] for clf in r}
+    return out
+
+
+def fcconv_acc(per_class: int, weights: str | None, tmp: Path) -> dict:
+    from cnncodes.extract import extract
+
+    data = subset(DATA / "flowers5", tmp / "flowers5", per_class)
+    w = weights or str(_random_alexnet(tmp))
+    kw = dict(weights=w, out=tmp / "codes", device="cpu", dtype="float32")
+    rows = {}
+    res = extract(data, "alexnet", ["fc7"], **kw)
+    rows["fc7 224"] = {"acc": accuracy(res.path, ["fc7"], tmp / "runs")["fc7"], "s_per_img": res.seconds / res.n_computed}
+    for size in (384, 448):
+        for pool in ("avg", "max"):
+            res = extract(data, "alexnet", ["fc7"], fc_as_conv=True, input_size=size, pool=pool, **kw)
+            key = res.keys[0]
+            rows[f"fc7 map {size} {pool}"] = {"acc": accuracy(res.path, [key], tmp / "runs")[key],
+                                               "s_per_img": res.seconds / max(1, res.n_computed)}
+    return {"weights": "given" if weights else "random (pipeline only)", "per_class": per_class, "rows": rows}
+
+
+def _random_alexnet(tmp: Path) -> Path:
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    path = tmp / "alexnet-random.pth"
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
+    return path
+
+
+def views_acc(per_class: int, tmp: Path, datasets: list[str]) -> dict:
+    from cnncodes.extract import extract
+
+    out = {}
+    for ds in datasets:
+        data = subset(DATA / ds, tmp / ds, per_class)
+        rows = {}
+        for views in ("center", "flip", "10crop"):
+            res = extract(data, "efficientnet_lite0", ["pool", "block5.linear"], views=views, device="cpu",
+                          out=tmp / "codes", dtype="float32")
+            rows[views] = {"acc": accuracy(res.path, ["pool", "block5.linear"], tmp / "runs"),
+                           "s_per_img": res.seconds / max(1, res.n_computed)}
+        out[ds] = rows
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--parts", nargs="+", default=["fcconv-time", "fcconv-acc", "views"])
+    ap.add_argument("--per-class", type=int, default=200, help="images per class of each subset")
+    ap.add_argument("--datasets", nargs="+", default=["flowers5", "sign_language_digits"])
+    ap.add_argument("--alexnet-weights", default=None, help="a real AlexNet state dict, if you have one")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=str(REPO / "artifacts" / "bench" / "views.json"))
+    args = ap.parse_args(argv)
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores")
+    result = {}
+    with tempfile.TemporaryDirectory(prefix="cnncodes-views-") as tmp:
+        tmp = Path(tmp)
+        if "fcconv-time" in args.parts:
+            r = result["fcconv_time"] = fcconv_time(args.batch, args.repeats)
+            print(f"AlexNet, batch {r['batch']}: 224 px dense {r['t224_s']:.3f} s, 448 px FC-as-conv "
+                  f"{r['t448_fcconv_s']:.3f} s: {r['time_ratio']:.2f}x the time for {r['outputs_ratio']}x the fc7 codes")
+        if "fcconv-acc" in args.parts:
+            r = result["fcconv_acc"] = fcconv_acc(args.per_class, args.alexnet_weights, tmp)
+            print(f"\nflowers5 ({r['per_class']}/class), AlexNet weights: {r['weights']}")
+            print(f"{'codes':<20} {'svm':>7} {'softmax':>8} {'s/img':>7}")
+            for name, row in r["rows"].items():
+                print(f"{name:<20} {row['acc']['svm']:7.3f} {row['acc']['softmax']:8.3f} {row['s_per_img']:7.3f}")
+        if "views" in args.parts:
+            r = result["views"] = views_acc(args.per_class, tmp, args.datasets)
+            for ds, rows in r.items():
+                print(f"\n{ds} ({args.per_class}/class), EfficientNet-Lite0")
+                print(f"{'views':<8} {'pool svm':>9} {'pool smax':>10} {'b5 svm':>7} {'b5 smax':>8} {'s/img':>7}")
+                for views, row in rows.items():
+                    a = row["acc"]
+                    print(f"{views:<8} {a['pool']['svm']:9.3f} {a['pool']['softmax']:10.3f} "
+                          f"{a['block5.linear']['svm']:7.3f} {a['block5.linear']['softmax']:8.3f} {row['s_per_img']:7.3f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

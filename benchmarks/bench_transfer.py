@@ -30,6 +30,7 @@ Writes ``artifacts/bench/transfer.json`` after every case (``--out``), prints on
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -84,7 +85,10 @@ def fine_tune(data: Path, work: Path, case: str, **kw) -> dict:
     from cnncodes.finetune.orchestrate import finetune
 
     t0 = time.perf_counter()
-    res = finetune(data, MODEL, device="cpu", out=work / "runs" / f"{data.name}__{case.replace(' ', '_')}",
+    # the settings are in the name: two benchmark processes with other settings never share (and discard)
+    # each other's interrupted work; the same settings resume it
+    tag = hashlib.sha256(json.dumps(kw, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    res = finetune(data, MODEL, device="cpu", out=work / "runs" / f"{data.name}__{case.replace(' ', '_')}__{tag}",
                    overwrite=True, cache_dir=work / "codes", plots=False, **kw)
     m = res.metrics
     r = m["results"]["finetune"]["softmax"]

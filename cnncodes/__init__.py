@@ -9,6 +9,9 @@ torch: reading codes and training classifiers stay fast.
 
 from __future__ import annotations
 
+import sys
+import types
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -32,3 +35,29 @@ def __getattr__(name: str):
         mod, attr = _LAZY[name]
         return getattr(importlib.import_module(mod), attr)
     raise AttributeError(f"module 'cnncodes' has no attribute {name!r}")
+
+
+class _CallableExtractModule(types.ModuleType):
+    """The submodule ``cnncodes.extract``, callable as the function ``cnncodes.extract``."""
+
+    def __call__(self, *args, **kwargs):
+        return self.extract(*args, **kwargs)
+
+
+class _Package(types.ModuleType):
+    """The package, whose ``extract`` stays callable once the submodule of that name is imported.
+
+    Importing ``cnncodes.extract`` (any caller does: ``predict`` for one, or a first call of
+    ``cnncodes.extract``) makes the import system bind the submodule as the package attribute
+    ``extract``, hiding the function of that name, so the next ``cnncodes.extract(...)`` raised
+    "'module' object is not callable". The submodule is made callable instead of being replaced,
+    so ``import cnncodes.extract as m; m.ExtractConfig`` still finds the module.
+    """
+
+    def __setattr__(self, name, value):
+        if name == "extract" and type(value) is types.ModuleType:
+            value.__class__ = _CallableExtractModule
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

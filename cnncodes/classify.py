@@ -24,8 +24,10 @@ Training a run (:func:`train_run`)
    no image in a part is a warning (logged, in the summary, in ``metrics.json``).
    All layers and the row table are read through one open handle on the cache
    (:func:`cnncodes.store.open_cache`): one version of the file even if it is replaced meanwhile.
-3. C is chosen by a sweep over a log grid (default ``np.logspace(-4, 4, 9)``), on the
-   val split, or by stratified k-fold CV on the train split when there is no val split
+3. C is chosen by a search that starts from a log grid (default ``np.logspace(-4, 4, 9)``),
+   extends past its edge while the best C lies there and refines around the best (half
+   decades; :mod:`cnncodes.search`), on the val split (a ``PredefinedSplit``), or by
+   stratified k-fold CV on the train split when there is no val split
    (fewer folds, with a note, when a class has fewer images than folds). The codes are
    normalised once, in float32; SVM fits run in parallel with joblib (X memory-mapped
    once; liblinear itself copies X to float64 for each fit, as sklearn's LinearSVC
@@ -64,20 +66,23 @@ the keys joined by ``+`` (``fc6+fc7``).
 ``metrics.json``::
 
     {
-      "schema": "cnncodes.metrics/1",
+      "schema": "cnncodes.metrics/2",
       "created": "...", "versions": {...},
       "cache": {"path", "fingerprint", "spec", "records", "manifest_hash", "dataset_root", "rows_sha256"},
       "split": {"source": "recorded"|"stratified", "seed", "val_fraction", "test_fraction",
                 "counts": {"train", "val", "test"}, "n_rows", "n_failed", "failed_examples", "notes",
                 "warnings", "roles": {"train", "val", "test"} (where each part comes from)},
-      "settings": {"norm", "grid", "cv", "n_jobs", "concat", "max_iter", "max_iter_cap", "early_stop"},
+      "settings": {"norm", "grid", "cv", "n_jobs", "concat", "max_iter", "max_iter_cap", "early_stop",
+                   "widen", "refine"},
       "results": {
         "<layers>": {
           "<clf>": {
             "C": best C, "c_at_edge": bool, "c_index": int,
             "c_curve": [{"C", "score", "score_std", "converged", "evaluated"}, ...],
-                        (score null where the sweep stopped before that C)
-            "selection": {"method": "val"|"cv", "n_folds", "notes", "early_stop", "stopped_at"},
+                        (the initial grid and every C tried, ascending; score null where not evaluated)
+            "selection": {"method": "val"|"cv", "n_folds", "notes", "early_stop", "stopped_at",
+                          "tried": [{"C", "phase", "score"}, ...] (in the order tried; phase grid,
+                          widen, refine1...), "stop_reason"},
             "train": METRICS, "val": METRICS, "test": METRICS,
             "converged": bool, "convergence_message": str, "max_iter": int,
             "sweep_seconds", "fit_seconds", "n_features", "norm",
@@ -86,6 +91,9 @@ the keys joined by ``+`` (``fc6+fc7``).
         }
       },
       "best": {"layers", "clf", "val_accuracy", "test_accuracy", "model", "file": "model.skops"},
+      "pairwise": [{"layers", "clf", "vs_layers", "vs_clf", "b", "c", "n", "method", "statistic", "p_value"}, ...],
+                  (McNemar of every other result against the best on the same test rows,
+                   cnncodes.stats.mcnemar; b = rows the best gets right and this one wrong)
       "notes": [...],
       "warnings": [...]   (e.g. "class rose (2 usable images) has no image in the val split: ...")
     }
@@ -118,12 +126,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
+from sklearn.utils._param_validation import StrOptions
 
 from . import runfolder as _runfolder
 from .errors import CacheError, CacheMismatchError, TrainingDataError, UsageError
 from .fileio import atomic_path, atomic_write_text
 from .modelfile import BEST_MODEL, MODEL_SCHEMA, MODEL_SUFFIX, find_model, load_model, save_model, sidecar_path
 from .modelfile import copy_model as _copy_model
+from .stats import format_p, pairwise_vs_best
 
 __all__ = [
     "NORMALISERS",
@@ -131,6 +141,7 @@ __all__ = [
     "DEFAULT_GRID",
     "signed_sqrt",
     "make_normaliser",
+    "CodesLinearSVC",
     "make_classifier",
     "make_pipeline",
     "Split",
@@ -159,8 +170,10 @@ NORMALISERS = ("l2", "standard", "sqrt", "none")
 CLASSIFIERS = ("svm", "softmax")
 DEFAULT_GRID = np.logspace(-4, 4, 9)
 SPLITS = ("train", "val", "test")
-METRICS_SCHEMA = "cnncodes.metrics/1"
+METRICS_SCHEMA = "cnncodes.metrics/2"  # /2: c_curve holds every C tried (widened, refined); selection.tried
 MIN_GRID_DECADES = 8.0
+# every C value is a fit (and a refit candidate): a grid of 10**8 values sweeps for days
+MAX_GRID_SIZE = 1000
 
 
 # --------------------------------------------------------------------------- estimators
@@ -207,6 +220,43 @@ def make_normaliser(norm: str = "l2"):
 _SOFTMAX_TOL = 1e-6
 
 
+class CodesLinearSVC(LinearSVC):
+    """:class:`~sklearn.svm.LinearSVC` whose default ``dual="by_C"`` picks the solver from C at fit time.
+
+    ``dual="by_C"``: the dual (coordinate descent) for ``C <= 1``, the primal (trust-region
+    Newton) above. Both solve the same problem (squared hinge, L2, regularised intercept);
+    only the time differs (measured: ``benchmarks/bench_search.py --solvers``; the dual is
+    faster at small C in every shape tried, and crawls or fails to converge at large C).
+    Deciding at fit time keeps the rule after ``set_params(C=...)`` or in a search over C,
+    where a ``dual`` fixed at construction would silently keep the solver of another C.
+    ``dual=True/False/"auto"`` behave as in LinearSVC. After fit, ``dual_`` is the solver used.
+    """
+
+    _parameter_constraints: dict = {**LinearSVC._parameter_constraints,
+                                    "dual": ["boolean", StrOptions({"auto", "by_C"})]}
+
+    def __init__(self, penalty="l2", loss="squared_hinge", *, dual="by_C", tol=1e-4, C=1.0, multi_class="ovr",
+                 fit_intercept=True, intercept_scaling=1, class_weight=None, verbose=0, random_state=None,
+                 max_iter=1000):
+        super().__init__(penalty=penalty, loss=loss, dual=dual, tol=tol, C=C, multi_class=multi_class,
+                         fit_intercept=fit_intercept, intercept_scaling=intercept_scaling,
+                         class_weight=class_weight, verbose=verbose, random_state=random_state, max_iter=max_iter)
+
+    def fit(self, X, y, sample_weight=None):
+        """Fit with the solver ``dual`` names; ``"by_C"`` is resolved from ``self.C`` now."""
+        if self.dual != "by_C":
+            super().fit(X, y, sample_weight=sample_weight)
+            self.dual_ = self.dual
+            return self
+        self.dual = bool(self.C <= 1.0)  # LinearSVC.fit reads self.dual; restored below
+        try:
+            super().fit(X, y, sample_weight=sample_weight)
+            self.dual_ = self.dual
+        finally:
+            self.dual = "by_C"
+        return self
+
+
 def make_classifier(
     clf: str,
     C: float = 1.0,
@@ -222,21 +272,12 @@ def make_classifier(
     Parameters
     ----------
     clf : {"svm", "softmax"}
+        ``"svm"``: :class:`CodesLinearSVC` (LinearSVC choosing the dual solver for C <= 1 and
+        the primal above, at fit time); ``"softmax"``: multinomial LogisticRegression (lbfgs).
     C : float
         Inverse regularisation strength.
     n_samples, n_features : int, optional
-        Shape of the training matrix (kept for callers; the choice below depends on C
-        alone). LinearSVC solves the dual (``dual=True``, coordinate descent) for
-        ``C <= 1`` and the primal (trust-region Newton) above, whatever the shape. Both
-        solve the same problem (squared hinge, L2, regularised intercept); only the time
-        differs. Measured on L2-normalised codes, one thread: at C <= 1 the dual was 1.3x
-        to 3x faster than the primal in every shape tried, also with many more rows than
-        features (13,000 x 2,048 sparse post-ReLU codes: C=0.01 5.2 s vs 12.9 s, C=1
-        3.5 s vs 12.5 s; 10,000 x 256: C=1 0.58 s vs 0.78 s; sklearn digits 1,437 x 64:
-        0.04 s vs 0.05 s); above C=1 the dual needs thousands of passes on some codes
-        (1,167 x 1,280 EfficientNet codes, C=100: 3.45 s / 3,492 iterations, not
-        converged at C=1e4, where the primal takes 0.4 s; 10,000 x 256, C=100: 6.0 s and
-        not converged vs 1.2 s).
+        Unused (kept for callers).
     max_iter : int
     seed : int
         ``random_state`` of LinearSVC's coordinate descent.
@@ -251,8 +292,7 @@ def make_classifier(
     if not (isinstance(C, (int, float, np.floating)) and np.isfinite(C) and C > 0):
         raise UsageError(f"The 'C' parameter must be a float > 0. Got {C!r} instead.")
     if clf == "svm":
-        dual = bool(C <= 1.0)
-        return LinearSVC(C=float(C), dual=dual, max_iter=int(max_iter), random_state=seed)
+        return CodesLinearSVC(C=float(C), max_iter=int(max_iter), random_state=seed)
     if clf == "softmax":
         # tol 1e-6, not sklearn's 1e-4: at 1e-4 lbfgs stops where the loss is still falling, and that
         # stopping point, not the data, decided test predictions (flowers5 Lite0 pool, C=10: float16 vs
@@ -672,14 +712,15 @@ class SweepResult:
     Attributes
     ----------
     grid : ndarray
-        The C values, ascending.
+        The C values, ascending: the initial grid and every C the schedule added (wider,
+        finer; see :mod:`cnncodes.search`).
     scores, scores_std : ndarray
         Accuracy at each C (val split), or mean and std over CV folds; NaN where the
-        C was not evaluated (the sweep stopped early, see ``evaluated``).
+        C was not evaluated (see ``evaluated``).
     converged : ndarray of bool
         Whether every fit at that C converged (True where not evaluated).
     best_index : int
-        ``argmax(scores)`` over the evaluated C values (the smallest C among ties).
+        Index of the best score over the evaluated C values (the smallest C among ties).
     predictions : ndarray of shape (len(grid), n_eval)
         Predicted labels of the evaluation rows at each C (val rows, or out-of-fold);
         rows of C values that were not evaluated repeat the best C's predictions.
@@ -687,12 +728,18 @@ class SweepResult:
         The rows (positions in the arrays given to :func:`sweep_C`) those predictions are for.
     method : {"val", "cv"}
     n_folds : int
+        The CV folds (0 for a val split, a 1-fold ``PredefinedSplit``).
     seconds : float
     notes : list of str
     evaluated : ndarray of bool
-        Which C values were fitted: all of them, or those up to an early stop.
+        Which C values were fitted.
     stopped_at : float or None
-        The last C evaluated when the sweep stopped early, else None.
+        The last initial-grid C evaluated when the grid phase stopped early, else None.
+    tried : list of dict
+        ``{"C", "phase", "score"}`` of every C evaluated, in order (phases ``grid``,
+        ``widen``, ``refine1``...).
+    stop_reason : str
+        Why the search ended.
     """
 
     grid: np.ndarray
@@ -708,6 +755,8 @@ class SweepResult:
     notes: list[str] = field(default_factory=list)
     evaluated: np.ndarray | None = None
     stopped_at: float | None = None
+    tried: list[dict] = field(default_factory=list)
+    stop_reason: str = ""
 
     def __post_init__(self):
         if self.evaluated is None:
@@ -719,7 +768,13 @@ class SweepResult:
 
     @property
     def at_edge(self) -> bool:
-        return self.best_index in (0, len(self.grid) - 1)
+        """The best C is the smallest or largest evaluated and strictly better than every other:
+        the optimum may lie beyond what was tried (widening off, or stopped at its limit)."""
+        ev = np.flatnonzero(self.evaluated)
+        if self.best_index not in (ev[0], ev[-1]) or ev.size < 2:
+            return False
+        others = self.scores[ev[ev != self.best_index]]
+        return bool(self.scores[self.best_index] > others.max())
 
     def curve(self) -> list[dict]:
         return [
@@ -731,8 +786,10 @@ class SweepResult:
 
 def _check_grid(grid) -> np.ndarray:
     g = np.asarray(grid, dtype=np.float64).ravel()
-    if g.size < 2 or not np.all(np.isfinite(g)) or np.any(g <= 0):
-        raise UsageError(f"The C grid must hold at least two finite values > 0. Got {list(g)} instead.")
+    if not 2 <= g.size <= MAX_GRID_SIZE or not np.all(np.isfinite(g)) or np.any(g <= 0):
+        shown = ", ".join(f"{c:g}" for c in g[:12]) + (", ..." if g.size > 12 else "")
+        raise UsageError(f"The C grid must hold 2 to {MAX_GRID_SIZE} finite values > 0. "
+                         f"Got {g.size} value(s) [{shown}] instead.")
     g = np.unique(g)
     decades = np.log10(g[-1] / g[0])
     if decades < MIN_GRID_DECADES - 1e-9:
@@ -766,19 +823,21 @@ def _fit_predict_one(norm, clf, C, X, y, tr, ev, *, max_iter, max_iter_cap, seed
     normalised (the classifier alone is fitted).
     """
     Xtr, ytr, Xev = X[tr], y[tr], X[ev]
-    kw = dict(n_samples=Xtr.shape[0], n_features=Xtr.shape[1], max_iter=max_iter, seed=seed)
+    kw = dict(max_iter=max_iter, seed=seed)
     est = make_classifier(clf, C, **kw) if norm is None else make_pipeline(norm, clf, C, **kw)
     info = fit_with_retries(est, Xtr, ytr, max_iter_cap=max_iter_cap)
     with _threads_for(Xev):
         return est.predict(Xev), info["converged"]
 
 
-def _softmax_path(norm, grid, X, y, tr, ev, *, max_iter, max_iter_cap, seed, patience=0):
-    """Warm-started softmax fits along the ascending grid on rows ``tr``; predictions of rows ``ev`` at each C.
+def _softmax_path(norm, Cs, X, y, tr, ev, *, max_iter, max_iter_cap, seed, warm=None):
+    """Softmax fits at the ascending ``Cs`` on rows ``tr``, each warm-started from the previous one
+    (the first from ``warm``, the ``(coef, intercept)`` of the nearest C already fitted, if any);
+    predictions of rows ``ev`` at each C. ``norm=None``: X is already normalised.
 
-    With ``patience``, stop once the accuracy on rows ``ev`` has dropped ``patience`` times
-    in a row after its peak (see :func:`_peaked`); the arrays returned then hold the
-    evaluated C values only. ``norm=None``: X is already normalised.
+    Returns
+    -------
+    preds : ndarray (len(Cs), len(ev)); conv : ndarray of bool; coefs : list of (coef, intercept)
     """
     Xtr, ytr, Xev = X[tr], y[tr], X[ev]
     if norm is None:
@@ -787,25 +846,18 @@ def _softmax_path(norm, grid, X, y, tr, ev, *, max_iter, max_iter_cap, seed, pat
         normaliser = make_normaliser(norm).fit(Xtr)
         Ztr = np.asarray(normaliser.transform(Xtr), dtype=np.float32)
         Zev = np.asarray(normaliser.transform(Xev), dtype=np.float32)
-    lr = make_classifier("softmax", grid[0], max_iter=max_iter, seed=seed, warm_start=True)
-    preds, conv, scores = [], [], []
-    for C in grid:
+    lr = make_classifier("softmax", Cs[0], max_iter=max_iter, seed=seed, warm_start=True)
+    if warm is not None:
+        lr.coef_, lr.intercept_ = warm[0].copy(), warm[1].copy()
+    preds, conv, coefs = [], [], []
+    for C in Cs:
         lr.set_params(C=float(C), max_iter=max_iter)
         info = fit_with_retries(lr, Ztr, ytr, max_iter_cap=max_iter_cap)
         with _threads_for(Zev):
             preds.append(lr.predict(Zev))
         conv.append(info["converged"])
-        scores.append(float(np.mean(preds[-1] == y[ev])))
-        if _peaked(scores, patience):
-            break
-    return np.stack(preds), np.asarray(conv)
-
-
-def _close(results) -> None:
-    """Stop a joblib result generator: the fits not yet dispatched are never started."""
-    close = getattr(results, "close", None)
-    if close is not None:
-        close()
+        coefs.append((lr.coef_.copy(), lr.intercept_.copy()))
+    return np.stack(preds), np.asarray(conv), coefs
 
 
 def _n_folds(y: np.ndarray, cv: int, class_names: Sequence[str]) -> tuple[int, list[str]]:
@@ -833,6 +885,96 @@ def _prenormalise(norm: str, X: np.ndarray, fit_rows: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(nrm.transform(X), dtype=np.float32)
 
 
+def _sweep_folds(X_train, y_train, X_val, y_val, cv, seed, class_names):
+    """The rows and folds of the sweep: a val split is a 1-fold ``PredefinedSplit`` over train+val,
+    no val split a stratified k-fold on train. Returns ``(X, y, folds, method, notes)``."""
+    from sklearn.model_selection import PredefinedSplit, StratifiedKFold
+
+    if X_val is not None and len(X_val):
+        X = np.concatenate([X_train, np.asarray(X_val, dtype=np.float32)])
+        y = np.concatenate([y_train, np.asarray(y_val)])
+        test_fold = np.r_[np.full(len(y_train), -1), np.zeros(len(y_val), dtype=int)]
+        return X, y, list(PredefinedSplit(test_fold).split()), "val", []
+    if not isinstance(cv, (int, np.integer)) or isinstance(cv, bool) or cv < 2:
+        raise UsageError(f"The 'cv' parameter must be an int >= 2. Got {cv!r} instead.")
+    k, notes = _n_folds(y_train, int(cv), class_names)
+    try:
+        folds = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(X_train, y_train))
+    except ValueError as e:
+        raise TrainingDataError(f"Cannot make {k} CV folds of {len(y_train)} training images: {e}") from e
+    for tr, _ in folds:
+        if np.unique(y_train[tr]).size < 2:
+            raise TrainingDataError("A CV fold's training part holds a single class: add images")
+    return X_train, y_train, folds, "cv", notes
+
+
+@contextlib.contextmanager
+def _shared(Z: np.ndarray, n_jobs):
+    """Z as a memory map on disk when workers are used: joblib then passes it by reference to every
+    batch of fits (instead of hashing and dumping it again for each batch)."""
+    import tempfile
+
+    from joblib import effective_n_jobs
+
+    if effective_n_jobs(n_jobs) == 1 or Z.nbytes < (1 << 20):
+        yield Z
+        return
+    with tempfile.TemporaryDirectory(prefix="cnncodes-sweep-") as d:
+        path = os.path.join(d, "Z.npy")
+        np.save(path, Z)
+        yield np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+class _Evaluator:
+    """Fits one batch of C values on every fold: ``__call__(Cs) -> {C: (fold_scores, oof_preds, converged)}``.
+
+    SVM fits run in parallel over (C, fold); softmax runs one warm-started path per fold (in
+    parallel over folds), starting from the nearest C already fitted on that fold.
+    """
+
+    def __init__(self, clf, norm, Z, y, folds, n_eval, parallel, kw):
+        self.clf, self.norm, self.Z, self.y, self.folds, self.n_eval = clf, norm, Z, y, folds, n_eval
+        self.parallel, self.kw = parallel, kw
+        self.coefs: list[dict] = [{} for _ in folds]  # softmax: per fold, C -> (coef, intercept)
+
+    def _oof(self, per_fold):
+        """Out-of-fold predictions over the evaluation rows from each fold's predictions."""
+        out = np.empty(self.n_eval, dtype=self.y.dtype)
+        base = self.folds[0][1].min() if len(self.folds) == 1 else 0
+        for (_, te), p in zip(self.folds, per_fold):
+            out[te - base] = p
+        return out
+
+    def __call__(self, Cs):
+        from joblib import delayed
+
+        Cs = sorted(Cs)
+        if self.clf == "softmax":
+            warm = [self._nearest(j, Cs[0]) for j in range(len(self.folds))]
+            out = self.parallel(delayed(_softmax_path)(self.norm, Cs, self.Z, self.y, tr, te, warm=w, **self.kw)
+                                for (tr, te), w in zip(self.folds, warm))
+            for j, (_, _, coefs) in enumerate(out):
+                self.coefs[j].update(zip(Cs, coefs))
+            fits = {(i, j): (o[0][i], o[1][i]) for j, o in enumerate(out) for i in range(len(Cs))}
+        else:
+            jobs = [(i, j) for i in range(len(Cs)) for j in range(len(self.folds))]
+            out = self.parallel(delayed(_fit_predict_one)(self.norm, self.clf, Cs[i], self.Z, self.y,
+                                                          *self.folds[j], **self.kw) for i, j in jobs)
+            fits = dict(zip(jobs, out))
+        res = {}
+        for i, c in enumerate(Cs):
+            per = [fits[i, j] for j in range(len(self.folds))]
+            scores = np.array([np.mean(p == self.y[te]) for (p, _), (_, te) in zip(per, self.folds)])
+            res[c] = (scores, self._oof([p for p, _ in per]), bool(all(cv for _, cv in per)))
+        return res
+
+    def _nearest(self, j, c):
+        done = self.coefs[j]
+        if not done:
+            return None
+        return done[min(done, key=lambda d: abs(np.log(d / c)))]
+
+
 def sweep_C(
     X_train: np.ndarray,
     y_train: np.ndarray,
@@ -848,25 +990,30 @@ def sweep_C(
     max_iter: int = 1000,
     max_iter_cap: int = 16000,
     early_stop: int | None = 2,
+    widen: bool = True,
+    refine: int = 1,
     class_names: Sequence[str] = (),
 ) -> SweepResult:
     """Choose C by accuracy on a val split, or by stratified k-fold CV on train.
 
-    C values are evaluated in ascending order. The codes are normalised once (float32
-    throughout; the normaliser fitted on the training rows, as each pipeline would);
-    SVM fits run in parallel over C (and folds) with joblib, X memory-mapped once;
-    softmax runs warm-started along the grid, in parallel over folds.
+    The C values come from :class:`cnncodes.search.CSchedule`: the initial grid in ascending
+    order with an early stop, then wider (past an edge, while the score still rises) and finer
+    (half decades around the best with ``refine=1``). The codes are normalised once (float32;
+    the normaliser fitted on the training rows, as each pipeline would); SVM fits run in
+    parallel over C and folds with joblib, X memory-mapped once; softmax runs warm-started
+    from the nearest C already fitted, in parallel over folds.
 
     Parameters
     ----------
     X_train, y_train : arrays
         Training codes (float32 is kept) and labels.
     X_val, y_val : arrays, optional
-        The val split; when None or empty, ``cv``-fold stratified CV on train is used.
+        The val split (a ``PredefinedSplit``); when None or empty, ``cv``-fold stratified CV
+        on train is used.
     clf, norm : str
         See :func:`make_classifier` and :func:`make_normaliser`.
     grid : sequence of float, optional
-        C values; default ``np.logspace(-4, 4, 9)``.
+        The initial C grid; default ``np.logspace(-4, 4, 9)``.
     cv : int
         Folds when there is no val split; fewer (noted) when a class is smaller.
     seed : int
@@ -879,13 +1026,13 @@ def sweep_C(
         still do not converge are marked in the curve (``converged``) rather than
         paid for with 16x the iterations; the final refit uses the full cap.
     early_stop : int or None
-        Patience: stop the sweep once the score has fallen strictly below its best
-        for this many consecutive larger C values (default 2; 0 or None: evaluate the
-        whole grid). The larger C values, the slowest to fit, are then not evaluated;
-        they are NaN in ``scores``, False in ``evaluated``, and a note says where the
-        sweep stopped. A curve that would rise again to a higher peak beyond such a
-        drop would be missed. Not applied to the softmax CV sweep (its folds run
-        warm-started paths in parallel).
+        Patience of the grid phase: stop once the score has fallen strictly below its best
+        for this many consecutive larger C values (default 2; 0 or None: the whole grid).
+        A curve that would rise again to a higher peak beyond such a drop would be missed.
+    widen : bool
+        Extend past the grid's edge while the best C lies there (default True).
+    refine : int
+        Rounds of refinement around the best, each halving the log step (default 1: half decades).
 
     Returns
     -------
@@ -894,11 +1041,13 @@ def sweep_C(
     Raises
     ------
     UsageError
-        For a bad grid, classifier, normaliser, ``early_stop`` or ``cv < 2``.
+        For a bad grid, classifier, normaliser, ``early_stop``, ``refine`` or ``cv < 2``.
     TrainingDataError
         When the folds cannot be made.
     """
-    from joblib import Parallel, delayed
+    from joblib import Parallel, effective_n_jobs
+
+    from .search import CSchedule
 
     g = _check_grid(DEFAULT_GRID if grid is None else grid)
     make_normaliser(norm)
@@ -907,107 +1056,55 @@ def sweep_C(
     X_train = np.asarray(X_train, dtype=np.float32)
     y_train = np.asarray(y_train)
     t0 = time.perf_counter()
+    X, y, folds, method, notes = _sweep_folds(X_train, y_train, X_val, y_val, cv, seed, class_names)
+    # the normaliser is fitted once on the training rows: exact for a val split, and for the row-wise
+    # normalisers under CV; a stateful one (standard) under CV is fitted inside each fold
+    pre = method == "val" or norm != "standard"
+    Z = _prenormalise(norm, X, folds[0][0] if method == "val" else np.arange(len(y))) if pre else X
+    del X
+    n_eval = len(folds[0][1]) if method == "val" else len(y)
     kw = dict(max_iter=max_iter, max_iter_cap=min(max_iter_cap, 4 * max_iter), seed=seed)
-    notes: list[str] = []
-    n_c = len(g)
-    evaluated = np.zeros(n_c, dtype=bool)
-    conv = np.ones(n_c, dtype=bool)
-    scores = np.full(n_c, np.nan)
-    std = np.zeros(n_c)
-    # generator output: the fits beyond an early stop are never dispatched
-    par = dict(n_jobs=n_jobs, return_as="generator", pre_dispatch="n_jobs", batch_size=1)
-    with warnings.catch_warnings():
+    # C values evaluated at once: enough (C, fold) fits to keep the workers busy; softmax goes one C at a time
+    batch = 1 if clf == "softmax" else max(1, effective_n_jobs(n_jobs) // len(folds))
+    schedule = CSchedule(tuple(g), patience, bool(widen), refine, batch)
+    points: dict[float, tuple] = {}
+    with warnings.catch_warnings(), _shared(Z, n_jobs) as Zs, Parallel(n_jobs=n_jobs) as parallel:
         warnings.filterwarnings("ignore", message=".*least populated class.*")
-        # joblib's note when an early stop cancels fits already dispatched: that is the point
-        warnings.filterwarnings("ignore", message=".*tasks which were still being processed.*")
-        if X_val is not None and len(X_val):
-            y_val = np.asarray(y_val)
-            Xa = np.concatenate([X_train, np.asarray(X_val, dtype=np.float32)])
-            ya = np.concatenate([y_train, y_val])
-            tr, ev = np.arange(len(y_train)), np.arange(len(y_train), len(ya))
-            Za = _prenormalise(norm, Xa, tr)
-            del Xa
-            preds = np.empty((n_c, len(y_val)), dtype=y_train.dtype)
-            if clf == "softmax":
-                p, c = _softmax_path(None, g, Za, ya, tr, ev, patience=patience, **kw)
-                m = len(p)
-                preds[:m], conv[:m], evaluated[:m] = p, c, True
-                scores[:m] = (p == y_val[None, :]).mean(axis=1)
-            else:
-                out = Parallel(**par)(delayed(_fit_predict_one)(None, clf, C, Za, ya, tr, ev, **kw) for C in g)
-                for i, (p, c) in enumerate(out):
-                    preds[i], conv[i], evaluated[i] = p, c, True
-                    scores[i] = float(np.mean(p == y_val))
-                    if _peaked(scores[: i + 1], patience):
-                        _close(out)
-                        break
-            method, k, eval_rows = "val", 0, np.arange(len(y_val))
-        else:
-            from sklearn.model_selection import StratifiedKFold
+        evaluate = _Evaluator(clf, None if pre else norm, Zs, y, folds, n_eval, parallel, kw)
+        while batch_cs := schedule.next_batch():
+            points.update(evaluate(batch_cs))
+            schedule.record({c: points[c][0].mean() for c in batch_cs})
+    return _sweep_result(g, points, schedule, method, len(folds), n_eval, time.perf_counter() - t0, notes)
 
-            if not isinstance(cv, (int, np.integer)) or cv < 2:
-                raise UsageError(f"The 'cv' parameter must be an int >= 2. Got {cv!r} instead.")
-            k, notes = _n_folds(y_train, int(cv), class_names)
-            try:
-                folds = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(X_train, y_train))
-            except ValueError as e:
-                raise TrainingDataError(f"Cannot make {k} CV folds of {len(y_train)} training images: {e}") from e
-            for tr, _ in folds:
-                if np.unique(y_train[tr]).size < 2:
-                    raise TrainingDataError("A CV fold's training part holds a single class: add images")
-            # a stateful normaliser (standard) is fitted inside each fold; the others are row-wise
-            pre = norm != "standard"
-            Xs = _prenormalise(norm, X_train, np.arange(len(y_train))) if pre else X_train
-            nrm = None if pre else norm
-            preds = np.empty((n_c, len(y_train)), dtype=y_train.dtype)
-            fold_scores = np.full((k, n_c), np.nan)
-            if clf == "softmax":
-                out = Parallel(n_jobs=n_jobs)(
-                    delayed(_softmax_path)(nrm, g, Xs, y_train, tr, te, **kw) for tr, te in folds
-                )
-                for j, ((p, c), (_, te)) in enumerate(zip(out, folds)):
-                    preds[:, te] = p
-                    conv &= c
-                    fold_scores[j] = (p == y_train[te][None, :]).mean(axis=1)
-                evaluated[:] = True
-            else:
-                jobs = [(i, j) for i in range(n_c) for j in range(k)]
-                out = Parallel(**par)(
-                    delayed(_fit_predict_one)(nrm, clf, g[i], Xs, y_train, folds[j][0], folds[j][1], **kw)
-                    for i, j in jobs
-                )
-                for (i, j), (p, c) in zip(jobs, out):
-                    te = folds[j][1]
-                    preds[i, te] = p
-                    conv[i] &= c
-                    fold_scores[j, i] = float(np.mean(p == y_train[te]))
-                    if j == k - 1:
-                        evaluated[i] = True
-                        if _peaked(fold_scores[:, : i + 1].mean(axis=0), patience):
-                            _close(out)
-                            break
-            scores[evaluated] = fold_scores[:, evaluated].mean(axis=0)
-            std[evaluated] = fold_scores[:, evaluated].std(axis=0)
-            method, eval_rows = "cv", np.arange(len(y_train))
-    best = int(np.nanargmax(scores))
-    preds[~evaluated] = preds[best]
-    stopped_at = None
-    if not evaluated.all():
-        last = int(np.flatnonzero(evaluated)[-1])
-        stopped_at = float(g[last])
-        notes.append(
-            f"sweep stopped early: the score fell below its best (C={g[best]:g}) for {patience} consecutive larger "
-            f"C values; C = {', '.join(f'{c:g}' for c in g[~evaluated])} not evaluated"
-        )
-    res = SweepResult(g, scores, std, conv, best, preds, eval_rows, method, k, time.perf_counter() - t0, notes,
-                      evaluated, stopped_at)
+
+def _sweep_result(g, points, schedule, method, k, n_eval, seconds, notes) -> SweepResult:
+    """The SweepResult of a finished schedule: every C of the initial grid or tried, ascending."""
+    from .search import _key
+
+    cs = np.array(sorted(set(_key(c) for c in g) | set(points)))
+    evaluated = np.array([c in points for c in cs])
+    scores = np.array([points[c][0].mean() if c in points else np.nan for c in cs])
+    std = np.array([points[c][0].std() if c in points and k > 1 else 0.0 for c in cs])
+    conv = np.array([points[c][2] if c in points else True for c in cs])
+    best = int(np.flatnonzero(cs == schedule.best_C)[0])
+    preds = np.stack([points[c][1] if c in points else points[schedule.best_C][1] for c in cs])
+    grid_tried = [e["C"] for e in schedule.log if e["phase"] == "grid"]
+    stopped_at = grid_tried[-1] if len(grid_tried) < len(g) else None
+    notes = list(notes)
+    if stopped_at is not None:
+        skipped = [c for c in g if _key(c) not in points]
+        notes.append(f"sweep stopped early: the score fell below its best for {schedule.patience} consecutive larger "
+                     f"C values; C = {', '.join(f'{c:g}' for c in skipped)} of the grid not evaluated")
+    res = SweepResult(cs, scores, std, conv, best, preds, np.arange(n_eval), method, 0 if method == "val" else k,
+                      seconds, notes, evaluated, stopped_at,
+                      [dict(e, score=float(schedule.scores[e["C"]])) for e in schedule.log], schedule.stop_reason)
     if res.at_edge:
-        res.notes.append(
-            f"best C={res.best_C:g} is at the {'lower' if best == 0 else 'upper'} edge of the grid "
-            f"({g[0]:g}..{g[-1]:g}): widen the grid"
-        )
+        side = "lower" if best == np.flatnonzero(evaluated)[0] else "upper"
+        res.notes.append(f"best C={res.best_C:g} is at the {side} end of the C values tried "
+                         f"({cs[evaluated][0]:g}..{cs[evaluated][-1]:g}) and strictly better than the others: "
+                         f"the optimum may lie further out")
     if not conv.all():
-        res.notes.append(f"fits did not converge at C = {', '.join(f'{c:g}' for c in g[~conv])}")
+        res.notes.append(f"fits did not converge at C = {', '.join(f'{c:g}' for c in cs[~conv])}")
     return res
 
 
@@ -1031,7 +1128,8 @@ def refit(
 
 
 def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> dict:
-    """Classification metrics of one split, with ``sklearn.metrics``.
+    """Classification metrics of one split: ``classification_report``, ``balanced_accuracy_score``,
+    ``confusion_matrix``.
 
     Parameters
     ----------
@@ -1042,13 +1140,12 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequenc
     Returns
     -------
     dict
-        ``n``, ``accuracy`` (top-1), ``balanced_accuracy`` (mean per-class accuracy over
+        ``n``, ``accuracy`` (top-1), ``balanced_accuracy`` (mean per-class recall over
         the classes present in ``y_true``), ``per_class`` (precision, recall, f1, support
         per class name), ``confusion_matrix`` (rows: true, columns: predicted, in the
         order of ``labels``), ``labels``. Empty splits give ``{"n": 0}``.
     """
-    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix,
-                                 precision_recall_fscore_support)
+    from sklearn.metrics import balanced_accuracy_score, classification_report, confusion_matrix
 
     y_true = np.asarray(y_true)
     y_pred = np.asarray(y_pred)
@@ -1056,17 +1153,17 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequenc
         return {"n": 0}
     labels = np.arange(len(class_names))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        acc = accuracy_score(y_true, y_pred)
+        warnings.simplefilter("ignore")  # classes absent from y_true or y_pred: 0 by zero_division, on purpose
+        report = classification_report(y_true, y_pred, labels=labels, output_dict=True, zero_division=0)
         bal = balanced_accuracy_score(y_true, y_pred)
-        p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     cm = confusion_matrix(y_true, y_pred, labels=labels)
     return {
         "n": int(y_true.size),
-        "accuracy": float(acc),
+        "accuracy": float(np.mean(y_true == y_pred)),
         "balanced_accuracy": float(bal),
         "per_class": {
-            str(name): {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+            str(name): {"precision": float(report[str(i)]["precision"]), "recall": float(report[str(i)]["recall"]),
+                        "f1": float(report[str(i)]["f1-score"]), "support": int(report[str(i)]["support"])}
             for i, name in enumerate(class_names)
         },
         "confusion_matrix": cm.astype(int).tolist(),
@@ -1311,6 +1408,8 @@ def train_run(
     max_iter: int = 1000,
     max_iter_cap: int = 16000,
     early_stop: int | None = 2,
+    widen: bool = True,
+    refine: int = 1,
     out: str | os.PathLike | None = None,
     runs_root: str | os.PathLike = "artifacts/runs",
     overwrite: bool = False,
@@ -1340,6 +1439,8 @@ def train_run(
         See :func:`fit_with_retries`.
     early_stop : int or None
         Patience of the C sweep (see :func:`sweep_C`; 0 or None: the whole grid).
+    widen, refine
+        Extend the C search past the grid's edge; rounds of refinement (see :func:`sweep_C`).
     out : path-like, optional
         The run folder; default ``runs_root / default_run_name(...)``.
     overwrite : bool
@@ -1362,6 +1463,10 @@ def train_run(
     """
     from .store import open_cache
 
+    if isinstance(layers, str):  # as extract and load_codes take it; it was read as the layers "f", "c", "7"
+        layers = [layers]
+    if isinstance(classifiers, str):
+        classifiers = [classifiers]
     classifiers = list(dict.fromkeys(classifiers))
     if not classifiers:
         raise UsageError("Name at least one classifier (svm, softmax).")
@@ -1395,6 +1500,7 @@ def train_run(
     first = None
     split: Split | None = None
     notes: list[str] = []
+    test_correct: dict[tuple[str, str], np.ndarray] = {}  # for McNemar against the best (same test rows)
     with snap, _runfolder.staged_run(target, overwrite=overwrite, cache=cache, reserve=out is None,
                                      marker=marker) as (tmp, target):
         if missing:
@@ -1426,7 +1532,8 @@ def train_run(
                     X[split.train], y[split.train],
                     X[split.val] if len(split.val) else None, y[split.val] if len(split.val) else None,
                     clf=clf, norm=norm, grid=g, cv=cv, seed=seed, n_jobs=n_jobs, max_iter=max_iter,
-                    max_iter_cap=max_iter_cap, early_stop=patience, class_names=codes.class_names,
+                    max_iter_cap=max_iter_cap, early_stop=patience, widen=widen, refine=refine,
+                    class_names=codes.class_names,
                 )
                 for nt in sw.notes:
                     log.warning("%s / %s: %s", name, clf, nt)
@@ -1454,7 +1561,8 @@ def train_run(
                 r = {
                     "C": sw.best_C, "c_index": sw.best_index, "c_at_edge": sw.at_edge, "c_curve": sw.curve(),
                     "selection": {"method": sw.method, "n_folds": sw.n_folds, "notes": sw.notes,
-                                  "early_stop": patience, "stopped_at": sw.stopped_at},
+                                  "early_stop": patience, "stopped_at": sw.stopped_at, "tried": sw.tried,
+                                  "stop_reason": sw.stop_reason},
                     "train": compute_metrics(y[trval], pred_all["train"][0], codes.class_names),
                     "val": val_metrics,
                     "test": compute_metrics(y[split.test], pred_all["test"][0], codes.class_names),
@@ -1464,6 +1572,7 @@ def train_run(
                 }
                 r["train"]["rows"] = "train+val"
                 results[name][clf] = r
+                test_correct[(name, clf)] = pred_all["test"][0] == y[split.test]
                 curves_for_plot.append((name, clf, sw))
                 cms_for_plot.append((name, clf, r["test"]))
                 log.info("%s / %s: C=%g, val %.4f, test %.4f (sweep %.1fs, fit %.1fs)", name, clf, sw.best_C,
@@ -1485,11 +1594,13 @@ def train_run(
             "split": split.to_dict(),
             "settings": {"norm": norm, "grid": g, "cv": cv, "n_jobs": n_jobs, "concat": concat, "seed": seed,
                          "classifiers": classifiers, "layer_sets": ["+".join(s) for s in sets],
-                         "max_iter": max_iter, "max_iter_cap": max_iter_cap, "early_stop": patience},
+                         "max_iter": max_iter, "max_iter_cap": max_iter_cap, "early_stop": patience,
+                         "widen": bool(widen), "refine": refine},
             "results": results,
             "best": {"layers": best[0], "clf": best[1], "val_accuracy": best[2]["val"]["accuracy"],
                      "test_accuracy": best[2]["test"]["accuracy"], "model": best[2]["model"],
                      "file": BEST_MODEL},
+            "pairwise": pairwise_vs_best(test_correct, (best[0], best[1])),
             "notes": notes,
             "warnings": list(split.warnings),
             "seconds": time.perf_counter() - t_run,
@@ -1527,7 +1638,9 @@ def _write_predictions(path: Path, codes, trval: np.ndarray, split: Split, pred_
 def format_summary(metrics: Mapping) -> str:
     """The terminal table: layers x classifier -> val acc, test acc, best C, fit seconds; then the
     best model and one ``WARNING:`` line per warning of the run (e.g. a class with no test image)."""
-    head = ["layers", "clf", "val acc", "test acc", "best C", "sweep s", "fit s", "note"]
+    head = ["layers", "clf", "val acc", "test acc", "best C", "sweep s", "fit s", "p vs best", "note"]
+    # McNemar p-value of each result against the best by val accuracy, on the same test rows
+    p_vs_best = {(q["layers"], q["clf"]): format_p(q["p_value"]) for q in metrics.get("pairwise", [])}
     rows = []
     for name, d in metrics["results"].items():
         for clf, r in d.items():
@@ -1537,7 +1650,8 @@ def format_summary(metrics: Mapping) -> str:
             if not r.get("converged", True):
                 note.append("not converged")
             rows.append([name, clf, f"{r['val'].get('accuracy', float('nan')):.4f}", f"{r['test']['accuracy']:.4f}",
-                         f"{r['C']:g}", f"{r['sweep_seconds']:.1f}", f"{r['fit_seconds']:.1f}", ", ".join(note)])
+                         f"{r['C']:g}", f"{r['sweep_seconds']:.1f}", f"{r['fit_seconds']:.1f}",
+                         p_vs_best.get((name, clf), "-"), ", ".join(note)])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     out = [line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)]
@@ -1567,6 +1681,10 @@ def _save(fig, path: Path) -> None:
 
 
 def _plot_confusions(path: Path, items: list) -> None:
+    """Row-normalised test confusion matrices (``ConfusionMatrixDisplay`` on our own Agg figure: with
+    ``ax=`` it imports pyplot but registers no figure)."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
     n = len(items)
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
@@ -1576,32 +1694,36 @@ def _plot_confusions(path: Path, items: list) -> None:
     for i, (name, clf, m) in enumerate(items):
         ax = fig.add_subplot(rows, cols, i + 1)
         cm = np.asarray(m.get("confusion_matrix", [[0]]), dtype=float)
-        norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-        ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
+        recall = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+        labels = m.get("labels", []) if k <= 30 else None
+        disp = ConfusionMatrixDisplay(recall, display_labels=labels)
+        disp.plot(ax=ax, cmap="Blues", colorbar=False, include_values=k <= 12, values_format=".2f",
+                  xticks_rotation="vertical", im_kw={"vmin": 0, "vmax": 1})
         ax.set_title(f"{name} / {clf}: test acc {m.get('accuracy', float('nan')):.3f}", fontsize=9)
-        labels = m.get("labels", [])
-        if k <= 30:
-            ax.set_xticks(range(k), labels, rotation=90, fontsize=7)
-            ax.set_yticks(range(k), labels, fontsize=7)
-            if k <= 12:
-                for a in range(k):
-                    for b in range(k):
-                        ax.text(b, a, int(cm[a, b]), ha="center", va="center", fontsize=7,
-                                color="white" if norm[a, b] > 0.5 else "black")
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
+        ax.tick_params(labelsize=7)
+        for t in disp.text_.ravel() if disp.text_ is not None else ():
+            t.set_fontsize(7)
     _save(fig, path)
 
 
 def _plot_curves(path: Path, items: list) -> None:
+    """Val (or CV) accuracy against C of each model, the C values tried only (``ValidationCurveDisplay``,
+    one line per model, the fold spread shaded), the chosen C starred."""
+    from sklearn.model_selection import ValidationCurveDisplay
+
     fig = _figure(6.5, 4.2)
     ax = fig.add_subplot(1, 1, 1)
     for name, clf, sw in items:
-        line, = ax.semilogx(sw.grid, sw.scores, marker="o", ms=3, label=f"{name} / {clf}")
-        if sw.method == "cv":
-            ax.fill_between(sw.grid, sw.scores - sw.scores_std, sw.scores + sw.scores_std, alpha=0.15,
-                            color=line.get_color())
+        ev = np.flatnonzero(sw.evaluated)
+        # per-fold scores are not kept: mean +- std gives the same line and band as the folds would
+        folds = np.stack([sw.scores[ev] - sw.scores_std[ev], sw.scores[ev] + sw.scores_std[ev]], axis=1)
+        disp = ValidationCurveDisplay(param_name="C", param_range=sw.grid[ev], train_scores=folds, test_scores=folds,
+                                      score_name="val accuracy")
+        disp.plot(ax=ax, score_type="test", line_kw={"marker": "o", "ms": 3}, fill_between_kw={"alpha": 0.15})
+        line = disp.lines_[0]
+        line.set_label(f"{name} / {clf}")
         ax.plot([sw.best_C], [sw.scores[sw.best_index]], marker="*", ms=12, color=line.get_color())
+    ax.set_xscale("log")
     ax.set_xlabel("C")
     ax.set_ylabel("val accuracy" if all(sw.method == "val" for _, _, sw in items) else "val / CV accuracy")
     ax.grid(True, alpha=0.3)

@@ -6,6 +6,7 @@ A thin layer over :func:`cnncodes.classify.train_run`; no torch import.
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Sequence
 
 from ._cli import Parser, run_cli
@@ -62,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--early-stop", type=int, default=2, metavar="N",
                    help="stop the C sweep once the score has fallen below its best for N consecutive larger C "
                         "(default 2; 0: evaluate the whole grid)")
+    p.add_argument("--no-widen", action="store_true",
+                   help="do not extend the C search past the grid's edge when the best C lies there")
+    p.add_argument("--refine", type=int, default=1, metavar="N",
+                   help="rounds of refinement around the best C, each halving the log step "
+                        "(default 1: half decades; 0: the grid only)")
     p.add_argument("--out", "-o", default=None,
                    help="run folder (default artifacts/runs/<cache>__<layers>__<UTC time>__<settings hash>)")
     p.add_argument("--runs-root", default="artifacts/runs", help="parent of the default run folder")
@@ -75,10 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _grid(args) -> list[float]:
     import numpy as np
 
+    from .classify import MAX_GRID_SIZE
+
     if args.grid is not None:
         return list(args.grid)
-    if not (args.c_min > 0 and args.c_max > args.c_min and args.c_num >= 2):
-        raise UsageError(f"need 0 < --c-min < --c-max and --c-num >= 2; got {args.c_min}, {args.c_max}, {args.c_num}")
+    # finite bounds (inf made a grid of NaN and inf) and a bounded count (1e8 values swept for hours)
+    if not (0 < args.c_min < args.c_max < math.inf and 2 <= args.c_num <= MAX_GRID_SIZE):
+        raise UsageError(f"need 0 < --c-min < --c-max < inf and 2 <= --c-num <= {MAX_GRID_SIZE}; "
+                         f"got {args.c_min}, {args.c_max}, {args.c_num}")
     return list(np.logspace(np.log10(args.c_min), np.log10(args.c_max), args.c_num))
 
 
@@ -88,7 +98,8 @@ def _train(args: argparse.Namespace) -> int:
     res = train_run(
         args.cache, args.layers, classifiers=args.clf, concat=args.concat, norm=args.norm, grid=_grid(args),
         cv=args.cv, seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-        n_jobs=args.n_jobs, max_iter=args.max_iter, early_stop=args.early_stop, out=args.out,
+        n_jobs=args.n_jobs, max_iter=args.max_iter, early_stop=args.early_stop, widen=not args.no_widen,
+        refine=args.refine, out=args.out,
         runs_root=args.runs_root, overwrite=args.overwrite, plots=not args.no_plots,
     )
     print(res.summary)

@@ -70,7 +70,7 @@ from .errors import (
     UsageError,
 )
 from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir
-from ._validation import Interval, PathLike, SequenceOf, StrOptions, validate_params
+from ._validation import Interval, NonEmptyStr, PathLike, SequenceOf, StrOptions, validate_params
 from .images import (
     DEFAULT_MAX_PIXELS,
     Manifest,
@@ -270,6 +270,8 @@ def _base_spec(spec: BackboneSpec, weights: ResolvedWeights, dtype: str, precisi
     v = _versions()
     return {
         "backbone": spec.name,
+        # the architecture's identity (timm model name, torchvision builder arguments): a backbone name
+        # whose network changes gets another fingerprint, so no cache of the old network is reused
         "arch_args": spec.arch_args,
         "weights": {"kind": weights.kind, "identity": weights.identity, "sha256": weights.sha256},
         "preprocessing": pre,
@@ -825,6 +827,7 @@ _IMAGES_PARAMS = {
     "workers": [Interval(Integral, 0, None, closed="left"), None],
     "max_pixels": [_COUNT, None],
 }
+MAX_INPUT_SIZE = 4096
 _EXTRACT_PARAMS = {
     **_IMAGES_PARAMS,
     "data": [PathLike()],
@@ -840,11 +843,12 @@ _EXTRACT_PARAMS = {
     "compression": [StrOptions(("gzip", "sparse", "lzf", "zstd", "none"))],
     "error_budget": [Interval(Real, 0, 1, closed="both")],
     "overwrite": ["boolean"],
-    "name": [str, None],
+    "name": [NonEmptyStr(), None],
     "progress": ["boolean"],
     "verify_content": ["boolean"],
     "fc_as_conv": ["boolean"],
-    "input_size": [Interval(Integral, 32, None, closed="left"), None],
+    # 4096 px is 16x the usual crop; 10**6 asked torch for terabytes per batch
+    "input_size": [Interval(Integral, 32, MAX_INPUT_SIZE, closed="both"), None],
     "views": [str],
     "combine": [StrOptions(("mean", "max"))],
 }
@@ -903,7 +907,8 @@ def extract(
     device : str
         ``auto``, ``cpu`` or ``cuda``.
     batch_size, workers : int
-        Images per forward pass; decoding processes (default: by device and cores).
+        Network inputs per forward pass (images x views: with ``views="10crop"`` a batch of
+        64 holds 6 images); decoding processes (default: by device and cores).
     dtype : str
         ``float16`` (default) or ``float32`` storage.
     precision : str
@@ -982,6 +987,9 @@ def extract(
     spec = effective_backbone(get_backbone(model), fc_as_conv, input_size)
     view_set = resolve_views(views, spec.preprocessing)
     check_combine(combine)
+    # batch_size counts network inputs: with V views per image, a batch holds batch_size // V images,
+    # so that 10crop does not ask for 10x the memory of a centre-crop extraction
+    images_per_batch = max(1, batch_size // view_set.count())
     # validate layers and pooling before touching the data or the weights
     plan_layers(spec, layers, pool, "")
     manifest = _load_manifest(data)
@@ -1065,7 +1073,7 @@ def extract(
         "n_rows": n,
         "n_todo": int(sum(len(r) for r, _ in jobs)),
         "jobs": [{"rows": len(r), "keys": ks} for r, ks in jobs],
-        "batch_size": int(batch_size),
+        "batch_size": int(images_per_batch),
         "max_pixels": max_pixels,
         "old_file": None if old_info is None else {"updated": old_info.updated, "rows_sha256": old_info.rows_sha256},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -1098,10 +1106,10 @@ def extract(
                 if diff:
                     log.warning("--overwrite: discarding an unfinished extraction (different %s)", ", ".join(diff))
                     _remove_partial(pdir)
-                elif old_plan["batch_size"] != batch_size:
+                elif old_plan["batch_size"] != images_per_batch:
                     log.info("Resuming with the batch size of the interrupted run (%d)", old_plan["batch_size"])
-                    batch_size = int(old_plan["batch_size"])
-                    plan["batch_size"] = batch_size
+                    images_per_batch = int(old_plan["batch_size"])
+                    plan["batch_size"] = images_per_batch
         try:
             pdir.mkdir(parents=True, exist_ok=True)
             if not (pdir / "plan.json").exists():
@@ -1109,7 +1117,8 @@ def extract(
         except OSError as e:
             raise ExtractionWriteError(f"Cannot write to {pdir}: {e}. Free space or fix permissions and run again.") from e
         done = _scan_shards(pdir)
-        batches = {ji: [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)] for ji, (rows, _) in enumerate(jobs)}
+        batches = {ji: [rows[s:s + images_per_batch] for s in range(0, len(rows), images_per_batch)]
+                   for ji, (rows, _) in enumerate(jobs)}
         n_failed_prev = 0
         for (j, b), p in list(done.items()):
             sh = _read_shard(p)
@@ -1136,7 +1145,8 @@ def extract(
             if not todo:
                 continue
             paths = [manifest.abspath(manifest.rows[i]) for i in rows]
-            local = [[int(i) for i in range(b * batch_size, b * batch_size + len(batches[ji][b]))] for b in todo]
+            local = [[int(i) for i in range(b * images_per_batch, b * images_per_batch + len(batches[ji][b]))]
+                     for b in todo]
             nw = _default_workers(dev) if workers is None else int(workers)
             # start the decoding workers first: the first batches decode while the model loads
             loader, gate = _loader(paths, spec.preprocessing, draft, decoder, local, nw, dev, gated=(dev == "cpu"),
@@ -1628,7 +1638,8 @@ def extract_images(
     runner = _Runner(bb, wts, plan, dev, prec)
     paths = [os.fspath(p) for p in paths]
     n = len(paths)
-    batches = [list(range(s, min(n, s + batch_size))) for s in range(0, n, batch_size)]
+    per_batch = max(1, batch_size // view_set.count())  # batch_size counts network inputs, views included
+    batches = [list(range(s, min(n, s + per_batch))) for s in range(0, n, per_batch)]
     nw = _default_workers(dev) if workers is None else int(workers)
     codes = {k: [] for k in layer_keys}
     status = np.array(["ok"] * n, dtype=object)

@@ -7,8 +7,8 @@ not help: whoever can replace one file can replace both. So cnncodes writes
 * fitted pipelines with :func:`skops.io.dumps` (a zip of JSON and ``.npy`` arrays), and
   loads them only after checking *every* type named in the file against the few that
   cnncodes itself writes (:func:`trusted_types`): the Pipeline, the normalisers (with
-  :func:`cnncodes.classify.signed_sqrt`), LinearSVC / LogisticRegression, builtin
-  containers and numpy arrays and scalars. Not skops' own default list (every sklearn
+  :func:`cnncodes.classify.signed_sqrt`), LinearSVC (and cnncodes' CodesLinearSVC) /
+  LogisticRegression, builtin containers and numpy arrays and scalars. Not skops' own default list (every sklearn
   estimator) and never "whatever :func:`skops.io.get_untrusted_types` returns";
 * network weights with safetensors (:func:`save_torch_state` / :func:`load_torch_state`):
   tensors and a JSON header, nothing to execute.
@@ -116,8 +116,10 @@ def trusted_types() -> dict[str, frozenset[str]]:
     from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
     from sklearn.svm import LinearSVC
 
+    from .classify import CodesLinearSVC  # what make_classifier("svm") returns (LinearSVC, dual decided at fit)
+
     estimators = frozenset(_type_name(t) for t in (Pipeline, Normalizer, StandardScaler, FunctionTransformer,
-                                                   LinearSVC, LogisticRegression))
+                                                   LinearSVC, CodesLinearSVC, LogisticRegression))
     numbers = frozenset(_type_name(np.dtype(c).type) for c in "?bBhHiIlLqQefd")
     builtins = frozenset(f"builtins.{n}" for n in ("str", "int", "float", "bool", "NoneType"))
     containers = frozenset(f"builtins.{n}" for n in ("dict", "list", "tuple"))

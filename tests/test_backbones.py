@@ -10,11 +10,11 @@ from cnncodes.errors import UnknownBackboneError, UnknownLayerError, WeightsErro
 
 TV = ["alexnet", "vgg16", "resnet50", "googlenet", "inception_v3", "mobilenet_v2"]
 POOL_DIMS = {"resnet50": 2048, "googlenet": 1024, "inception_v3": 2048, "mobilenet_v2": 1280,
-             "efficientnet_lite0": 1280}
+             "efficientnet_lite0": 1280, "efficientnet_lite0_symmetric": 1280}
 
 
 def test_registry_holds_the_issue_backbones():
-    assert set(TV + ["efficientnet_lite0", "tiny"]) <= set(B.list_backbones())
+    assert set(TV + ["efficientnet_lite0", "efficientnet_lite0_symmetric", "tiny"]) <= set(B.list_backbones())
 
 
 def test_duplicate_registration_raises():
@@ -49,7 +49,7 @@ def test_inception_is_299():
     assert B.get_backbone("inception_v3").preprocessing.crop == 299
 
 
-@pytest.mark.parametrize("name", TV + ["efficientnet_lite0", "tiny"])
+@pytest.mark.parametrize("name", TV + ["efficientnet_lite0", "efficientnet_lite0_symmetric", "tiny"])
 def test_every_layer_resolves_and_post_relu_is_nonnegative(name):
     from cnncodes.extract import _Runner, plan_layers
 

@@ -21,6 +21,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline as sk_make_pipeline
 from sklearn.preprocessing import Normalizer
 from sklearn.svm import LinearSVC
+from sklearn.utils.estimator_checks import parametrize_with_checks
 from threadpoolctl import threadpool_limits
 
 from cnncodes import classify as C
@@ -123,17 +124,40 @@ def test_normalisers_values_and_dtype(digits):
         C.make_normaliser("l1")
 
 
-def test_svm_dual_chosen_by_C():
-    # the dual for C <= 1 whatever the shape (faster there in every shape measured), the primal above
-    assert C.make_classifier("svm", C=1.0, n_samples=1000, n_features=64).dual is True
-    assert C.make_classifier("svm", C=1e-3, n_samples=50000, n_features=4096).dual is True
-    assert C.make_classifier("svm", C=1.0, n_samples=100, n_features=4096).dual is True
-    assert C.make_classifier("svm", C=100.0, n_samples=100, n_features=4096).dual is False  # dual crawls there
-    assert C.make_classifier("svm", C=10.0, n_samples=1000, n_features=64).dual is False
+def test_svm_dual_chosen_by_C_at_fit_time(digits):
+    """The dual for C <= 1, the primal above, decided when fitting: set_params(C=...) re-decides it."""
+    X, y = digits[0][:300], digits[1][:300]
+    svm = C.make_classifier("svm", C=1.0)
+    assert svm.fit(X, y).dual_ is True and svm.dual == "by_C"  # the parameter is left as given
+    svm.set_params(C=100.0)
+    assert svm.fit(X, y).dual_ is False and svm.dual == "by_C"
+    ref = LinearSVC(C=100.0, dual=False, random_state=0).fit(X, y)
+    np.testing.assert_array_equal(svm.coef_, ref.coef_)  # exactly the primal solver's solution
+    svm.set_params(C=1e-3)
+    assert svm.fit(X, y).dual_ is True
+    np.testing.assert_array_equal(svm.coef_, LinearSVC(C=1e-3, dual=True, random_state=0).fit(X, y).coef_)
+    # inside a pipeline, as a search sets it
+    pipe = C.make_pipeline("l2", "svm", 1e-2).set_params(clf__C=1e3)
+    assert pipe.fit(X, y)[-1].dual_ is False
+    assert C.make_classifier("svm").set_params(dual=True).fit(X, y).dual_ is True  # an explicit choice is kept
     with pytest.raises(UsageError, match="'C' parameter"):
         C.make_classifier("svm", C=-1)
     with pytest.raises(UsageError, match="svm, softmax"):
         C.make_classifier("knn")
+
+
+# the checks scikit-learn itself expects LinearSVC to fail (sklearn/utils/_test_common/instance_generator.py)
+LINEAR_SVC_XFAIL = {
+    "check_sample_weight_equivalence_on_dense_data": "as LinearSVC: sample_weight is not equivalent to "
+                                                     "removing/repeating samples (liblinear's tolerance)",
+    "check_sample_weight_equivalence_on_sparse_data": "as LinearSVC",
+}
+
+
+@parametrize_with_checks([C.CodesLinearSVC(max_iter=5000), C.CodesLinearSVC(C=100.0, max_iter=5000)],
+                         expected_failed_checks=lambda est: LINEAR_SVC_XFAIL)
+def test_codes_linear_svc_passes_sklearn_checks(estimator, check):
+    check(estimator)
 
 
 # --------------------------------------------------------------------------- the C sweep
@@ -156,7 +180,7 @@ def test_svm_sweep_on_val_equals_direct_grid_evaluation(digits_split, n_jobs):
     grid = np.logspace(-4, 4, 9)
     direct = _direct_val_scores(X, y, sp, grid)
     res = C.sweep_C(X[sp.train], y[sp.train], X[sp.val], y[sp.val], clf="svm", norm="l2", grid=grid,
-                    n_jobs=n_jobs, early_stop=0)
+                    n_jobs=n_jobs, early_stop=0, refine=0)
     np.testing.assert_allclose(res.scores, direct)
     assert res.best_index == int(np.argmax(direct)) and res.best_C == grid[np.argmax(direct)]
     assert res.method == "val" and res.converged.all() and res.evaluated.all() and res.stopped_at is None
@@ -164,7 +188,8 @@ def test_svm_sweep_on_val_equals_direct_grid_evaluation(digits_split, n_jobs):
     # the stored predictions are the val predictions at each C
     assert accuracy_score(y[sp.val], res.predictions[res.best_index]) == res.scores[res.best_index]
     # with the default early stop: the same scores on the C values it fitted, the same best C
-    es = C.sweep_C(X[sp.train], y[sp.train], X[sp.val], y[sp.val], clf="svm", norm="l2", grid=grid, n_jobs=n_jobs)
+    es = C.sweep_C(X[sp.train], y[sp.train], X[sp.val], y[sp.val], clf="svm", norm="l2", grid=grid, n_jobs=n_jobs,
+                   refine=0)
     k = int(es.evaluated.sum())
     assert es.evaluated[:k].all() and k >= int(np.argmax(direct)) + 1
     np.testing.assert_allclose(es.scores[:k], direct[:k])
@@ -193,7 +218,8 @@ def test_early_stop_fits_no_C_beyond_the_stop(digits_split, monkeypatch):
         return real(norm, clf, c, *a, **k)
 
     monkeypatch.setattr(C, "_fit_predict_one", spy)
-    res = C.sweep_C(X[sp.train], y[sp.train], X[sp.val], y[sp.val], clf="svm", grid=grid, n_jobs=1, early_stop=1)
+    res = C.sweep_C(X[sp.train], y[sp.train], X[sp.val], y[sp.val], clf="svm", grid=grid, n_jobs=1, early_stop=1,
+                    refine=0)
     # where a direct evaluation first drops below its running best, the sweep stops
     best_so_far = np.maximum.accumulate(direct)
     stop = int(np.flatnonzero(direct[1:] < best_so_far[:-1])[0]) + 1
@@ -211,7 +237,8 @@ def test_early_stop_fits_no_C_beyond_the_stop(digits_split, monkeypatch):
 def test_softmax_sweep_is_warm_started_and_matches_cold_fits(digits_split):
     X, y, sp = digits_split
     grid = np.logspace(-4, 4, 9)
-    res = C.sweep_C(X[sp.train], y[sp.train], X[sp.val], y[sp.val], clf="softmax", norm="l2", grid=grid, n_jobs=1)
+    res = C.sweep_C(X[sp.train], y[sp.train], X[sp.val], y[sp.val], clf="softmax", norm="l2", grid=grid, n_jobs=1,
+                    early_stop=0, refine=0)
     nrm = Normalizer().fit(X[sp.train])
     cold = []
     with threadpool_limits(1):
@@ -231,7 +258,7 @@ def test_cv_sweep_equals_direct_stratified_kfold(digits):
     X, y = digits
     X, y = X[::3], y[::3]
     grid = np.logspace(-4, 4, 9)
-    res = C.sweep_C(X, y, clf="svm", norm="l2", grid=grid, cv=4, seed=7, n_jobs=2, early_stop=0)
+    res = C.sweep_C(X, y, clf="svm", norm="l2", grid=grid, cv=4, seed=7, n_jobs=2, early_stop=0, refine=0)
     folds = list(StratifiedKFold(4, shuffle=True, random_state=7).split(X, y))
     direct = []
     for c in grid:
@@ -244,7 +271,7 @@ def test_cv_sweep_equals_direct_stratified_kfold(digits):
     assert res.method == "cv" and res.n_folds == 4 and res.best_index == int(np.argmax(direct))
     assert res.predictions.shape == (9, len(y))  # out-of-fold predictions of every train row
     # early stop: the same mean fold scores on the C values fitted, the same best C
-    es = C.sweep_C(X, y, clf="svm", norm="l2", grid=grid, cv=4, seed=7, n_jobs=2, early_stop=1)
+    es = C.sweep_C(X, y, clf="svm", norm="l2", grid=grid, cv=4, seed=7, n_jobs=2, early_stop=1, refine=0)
     k = int(es.evaluated.sum())
     assert k < 9 and es.evaluated[:k].all() and es.stopped_at == grid[k - 1]
     np.testing.assert_allclose(es.scores[:k], direct[:k])
@@ -260,11 +287,14 @@ def test_cv_falls_back_to_fewer_folds_for_a_tiny_class(digits):
     assert any("two (3)" in n and "3-fold" in n for n in res.notes)
 
 
-def test_best_C_at_grid_edge_is_flagged(digits_split):
+def test_best_C_at_grid_edge_is_flagged_when_widening_is_off(digits_split):
     X, y, sp = digits_split
-    res = C.sweep_C(X[sp.train], y[sp.train], X[sp.val], y[sp.val], clf="svm", grid=[1e-8, 1e-7, 1e-6], n_jobs=1)
-    # with tiny C every prediction is the same class: ties, the first C wins and is at the edge
-    assert res.at_edge and any("edge of the grid" in n for n in res.notes)
+    grid = [1e-3, 1e-2, 1e-1]  # digits want C >= 1: the score rises to the upper edge
+    res = C.sweep_C(X[sp.train], y[sp.train], X[sp.val], y[sp.val], clf="svm", grid=grid, n_jobs=1, widen=False,
+                    refine=0)
+    assert res.at_edge and res.best_C == 1e-1 and any("upper end" in n for n in res.notes)
+    wide = C.sweep_C(X[sp.train], y[sp.train], X[sp.val], y[sp.val], clf="svm", grid=grid, n_jobs=1, refine=0)
+    assert wide.best_C > 1e-1 and not wide.at_edge and "widened up" in wide.stop_reason
 
 
 def test_bad_grid_is_a_usage_error(digits_split):

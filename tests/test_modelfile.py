@@ -114,7 +114,8 @@ def test_skops_file_with_a_planted_class_is_refused_unexecuted(saved, tmp_path):
     pipe.steps[0] = ("norm", Planted(str(marker)))
     evil = skio.dumps(pipe)
     # the naive way (trust whatever get_untrusted_types lists) builds the class: the payload is live
-    assert skio.get_untrusted_types(data=evil) == ["test_modelfile.Planted"]
+    # (skops' own list lacks cnncodes' CodesLinearSVC too; cnncodes' allow-list has it)
+    assert set(skio.get_untrusted_types(data=evil)) - {"cnncodes.classify.CodesLinearSVC"} == {"test_modelfile.Planted"}
     skio.loads(evil, trusted=skio.get_untrusted_types(data=evil))
     assert marker.read_text() == "executed"
     marker.unlink()

@@ -48,7 +48,11 @@ def test_compare_layers_and_classifiers(cache, tmp_path, capsys):
             acc = r["test"]["accuracy"]
             assert isinstance(acc, float) and 0.0 <= acc <= 1.0
             assert acc > 0.85  # chance is 0.1
-            assert len(r["c_curve"]) == 9 and r["c_curve"][0]["C"] == 1e-4 and r["c_curve"][-1]["C"] == 1e4
+            cs = [p["C"] for p in r["c_curve"]]  # the initial grid and every C tried (wider, finer), ascending
+            assert cs == sorted(cs) and {10.0 ** e for e in range(-4, 5)} <= set(cs)
+            tried = r["selection"]["tried"]
+            assert {t["C"] for t in tried} == {p["C"] for p in r["c_curve"] if p["evaluated"]}
+            assert r["C"] == max(tried, key=lambda t: (t["score"], -t["C"]))["C"] and r["selection"]["stop_reason"]
             assert r["selection"]["method"] == "val" and r["converged"] is True
             assert (out / r["model"]).is_file() and (out / r["model"]).with_suffix(".json").is_file()
     # the best model by val accuracy, at the top of the run folder
@@ -64,7 +68,7 @@ def test_compare_layers_and_classifiers(cache, tmp_path, capsys):
                                                   ("fc7", "svm")]
     for r in rows:
         assert float(r[3]) == pytest.approx(m["results"][r[0]][r[1]]["test"]["accuracy"], abs=5e-5)
-        assert float(r[4]) == m["results"][r[0]][r[1]]["C"]
+        assert float(r[4]) == pytest.approx(m["results"][r[0]][r[1]]["C"], rel=1e-5)  # printed with 6 digits
 
 
 def test_saved_predictions_match_the_model_and_metrics(cache, tmp_path):
@@ -150,12 +154,29 @@ def test_early_stop_option(cache, tmp_path):
                        "--early-stop", "1"]) == 0
     f = json.loads((full / "metrics.json").read_text())["results"]["fc6"]["svm"]
     s = json.loads((short / "metrics.json").read_text())["results"]["fc6"]["svm"]
-    assert all(p["evaluated"] for p in f["c_curve"]) and f["selection"]["stopped_at"] is None
-    k = sum(p["evaluated"] for p in s["c_curve"])
-    assert k < 9 and s["selection"]["stopped_at"] == s["c_curve"][k - 1]["C"]
-    assert [p["score"] for p in s["c_curve"][:k]] == [p["score"] for p in f["c_curve"][:k]]
+    fg = [t for t in f["selection"]["tried"] if t["phase"] == "grid"]
+    sg = [t for t in s["selection"]["tried"] if t["phase"] == "grid"]
+    assert len(fg) == 9 and f["selection"]["stopped_at"] is None
+    assert len(sg) < 9 and s["selection"]["stopped_at"] == sg[-1]["C"] and sg == fg[:len(sg)]
     assert s["C"] == f["C"] and s["test"]["accuracy"] == f["test"]["accuracy"]
     assert any("stopped early" in n for n in s["selection"]["notes"])
+
+
+def test_widen_and_refine_options(cache, tmp_path):
+    """--refine 2 adds half and quarter decades around the best; --no-widen --refine 0 keeps to the grid
+    (here 1e-3..1e-1, below the digits' best C: the best is then flagged at the grid's upper end)."""
+    fine, narrow = tmp_path / "fine", tmp_path / "narrow"
+    assert train.main([str(cache), "--layers", "fc6", "--clf", "svm", "--out", str(fine), *FAST, "--refine", "2"]) == 0
+    r = json.loads((fine / "metrics.json").read_text())["results"]["fc6"]["svm"]
+    phases = [t["phase"] for t in r["selection"]["tried"]]
+    assert phases.count("refine1") == 2 and phases.count("refine2") == 2
+    small = [*FAST[:2], "--c-min", "1e-3", "--c-max", "1e-1", "--c-num", "3", *FAST[8:]]
+    assert train.main([str(cache), "--layers", "fc6", "--clf", "svm", "--out", str(narrow), *small,
+                       "--no-widen", "--refine", "0"]) == 0
+    m = json.loads((narrow / "metrics.json").read_text())
+    r = m["results"]["fc6"]["svm"]
+    assert [t["C"] for t in r["selection"]["tried"]] == [1e-3, 1e-2, 1e-1] and r["C"] == 1e-1 and r["c_at_edge"]
+    assert m["settings"]["widen"] is False and m["settings"]["refine"] == 0
 
 
 def test_missing_cache_is_a_run_error(tmp_path, capsys):
@@ -324,7 +345,7 @@ def test_two_runs_with_the_same_default_name_get_two_folders(cache, tmp_path):
     assert sorted(p.name for p in runs.iterdir()) == [d.name for d in dirs]  # nothing else left (locks, staging)
     for d in dirs:
         assert json.loads((d / "metrics.json").read_text())["results"]["fc6"]["svm"]["test"]["accuracy"] > 0.85
-        assert load_model(d / "model.joblib")[1]["layers"] == ["fc6"]
+        assert load_model(d / "model.skops")[1]["layers"] == ["fc6"]
 
 
 @pytest.mark.slow

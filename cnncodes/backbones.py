@@ -670,6 +670,7 @@ def _tiny_chain(model) -> list[Stage]:
 #: GoogLeNet and Inception v3 have none (input transform, aux heads): they fine-tune whole only.
 _CHAINS: dict[str, tuple[Callable, str]] = {
     "efficientnet_lite0": (_efficientnet_chain, "classifier"),
+    "efficientnet_lite0_symmetric": (_efficientnet_chain, "classifier"),
     "alexnet": (_features_classifier_chain, "classifier.6"),
     "vgg16": (_features_classifier_chain, "classifier.6"),
     "resnet50": (_resnet_chain, "fc"),

@@ -168,6 +168,11 @@ def predict(
                      "device": device, "batch_size": batch_size, "max_pixels": max_pixels,
                      "trust_pickle": trust_pickle},
                     _PREDICT_PARAMS, "predict")
+    if _is_finetune_run(run_dir_or_model):  # a run of scripts/finetune.py: the whole network predicts
+        from .finetune.runfolder import predict_finetuned
+
+        return predict_finetuned(run_dir_or_model, image_paths, device=device, batch_size=batch_size,
+                                 max_pixels=max_pixels)
     path = find_model(run_dir_or_model, model)
     files = expand_paths(image_paths)
     est, meta = load_model(path, trust_pickle=trust_pickle)
@@ -189,6 +194,12 @@ def predict(
          "message": str(m)}
         for f, lab, s, st, m in zip(files, labels, scores, status, messages)
     ]
+
+
+def _is_finetune_run(path) -> bool:
+    # the same test as cnncodes.finetune.runfolder.is_finetune_run, without importing torch
+    p = Path(path)
+    return (p.is_dir() and (p / "finetune.json").is_file()) or (p.is_file() and p.name.endswith(".safetensors"))
 
 
 OUTPUT_SUFFIXES = (".csv", ".json")

@@ -81,6 +81,23 @@ def run_cli(prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse
     except (CnnCodesError, OSError) as e:
         print(f"{prog}: error: {usage_message(parser, e)}", file=sys.stderr)
         return 1
+    except (MemoryError, RuntimeError) as e:
+        if not _is_out_of_memory(e):
+            raise  # a genuine internal bug: its traceback is wanted
+        print(f"{prog}: error: out of memory ({_first_line(e)}); lower --batch-size (or --input-size)",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    """An allocation that failed: Python's MemoryError, or torch's (a RuntimeError on CPU)."""
+    text = str(e)
+    return isinstance(e, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:200]

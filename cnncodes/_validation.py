@@ -22,7 +22,7 @@ from numbers import Integral, Real
 
 from .errors import InvalidParameterError
 
-__all__ = ["Interval", "StrOptions", "PathLike", "SequenceOf", "validate_params"]
+__all__ = ["Interval", "StrOptions", "PathLike", "NonEmptyStr", "SequenceOf", "validate_params"]
 
 
 class Interval:
@@ -76,6 +76,16 @@ class PathLike:
 
     def __str__(self) -> str:
         return "a path (a non-empty str or os.PathLike)"
+
+
+class NonEmptyStr:
+    """A ``str`` that is not empty (an unset shell variable passed as ``--name "$X"`` must not vanish)."""
+
+    def is_satisfied_by(self, val) -> bool:
+        return isinstance(val, str) and val != ""
+
+    def __str__(self) -> str:
+        return "a non-empty str"
 
 
 class SequenceOf:

@@ -120,7 +120,8 @@ def _print_layers(model: str) -> None:
 def _run(args: argparse.Namespace) -> int:
     from .extraction import DEFAULT_OUT
 
-    out = args.out or DEFAULT_OUT
+    # "--out ''" (an unset variable) is an error, not the default folder
+    out = DEFAULT_OUT if args.out is None else args.out
     if args.list_models:
         from .backbones import get_backbone, list_backbones
 

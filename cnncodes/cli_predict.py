@@ -53,15 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _predict(args: argparse.Namespace) -> int:
     from .predict import check_output_path, predict, write_predictions
 
-    if args.out:
-        check_output_path(args.out, "predict")  # before the work, not after it
+    if args.out is not None:
+        check_output_path(args.out, "predict", run=args.run)  # before the work, not after it
     if args.device != "cuda":
         from .extraction import keep_big_blocks_in_heap
 
         keep_big_blocks_in_heap()  # this process's setting: a CPU forward pass stops page-faulting its blocks
     rows = predict(args.run, args.paths, model=args.model, device=args.device, batch_size=args.batch_size,
                    max_pixels=args.max_pixels, trust_pickle=args.trust_pickle)
-    if args.out:
+    if args.out is not None:
         write_predictions(rows, args.out)
     else:
         import csv
@@ -74,7 +74,7 @@ def _predict(args: argparse.Namespace) -> int:
     n_bad = sum(r["status"] != "ok" for r in rows)
     if n_bad:
         print(f"{PROG}: {n_bad} of {len(rows)} images could not be read (status error, empty label)", file=sys.stderr)
-    if args.out:
+    if args.out is not None:
         print(args.out)
     return 0
 

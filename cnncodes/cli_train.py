@@ -6,6 +6,7 @@ A thin layer over :func:`cnncodes.classify.train_run`; no torch import.
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Sequence
 
 from ._cli import Parser, run_cli
@@ -80,10 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _grid(args) -> list[float]:
     import numpy as np
 
+    from .classify import MAX_GRID_SIZE
+
     if args.grid is not None:
         return list(args.grid)
-    if not (args.c_min > 0 and args.c_max > args.c_min and args.c_num >= 2):
-        raise UsageError(f"need 0 < --c-min < --c-max and --c-num >= 2; got {args.c_min}, {args.c_max}, {args.c_num}")
+    # finite bounds (inf made a grid of NaN and inf) and a bounded count (1e8 values swept for hours)
+    if not (0 < args.c_min < args.c_max < math.inf and 2 <= args.c_num <= MAX_GRID_SIZE):
+        raise UsageError(f"need 0 < --c-min < --c-max < inf and 2 <= --c-num <= {MAX_GRID_SIZE}; "
+                         f"got {args.c_min}, {args.c_max}, {args.c_num}")
     return list(np.logspace(np.log10(args.c_min), np.log10(args.c_max), args.c_num))
 
 

@@ -168,6 +168,11 @@ def predict(
                      "device": device, "batch_size": batch_size, "max_pixels": max_pixels,
                      "trust_pickle": trust_pickle},
                     _PREDICT_PARAMS, "predict")
+    if _is_finetune_run(run_dir_or_model):  # a run of scripts/finetune.py: the whole network predicts
+        from .finetune.runfolder import predict_finetuned
+
+        return predict_finetuned(run_dir_or_model, image_paths, device=device, batch_size=batch_size,
+                                 max_pixels=max_pixels)
     path = find_model(run_dir_or_model, model)
     files = expand_paths(image_paths)
     est, meta = load_model(path, trust_pickle=trust_pickle)
@@ -187,8 +192,19 @@ def predict(
     ]
 
 
-def check_output_path(out: str | os.PathLike, caller: str = "write_predictions") -> Path:
-    """``out`` as a Path, if a file can be written there: not a folder, no file where a folder must be.
+def _is_finetune_run(path) -> bool:
+    # the same test as cnncodes.finetune.runfolder.is_finetune_run, without importing torch
+    p = Path(path)
+    return (p.is_dir() and (p / "finetune.json").is_file()) or (p.is_file() and p.name.endswith(".safetensors"))
+
+
+OUTPUT_SUFFIXES = (".csv", ".json")
+
+
+def check_output_path(out: str | os.PathLike, caller: str = "write_predictions",
+                      run: str | os.PathLike | None = None) -> Path:
+    """``out`` as a Path, if a file can be written there: not a folder, no file where a folder must be,
+    a ``.csv`` or ``.json`` name, and not a file of the run folder ``run`` (its model, metrics, marker).
 
     Raises
     ------
@@ -197,6 +213,13 @@ def check_output_path(out: str | os.PathLike, caller: str = "write_predictions")
     """
     validate_params({"out": out}, {"out": [PathLike()]}, caller)
     out = Path(out)
+    # any other suffix got CSV text: "--out preds.xlsx" wrote a CSV, "--out RUN/model.skops" replaced the model
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise InvalidParameterError("out", caller, f"must be a file name ending in .csv or .json. Got {str(out)!r} "
+                                                   "instead.")
+    if run is not None and out.exists() and _is_inside(out, run):
+        raise InvalidParameterError("out", caller, f"must not be a file of the run folder {str(run)!r} (it would be "
+                                                   f"overwritten). Got {str(out)!r} instead.")
     if out.is_dir():
         raise InvalidParameterError("out", caller, f"must be a file name ending in .csv or .json. Got {str(out)!r}, "
                                                    "a folder, instead.")
@@ -209,11 +232,17 @@ def check_output_path(out: str | os.PathLike, caller: str = "write_predictions")
     return out
 
 
+def _is_inside(path: Path, folder: str | os.PathLike) -> bool:
+    folder = Path(folder).resolve()
+    root = folder if folder.is_dir() else folder.parent  # a model file: its folder
+    return root in Path(path).resolve().parents
+
+
 def write_predictions(rows: Sequence[dict], out: str | os.PathLike) -> Path:
     """Write prediction rows atomically as CSV (``path,label,score,status,message``) or JSON.
 
-    The format follows the suffix: ``.json`` gives a JSON list of objects, anything
-    else CSV.
+    The format follows the suffix: ``.json`` gives a JSON list of objects, ``.csv`` CSV
+    (any other suffix is refused).
 
     Raises
     ------

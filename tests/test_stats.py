@@ -77,7 +77,7 @@ def test_train_run_reports_mcnemar_against_the_best(tmp_path):
 
     from cnncodes import classify as C
     from cnncodes.store import load_codes
-    from test_classify import digits_cache
+    from conftest import digits_cache
 
     cache = digits_cache(tmp_path / "digits.h5")
     res = C.train_run(cache, ["fc6", "fc7"], classifiers=["svm", "softmax"], out=tmp_path / "run", n_jobs=1,

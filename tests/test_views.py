@@ -146,7 +146,7 @@ def test_bad_views_and_input_sizes_are_usage_errors(photos, tmp_path, capsys):
         (["--views", "7crop"], "argument --views: must be one of center"),
         (["--views", "multiscale:16"], "argument --views: must not resize below the 32 px crop"),
         (["--combine", "median"], "argument --combine: invalid choice"),
-        (["--input-size", "0"], "argument --input-size: must be an int in the range [32, inf)"),
+        (["--input-size", "0"], "argument --input-size: must be an int in the range [32, 4096] or None"),
         (["--fc-as-conv"], "argument --fc-as-conv: is defined for alexnet, vgg16 only"),
     ]
     for args, message in cases:

@@ -122,7 +122,8 @@ from ._estimators import (CLASSIFIERS, NORMALISERS, CodesLinearSVC, fit_with_ret
 from ._metrics import compute_metrics, format_summary
 from ._plots import _plot_confusions, _plot_curves, _plot_layers, _save
 from ._run import (METRICS_SCHEMA, RunResult, _check_same_snapshot, _layer_sets, default_run_name, train_run)
-from ._sweep import (DEFAULT_GRID, MIN_GRID_DECADES, SweepResult, _check_grid, _check_patience, _fit_predict_one, _peaked,
+from ._sweep import (DEFAULT_GRID, MAX_GRID_SIZE, MIN_GRID_DECADES, SweepResult, _check_grid, _check_patience,
+                     _fit_predict_one, _peaked,
                      refit, sweep_C)
 
 # Saved models name these by where they are public (skops and pickle record ``__module__``; the model

@@ -154,6 +154,10 @@ def train_run(
     """
     from ..store import open_cache
 
+    if isinstance(layers, str):  # as extract and load_codes take it; it was read as the layers "f", "c", "7"
+        layers = [layers]
+    if isinstance(classifiers, str):
+        classifiers = [classifiers]
     classifiers = list(dict.fromkeys(classifiers))
     if not classifiers:
         raise UsageError("Name at least one classifier (svm, softmax).")

@@ -24,6 +24,8 @@ DEFAULT_GRID = np.logspace(-4, 4, 9)
 
 
 MIN_GRID_DECADES = 8.0
+# every C value is a fit (and a refit candidate): a grid of 10**8 values sweeps for days
+MAX_GRID_SIZE = 1000
 
 
 @dataclass
@@ -107,8 +109,10 @@ class SweepResult:
 
 def _check_grid(grid) -> np.ndarray:
     g = np.asarray(grid, dtype=np.float64).ravel()
-    if g.size < 2 or not np.all(np.isfinite(g)) or np.any(g <= 0):
-        raise UsageError(f"The C grid must hold at least two finite values > 0. Got {list(g)} instead.")
+    if not 2 <= g.size <= MAX_GRID_SIZE or not np.all(np.isfinite(g)) or np.any(g <= 0):
+        shown = ", ".join(f"{c:g}" for c in g[:12]) + (", ..." if g.size > 12 else "")
+        raise UsageError(f"The C grid must hold 2 to {MAX_GRID_SIZE} finite values > 0. "
+                         f"Got {g.size} value(s) [{shown}] instead.")
     g = np.unique(g)
     decades = np.log10(g[-1] / g[0])
     if decades < MIN_GRID_DECADES - 1e-9:

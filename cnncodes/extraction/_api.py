@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import store
-from .._validation import Interval, PathLike, SequenceOf, StrOptions, validate_params
+from .._validation import Interval, NonEmptyStr, PathLike, SequenceOf, StrOptions, validate_params
 from ..backbones import ResolvedWeights, get_backbone, resolve_weights
 from ..errors import (CacheLockedError, CacheMismatchError, CnnCodesError, ExtractionWriteError, InvalidParameterError,
                       UsageError)
@@ -108,6 +108,7 @@ _IMAGES_PARAMS = {
     "workers": [Interval(Integral, 0, None, closed="left"), None],
     "max_pixels": [_COUNT, None],
 }
+MAX_INPUT_SIZE = 4096
 
 
 _EXTRACT_PARAMS = {
@@ -125,11 +126,12 @@ _EXTRACT_PARAMS = {
     "compression": [StrOptions(("gzip", "sparse", "lzf", "zstd", "none"))],
     "error_budget": [Interval(Real, 0, 1, closed="both")],
     "overwrite": ["boolean"],
-    "name": [str, None],
+    "name": [NonEmptyStr(), None],
     "progress": ["boolean"],
     "verify_content": ["boolean"],
     "fc_as_conv": ["boolean"],
-    "input_size": [Interval(Integral, 32, None, closed="left"), None],
+    # 4096 px is 16x the usual crop; 10**6 asked torch for terabytes per batch
+    "input_size": [Interval(Integral, 32, MAX_INPUT_SIZE, closed="both"), None],
     "views": [str],
     "combine": [StrOptions(("mean", "max"))],
     "gate": ["boolean"],

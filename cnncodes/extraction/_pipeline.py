@@ -40,6 +40,36 @@ def _tv_decode():
     return ImageReadMode, decode_jpeg, read_file
 
 
+def decode_uint8(path: str, decoder: str, draft: int | None, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    """One image file as a uint8 (3, H, W) tensor at its decoded size, and a note.
+
+    ``decoder="torchvision"`` decodes plain JPEGs with ``decode_jpeg`` (the same pixels as Pillow);
+    anything else, and every file with ``decoder="pil"``, goes through :func:`cnncodes.images.load_image`
+    (which raises :class:`~cnncodes.errors.ImageDecodeError` for a bad file). Shared by extraction and
+    fine-tuning's train-time augmentation.
+    """
+    import torch
+
+    t = None
+    tv = _tv_decode() if decoder != "pil" else None
+    if tv is not None and is_plain_jpeg(path, draft=draft, max_pixels=max_pixels):
+        ImageReadMode, decode_jpeg, read_file = tv
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                t, note = decode_jpeg(read_file(path), mode=ImageReadMode.RGB), ""
+            # torchvision 0.29 deprecates its image decoders (DeprecationWarning at every call);
+            # any other warning ("corrupt JPEG data") leaves the file to Pillow's judgement
+            if any(not issubclass(w.category, DeprecationWarning) for w in caught):
+                t = None
+        except Exception:  # noqa: BLE001 - load_image below says what is wrong with the file
+            t = None
+    if t is None:
+        img, note = load_image(path, draft=draft, max_pixels=max_pixels)
+        t = torch.from_numpy(np.array(img).transpose(2, 0, 1))
+    return t, note
+
+
 class _ImageDataset:
     """Decodes and resizes one image to a uint8 CHW tensor; failures become a status, not an exception."""
 
@@ -78,23 +108,7 @@ class _ImageDataset:
                 return torch.from_numpy(resize_crop(img, self.pre).transpose(2, 0, 1).copy())[None], note
             v = pil_views(img, self.pre, self.views, _PIL_RESAMPLE[self.pre.interpolation])
             return torch.from_numpy(v.transpose(0, 3, 1, 2).copy()), note
-        t = None
-        tv = _tv_decode()
-        if tv is not None and is_plain_jpeg(path, draft=self.draft, max_pixels=self.max_pixels):
-            ImageReadMode, decode_jpeg, read_file = tv
-            try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    t, note = decode_jpeg(read_file(path), mode=ImageReadMode.RGB), ""
-                # torchvision 0.29 deprecates its image decoders (DeprecationWarning at every call);
-                # any other warning ("corrupt JPEG data") leaves the file to Pillow's judgement
-                if any(not issubclass(w.category, DeprecationWarning) for w in caught):
-                    t = None
-            except Exception:  # noqa: BLE001 - load_image below says what is wrong with the file
-                t = None
-        if t is None:
-            img, note = load_image(path, draft=self.draft, max_pixels=self.max_pixels)
-            t = torch.from_numpy(np.array(img).transpose(2, 0, 1))
+        t, note = decode_uint8(path, self.decoder, self.draft, self.max_pixels)
         if self.views.kind == "center":
             return resize_crop_tensor(t, self.pre)[None], note
         return tensor_views(t, self.pre, self.views), note

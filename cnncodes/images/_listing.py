@@ -160,6 +160,28 @@ def _format_ext_counts(counts: Counter[str]) -> str:
     return f"{total} file(s) of other types ({parts}{more})"
 
 
+def _refuse_mixed_layout(root_abs: str, top_dirs) -> None:
+    """Split folders beside class folders: read as classes, every image in train/ would get the
+    label "train" (silently wrong labels), so neither layout is guessed."""
+    # a folder named like a split that holds images directly is a class of that name, as before
+    splits = sorted(e.name for e in top_dirs if e.name.lower() in _SPLIT_ALIASES and _has_subfolder(e.path))
+    others = sorted(e.name for e in top_dirs if e.name.lower() not in _SPLIT_ALIASES)
+    if splits and others:
+        raise DatasetError(
+            f"Dataset folder {root_abs!r} mixes split folders ({', '.join(splits)}) with other folders "
+            f"({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}): use ROOT/<class>/<image> or "
+            "ROOT/train|val|test/<class>/<image>, not both (move the other folders into a split), or list "
+            "the files with their labels in a CSV (path,label[,split]) if a class is really named like a split."
+        )
+
+
+def _has_subfolder(path: str) -> bool:
+    try:
+        return any(e.is_dir() and not _is_hidden(e.name) for e in _list_dir(path))
+    except OSError:
+        return False
+
+
 def scan_folder(root: str | os.PathLike[str]) -> Manifest:
     """List a labelled image folder.
 
@@ -274,6 +296,7 @@ def _collect(root_abs: str, top_dirs: list[os.DirEntry[str]]):
     """The images below the class folders, one walk for the whole tree: (relpath, class, split, stat) each,
     whether it is a split layout, the other extensions seen and the number of class folders."""
     split_layout = all(e.name.lower() in _SPLIT_ALIASES for e in top_dirs)
+    _refuse_mixed_layout(root_abs, top_dirs)
     walk = _Walk(root_abs)  # one walk for the whole tree: no folder is listed twice
     walk.enter(root_abs, False)
     # (split, folder path, relpath prefix)

@@ -181,10 +181,14 @@ def load_codes(
     UsageError
         A layer that the cache does not hold.
     """
+    from .._validation import NonEmptyStr, PathLike, SequenceOf, validate_params
+
+    # None or a list of non-strings ended in a TypeError traceback
+    validate_params({"path": path, "layers": layers},
+                    {"path": [PathLike()], "layers": [NonEmptyStr(), SequenceOf(NonEmptyStr(), min_len=1)]},
+                    "load_codes")
     path = Path(path)
     keys = [layers] if isinstance(layers, str) else list(layers)
-    if not keys:
-        raise UsageError("Name at least one layer to load")
     _register_filters()
     with _open(path) as f:
         return _codes_from_open(f, path, keys, dtype, verify)

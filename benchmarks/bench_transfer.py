@@ -1,0 +1,191 @@
+"""Linear probe vs fine-tuning vs training from scratch, per dataset: test accuracy and wall time.
+
+For each dataset (a subset of ``--per-class`` images per class, linked from ``../shared/datasets``;
+the split is drawn by train_svm's ``make_split``: 65 % train, 15 % val, 20 % test, seed 0, the same
+for every case) and EfficientNet-Lite0 (its packaged ImageNet weights, 224 px input as its spec says):
+
+- ``linear probe``: ``extract`` of block3.linear, block4.linear, block5.linear (average pooled) and
+  pool, then ``train_run`` (softmax and linear SVM, C by val); the best (layer, classifier) by val
+  accuracy is reported; time = extraction + training;
+- ``fine-tune top (frozen to block4, cached)``: ``finetune(freeze_to="block4", augment="none")``;
+  block4's unpooled output is extracted once into the cache, blocks 5-6 + head + new classifier train
+  on it; time includes that extraction;
+- ``... + head from the probe (LP-FT)``: the same with ``init_head_from`` = the probe run's pool softmax;
+- ``fine-tune all``: every layer, pretrained layers at lr x 0.1, train-time augmentation (random
+  resized crop + flip);
+- ``from scratch``: ``weights="none"``, same recipe (lr x 1 everywhere, BatchNorm in train mode).
+
+The per-epoch speed-up of the cache is the median epoch time (train + val) of the frozen-top run
+without the cache (``prefix_cache=False``: blocks 0-4 run every epoch; ``--nocache-epochs`` epochs)
+divided by the cached run's.
+
+Usage::
+
+    python benchmarks/bench_transfer.py                            # both datasets, defaults below
+    python benchmarks/bench_transfer.py --datasets flowers5 --per-class 100 --epochs-all 6
+
+Writes ``artifacts/bench/transfer.json`` after every case (``--out``), prints one table per dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _machine import cpu_model  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "datasets"
+LP_LAYERS = ["block3.linear", "block4.linear", "block5.linear", "pool"]
+MODEL = "efficientnet_lite0"
+
+
+def subset(name: str, per_class: int, root: Path) -> Path:
+    """``per_class`` images of each class of a shared dataset, as symbolic links (sorted, first ones)."""
+    src = SHARED / name
+    dst = root / f"{name}_{per_class}pc"
+    if dst.is_dir():
+        return dst
+    for cls in sorted(p.name for p in src.iterdir() if p.is_dir()):
+        files = sorted(f for f in os.listdir(src / cls) if f.lower().endswith((".jpg", ".jpeg", ".png")))
+        (dst / cls).mkdir(parents=True, exist_ok=True)
+        for f in files[:per_class]:
+            os.symlink(src / cls / f, dst / cls / f)
+    return dst
+
+
+def linear_probe(data: Path, work: Path) -> dict:
+    from cnncodes.classify import train_run
+    from cnncodes.extraction import extract
+
+    t0 = time.perf_counter()
+    res = extract(data, MODEL, LP_LAYERS, out=work / "codes", device="cpu")
+    t1 = time.perf_counter()
+    run = train_run(res.path, LP_LAYERS, classifiers=["softmax", "svm"], out=work / "runs" / f"{data.name}__lp",
+                    overwrite=True, plots=False)
+    b = run.metrics["best"]
+    table = {f"{k}/{c}": r["test"]["accuracy"] for k, d in run.metrics["results"].items() for c, r in d.items()}
+    return {"case": "linear probe", "test_accuracy": b["test_accuracy"], "val_accuracy": b["val_accuracy"],
+            "detail": f"best by val: {b['layers']} / {b['clf']}", "seconds": time.perf_counter() - t0,
+            "extract_seconds": t1 - t0, "all_layers": table, "run_dir": str(run.run_dir),
+            "split": run.metrics["split"]["counts"]}
+
+
+def fine_tune(data: Path, work: Path, case: str, **kw) -> dict:
+    from cnncodes.finetune.orchestrate import finetune
+
+    t0 = time.perf_counter()
+    # the settings are in the name: two benchmark processes with other settings never share (and discard)
+    # each other's interrupted work; the same settings resume it
+    tag = hashlib.sha256(json.dumps(kw, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    res = finetune(data, MODEL, device="cpu", out=work / "runs" / f"{data.name}__{case.replace(' ', '_')}__{tag}",
+                   overwrite=True, cache_dir=work / "codes", plots=False, **kw)
+    m = res.metrics
+    r = m["results"]["finetune"]["softmax"]
+    return {"case": case, "test_accuracy": r["test"]["accuracy"], "val_accuracy": r["val"]["accuracy"],
+            "detail": f"best epoch {m['best_epoch']} of {r['epochs_run']}; {m['settings']['mode']}",
+            "seconds": time.perf_counter() - t0, "epoch_seconds": m["timing"]["epoch_seconds"],
+            "cache_seconds": m["timing"].get("cache_seconds"), "run_dir": str(res.run_dir),
+            "split": m["split"]["counts"], "settings": {k: kw[k] for k in sorted(kw)}}
+
+
+def table(name: str, rows: list[dict]) -> str:
+    out = [f"{name}", "| case | test acc | val acc | wall s | note |", "|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['case']} | {r['test_accuracy']:.4f} | {r['val_accuracy']:.4f} | {r['seconds']:.0f} | "
+                   f"{r['detail']} |")
+    return "\n".join(out)
+
+
+def run_dataset(name: str, args, work: Path, report: dict, save) -> None:
+    data = subset(name, args.per_class, work / "data")
+    rows = report["datasets"].setdefault(name, [])
+    done = {r["case"] for r in rows}
+    common = {"batch_size": args.batch_size, "lr": args.lr, "seed": 0}
+
+    def add(fn, *a, **kw):
+        case = a[0] if a else "linear probe"
+        if case in done or (args.only and not any(s in case for s in args.only)):
+            return
+        print(f"[{name}] {case} ...", flush=True)
+        r = fn(data, work, *a, **kw)
+        rows.append(r)
+        save()
+        print(f"[{name}] {case}: test {r['test_accuracy']:.4f} in {r['seconds']:.0f} s", flush=True)
+
+    add(linear_probe)
+    lp_run = next((r["run_dir"] for r in rows if r["case"] == "linear probe"), None)
+    top = dict(common, freeze_to="block4", augment="none", epochs=args.epochs_top)
+    add(fine_tune, "fine-tune top (frozen to block4, cached)", **top)
+    if lp_run and name in args.lpft:
+        add(fine_tune, "fine-tune top, head from the probe (LP-FT)", init_head_from=lp_run, **top)
+    add(fine_tune, "fine-tune top without the cache", **dict(top, epochs=args.nocache_epochs, prefix_cache=False))
+    add(fine_tune, "fine-tune all", **dict(common, augment="default", epochs=args.epochs_all))
+    add(fine_tune, "from scratch", **dict(common, weights="none", augment="default", epochs=args.epochs_all))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", nargs="+", default=["flowers5", "sign_language_digits"])
+    ap.add_argument("--per-class", type=int, default=100)
+    ap.add_argument("--epochs-top", type=int, default=10)
+    ap.add_argument("--epochs-all", type=int, default=5)
+    ap.add_argument("--nocache-epochs", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lpft", nargs="*", default=["flowers5"], help="datasets that also run LP-FT")
+    ap.add_argument("--only", nargs="*", default=None, help="run only the cases whose name contains one of these")
+    ap.add_argument("--work", default=str(REPO / "artifacts" / "bench" / "transfer"))
+    ap.add_argument("--out", default=str(REPO / "artifacts" / "bench" / "transfer.json"))
+    args = ap.parse_args(argv)
+    import logging
+
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    work = Path(args.work)
+    out = Path(args.out)
+    report = json.loads(out.read_text()) if out.is_file() else {}
+    report.setdefault("datasets", {})
+    report["machine"] = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                         "python": platform.python_version(), "torch": torch.__version__,
+                         "load_at_start": os.getloadavg()}
+    report["settings"] = {k: v for k, v in vars(args).items() if k not in ("work", "out", "only")}
+    report["settings"]["lp_layers"] = LP_LAYERS
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
+
+    for name in args.datasets:
+        run_dataset(name, args, work, report, save)
+    for name, rows in report["datasets"].items():
+        print(table(name, rows))
+        cached = next((r for r in rows if r["case"].startswith("fine-tune top (frozen")), None)
+        plain = next((r for r in rows if r["case"] == "fine-tune top without the cache"), None)
+        if cached and plain:
+            a, b = statistics.median(cached["epoch_seconds"]), statistics.median(plain["epoch_seconds"])
+            print(f"per-epoch time, frozen to block4: {b:.1f} s without the cache, {a:.1f} s with it: {b / a:.1f}x")
+        lp = next((r for r in rows if r["case"] == "linear probe"), None)
+        if lp:
+            best = max((r for r in rows if r["case"].startswith("fine-tune") and "without" not in r["case"]),
+                       key=lambda r: r["val_accuracy"], default=None)
+            if best:
+                print(f"best fine-tune by val ({best['case']}): {100 * (best['test_accuracy'] - lp['test_accuracy']):+.1f} pp "
+                      f"test vs the linear probe")
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -49,9 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--norm", default="l2", choices=["l2", "standard", "sqrt", "none"],
                    help="code normalisation (default l2; sqrt = signed square root then L2)")
     p.add_argument("--grid", nargs="+", type=float, default=None, metavar="C", help="explicit C values")
-    p.add_argument("--c-min", type=float, default=1e-4, help="smallest C of the log grid (default 1e-4)")
-    p.add_argument("--c-max", type=float, default=1e4, help="largest C of the log grid (default 1e4)")
-    p.add_argument("--c-num", type=int, default=9, help="number of C values (default 9)")
+    # the default initial grid is coarse (two decades apart): the search widens past its edge and refines
+    # around the best to half decades (cnncodes.search)
+    p.add_argument("--c-min", type=float, default=1e-4, help="smallest C of the initial log grid (default 1e-4)")
+    p.add_argument("--c-max", type=float, default=1e4, help="largest C of the initial log grid (default 1e4)")
+    p.add_argument("--c-num", type=int, default=5, help="number of C values of the initial grid (default 5)")
     p.add_argument("--cv", type=int, default=5, help="CV folds to choose C when there is no val split (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of a drawn split, of the folds and of LinearSVC")
     p.add_argument("--val-fraction", type=float, default=0.15,
@@ -65,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 2; 0: evaluate the whole grid)")
     p.add_argument("--no-widen", action="store_true",
                    help="do not extend the C search past the grid's edge when the best C lies there")
-    p.add_argument("--refine", type=int, default=1, metavar="N",
+    p.add_argument("--refine", type=int, default=None, metavar="N",
                    help="rounds of refinement around the best C, each halving the log step "
-                        "(default 1: half decades; 0: the grid only)")
+                        "(default: down to half decades, 2 rounds for the default 2-decade grid; 0: the grid only)")
     p.add_argument("--out", "-o", default=None,
                    help="run folder (default artifacts/runs/<cache>__<layers>__<UTC time>__<settings hash>)")
     p.add_argument("--runs-root", default="artifacts/runs", help="parent of the default run folder")

@@ -9,17 +9,30 @@ nothing about fitting. Two searches run it:
   ``_run_search`` feeds the schedule to sklearn's ``evaluate_candidates`` (so ``cv_results_``,
   ``best_estimator_``, ``refit``, any ``cv`` splitter, e.g. ``PredefinedSplit`` for a val split).
 
-The schedule (C values on a log scale, ``step`` = the initial grid's spacing, a decade by default):
+The schedule (C values on a log scale, ``step`` = the initial grid's spacing). The default
+initial grid is coarse, ``1e-4, 1e-2, 1, 1e2, 1e4`` (two decades apart over the span of the old
+decade sweep, so it sees every edge that sweep saw: a narrower grid such as 1e-2..1e2 sat on a
+flat or noisy stretch of badly scaled codes and never widened), and the resolution comes from
+refining around the best only: 6-8 fits when the optimum is inside the grid (the old 9-point decade
+sweep with its early stop: 5-9), with half-decade instead of decade resolution near the optimum:
 
 1. **grid**: the initial grid in ascending order, ``batch`` values at a time, until the score
-   has fallen strictly below its best for ``patience`` consecutive larger C values (the largest
+   has fallen strictly below its best over ``patience`` decades of larger C values
+   (``patience`` consecutive values of a decade grid, ``ceil(patience / 2)`` of the default
+   2-decade grid: two decades past the peak either way; the largest
    C values are the slowest fits), once it has risen above its value at the first C (a best at
    the first C is no peak: the curve is flat or falling there, or noise near chance);
 2. **widen**: while the best C is strictly better than every other and lies at the upper
-   (lower) end of what was tried, try ``batch`` more values one ``step`` further up (down),
-   within ``[c_min, c_max]``: the sweep extends past an edge until the score stops rising;
-3. **refine**: ``refine`` rounds, each halving the step around the current best
-   (half decades, then quarter decades...): ``best * step**(±1/2**r)``.
+   (lower) end of what was tried, try ``batch`` more values one ``widen step`` further up
+   (down), within ``[c_min, c_max]``: the sweep extends past an edge until the score stops
+   rising. The widen step is a decade (or the grid's step if finer): the first refinement round
+   of a 2-decade grid would try the decade beyond the edge anyway, so a decade costs no extra
+   fit there and never jumps two decades past the optimum (large-C fits are the slow ones);
+3. **refine**: ``refine`` rounds, each halving the log step around the current best
+   (``best * step**(±1/2**r)``) on the side of its better tried neighbour only (both sides on a
+   tie): a bracketing search, one fit per round on a single-peaked curve; default (None): as
+   many rounds as bring the step to half a decade or finer (2 for the default grid: a decade,
+   then half decades; 1 for a decade grid). C values already tried are not fitted again.
 
 Ties go to the smaller C (the stronger regularisation). ``log`` records every C tried with its
 phase, and ``stop_reason`` why the search ended.
@@ -40,7 +53,8 @@ from .errors import UsageError
 
 __all__ = ["CSchedule", "CodesSearchCV", "DEFAULT_START"]
 
-DEFAULT_START = tuple(10.0 ** np.arange(-4, 5))  # 1e-4 ... 1e4, a decade apart
+DEFAULT_START = (1e-4, 1e-2, 1.0, 1e2, 1e4)  # two decades apart; refined to half decades around the best
+HALF_DECADE = math.sqrt(10.0)  # the resolution the default refinement reaches
 C_MIN, C_MAX = 1e-8, 1e8
 
 
@@ -58,7 +72,7 @@ class CSchedule:
     start: tuple = DEFAULT_START
     patience: int = 2
     widen: bool = True
-    refine: int = 1
+    refine: int | None = None
     batch: int = 1
     c_min: float = C_MIN
     c_max: float = C_MAX
@@ -72,11 +86,19 @@ class CSchedule:
             raise UsageError(f"The C grid must hold at least two finite values > 0. Got {list(g)} instead.")
         for name in ("patience", "refine", "batch"):
             v = getattr(self, name)
+            if name == "refine" and v is None:
+                continue
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < (1 if name == "batch" else 0):
                 raise UsageError(f"The '{name}' parameter of CSchedule must be an int >= "
                                  f"{1 if name == 'batch' else 0}. Got {v!r} instead.")
         self.grid = [_key(c) for c in g]
-        self.step = float(np.exp(np.median(np.diff(np.log(g)))))  # a decade for the default grid
+        self.step = float(np.exp(np.median(np.diff(np.log(g)))))  # two decades for the default grid
+        self.widen_step = min(self.step, 10.0)
+        # patience is in decades: the same stopping distance past the peak whatever the grid's step
+        decades = max(1.0, math.log10(self.step))
+        self.patience_values = max(1, math.ceil(self.patience / decades - 1e-9)) if self.patience else 0
+        if self.refine is None:  # halve the log step until it is at most half a decade
+            self.refine = max(0, math.ceil(math.log2(math.log(self.step) / math.log(HALF_DECADE)) - 1e-9))
         self._phases = self._plan()
         self._pending: list[float] = []
 
@@ -114,8 +136,26 @@ class CSchedule:
 
     # ------------------------------------------------------------------ the phases
 
+    def _bracket(self, step: float) -> list[float]:
+        """``best / step`` and/or ``best * step``: the side of the best whose nearest tried neighbour
+        scores higher, when both neighbours lie at the same distance; both sides on a tie (between
+        the neighbours, or of a neighbour with the best: a flat top), when a side
+        has no neighbour or when they lie at different distances (after widening by a decade from a
+        2-decade grid). On a single-peaked curve the peak lies between the best and its better
+        neighbour, so the other side is not fitted: one fit per round instead of two, which keeps the
+        default search within the old sweep's fits and time."""
+        best = self.best_C
+        below = [c for c in self.scores if c < best]
+        above = [c for c in self.scores if c > best]
+        both = [best / step, best * step]
+        if below and above and math.isclose(best / max(below), min(above) / best, rel_tol=1e-6):
+            lo, hi, top = self.scores[max(below)], self.scores[min(above)], self.scores[best]
+            if max(lo, hi) < top:  # a neighbour as good as the best: a flat top, no side is favoured
+                both = both[:1] if lo > hi else both[1:] if hi > lo else both
+        return [c for c in both if self.c_min <= c <= self.c_max]
+
     def _plan(self):
-        stopped = None
+        stopped, p = None, self.patience_values
         for i in range(0, len(self.grid), self.batch):
             yield self._emit(self.grid[i:i + self.batch], "grid")
             tried = [self.scores[c] for c in sorted(self.scores)]
@@ -123,17 +163,17 @@ class CSchedule:
             # smallest C values, the score wobbles (signs block4, softmax: 0.187 at C=1e-4, less at 1e-3,
             # 0.92 at C=316), and stopping there chose a chance-level C
             risen = int(np.argmax(tried)) > 0
-            if self.patience and risen and len(tried) > self.patience and max(tried[-self.patience:]) < max(tried):
+            if p and risen and len(tried) > p and max(tried[-p:]) < max(tried):
                 stopped = sorted(self.scores)[-1]
                 break
-        reason = (f"grid: the score fell below its best for {self.patience} consecutive larger C values "
+        reason = (f"grid: the score fell below its best for {p} consecutive larger C values "
                   f"(stopped after C={stopped:g})" if stopped is not None else "grid: all values tried")
         if self.widen:
             for upper in (True, False):
                 moved = False
                 while self._strict_edge(upper):
                     edge = max(self.scores) if upper else min(self.scores)
-                    nxt = [edge * self.step ** (k if upper else -k) for k in range(1, self.batch + 1)]
+                    nxt = [edge * self.widen_step ** (k if upper else -k) for k in range(1, self.batch + 1)]
                     nxt = [c for c in nxt if self.c_min * (1 - 1e-9) <= c <= self.c_max * (1 + 1e-9)]
                     if not nxt:
                         reason += f"; widening stopped at the limit C={edge:g}"
@@ -145,9 +185,7 @@ class CSchedule:
         step = self.step
         for r in range(self.refine):
             step = math.sqrt(step)
-            best = self.best_C
-            around = [c for c in (best / step, best * step) if self.c_min <= c <= self.c_max]
-            cs = self._emit(around, f"refine{r + 1}")
+            cs = self._emit(self._bracket(step), f"refine{r + 1}")
             if cs:
                 yield cs
         if self.refine:
@@ -167,7 +205,7 @@ class CodesSearchCV(BaseSearchCV):
     param : str
         The parameter searched, e.g. ``"clf__C"`` for a pipeline step named ``clf``.
     start : sequence of float
-        The initial grid (default 1e-4 ... 1e4, a decade apart).
+        The initial grid (default 1e-4 ... 1e4, two decades apart, refined to half decades).
     patience, widen, refine, c_min, c_max
         See :class:`CSchedule`.
     batch : int or None
@@ -187,7 +225,7 @@ class CodesSearchCV(BaseSearchCV):
 
     _parameter_constraints: dict = {**BaseSearchCV._parameter_constraints}
 
-    def __init__(self, estimator, *, param="clf__C", start=DEFAULT_START, patience=2, widen=True, refine=1,
+    def __init__(self, estimator, *, param="clf__C", start=DEFAULT_START, patience=2, widen=True, refine=None,
                  c_min=C_MIN, c_max=C_MAX, batch=None, scoring=None, n_jobs=None, refit=True, cv=None, verbose=0,
                  pre_dispatch="2*n_jobs", error_score=np.nan, return_train_score=False):
         super().__init__(estimator=estimator, scoring=scoring, n_jobs=n_jobs, refit=refit, cv=cv, verbose=verbose,

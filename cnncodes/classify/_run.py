@@ -23,7 +23,7 @@ from ..stats import pairwise_vs_best
 from ._estimators import CLASSIFIERS, make_classifier, make_normaliser, top_scores
 from ._metrics import compute_metrics, format_summary
 from ._plots import _plot_confusions, _plot_curves, _plot_layers
-from ._sweep import DEFAULT_GRID, _check_grid, _check_patience, refit, sweep_C
+from ._sweep import _check_grid, _check_patience, refit, sweep_C
 
 log = logging.getLogger("cnncodes.classify")
 
@@ -100,7 +100,7 @@ def train_run(
     max_iter_cap: int = 16000,
     early_stop: int | None = 2,
     widen: bool = True,
-    refine: int = 1,
+    refine: int | None = None,
     out: str | os.PathLike | None = None,
     runs_root: str | os.PathLike = "artifacts/runs",
     overwrite: bool = False,
@@ -166,7 +166,9 @@ def train_run(
     make_normaliser(norm)
     _check_train_options(max_iter=max_iter, max_iter_cap=max_iter_cap, n_jobs=n_jobs, seed=seed, cv=cv)
     patience = _check_patience(early_stop)
-    g = _check_grid(DEFAULT_GRID if grid is None else grid)
+    from ..search import DEFAULT_START
+
+    g = _check_grid(DEFAULT_START if grid is None else grid)
     sets = _layer_sets(layers, concat)
     all_keys = [k for s in sets for k in s]
     run_settings = {"layer_sets": ["+".join(s) for s in sets], "classifiers": classifiers, "norm": norm,
@@ -249,7 +251,7 @@ class _FitSettings:
     max_iter_cap: int
     patience: int
     widen: bool
-    refine: int
+    refine: int | None
 
 
 def _split_of(codes, val_fraction: float, test_fraction: float, seed: int) -> Split:

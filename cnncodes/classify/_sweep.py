@@ -273,12 +273,17 @@ class _Evaluator:
 
         Cs = sorted(Cs)
         if self.clf == "softmax":
-            warm = [self._nearest(j, Cs[0]) for j in range(len(self.folds))]
-            out = self.parallel(delayed(_softmax_path)(self.norm, Cs, self.Z, self.y, tr, te, warm=w, **self.kw)
-                                for (tr, te), w in zip(self.folds, warm))
-            for j, (_, _, coefs) in enumerate(out):
-                self.coefs[j].update(zip(Cs, coefs))
-            fits = {(i, j): (o[0][i], o[1][i]) for j, o in enumerate(out) for i in range(len(Cs))}
+            fits = {}
+            # one C at a time, each warm-started from the nearest C fitted so far on its fold: a batch of
+            # refinement values either side of the best (e.g. 316 and 3162 around 1000) would otherwise
+            # start 3162 from 316, a decade away, instead of from 1000 (large-C fits are the slow ones)
+            for i, c in enumerate(Cs):
+                warm = [self._nearest(j, c) for j in range(len(self.folds))]
+                out = self.parallel(delayed(_softmax_path)(self.norm, [c], self.Z, self.y, tr, te, warm=w, **self.kw)
+                                    for (tr, te), w in zip(self.folds, warm))
+                for j, (preds, conv, coefs) in enumerate(out):
+                    self.coefs[j][c] = coefs[0]
+                    fits[i, j] = (preds[0], conv[0])
         else:
             jobs = [(i, j) for i in range(len(Cs)) for j in range(len(self.folds))]
             out = self.parallel(delayed(_fit_predict_one)(self.norm, self.clf, Cs[i], self.Z, self.y,
@@ -314,7 +319,7 @@ def sweep_C(
     max_iter_cap: int = 16000,
     early_stop: int | None = 2,
     widen: bool = True,
-    refine: int = 1,
+    refine: int | None = None,
     class_names: Sequence[str] = (),
 ) -> SweepResult:
     """Choose C by accuracy on a val split, or by stratified k-fold CV on train.
@@ -354,8 +359,9 @@ def sweep_C(
         A curve that would rise again to a higher peak beyond such a drop would be missed.
     widen : bool
         Extend past the grid's edge while the best C lies there (default True).
-    refine : int
-        Rounds of refinement around the best, each halving the log step (default 1: half decades).
+    refine : int or None
+        Rounds of refinement around the best, each halving the log step (default None: down to
+        half decades, i.e. 2 rounds for the default 2-decade grid, 1 for a decade grid).
 
     Returns
     -------
@@ -370,9 +376,9 @@ def sweep_C(
     """
     from joblib import Parallel, effective_n_jobs
 
-    from ..search import CSchedule
+    from ..search import DEFAULT_START, CSchedule
 
-    g = _check_grid(DEFAULT_GRID if grid is None else grid)
+    g = _check_grid(DEFAULT_START if grid is None else grid)
     make_normaliser(norm)
     make_classifier(clf)
     patience = _check_patience(early_stop)
@@ -416,7 +422,7 @@ def _sweep_result(g, points, schedule, method, k, n_eval, seconds, notes) -> Swe
     notes = list(notes)
     if stopped_at is not None:
         skipped = [c for c in g if _key(c) not in points]
-        notes.append(f"sweep stopped early: the score fell below its best for {schedule.patience} consecutive larger "
+        notes.append(f"sweep stopped early: the score fell below its best for {schedule.patience_values} consecutive larger "
                      f"C values; C = {', '.join(f'{c:g}' for c in skipped)} of the grid not evaluated")
     res = SweepResult(cs, scores, std, conv, best, preds, np.arange(n_eval), method, 0 if method == "val" else k,
                       seconds, notes, evaluated, stopped_at,

@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _data import link_subset  # noqa: E402
 from _machine import cpu_model  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "datasets"
@@ -52,16 +53,7 @@ MODEL = "efficientnet_lite0"
 
 def subset(name: str, per_class: int, root: Path) -> Path:
     """``per_class`` images of each class of a shared dataset, as symbolic links (sorted, first ones)."""
-    src = SHARED / name
-    dst = root / f"{name}_{per_class}pc"
-    if dst.is_dir():
-        return dst
-    for cls in sorted(p.name for p in src.iterdir() if p.is_dir()):
-        files = sorted(f for f in os.listdir(src / cls) if f.lower().endswith((".jpg", ".jpeg", ".png")))
-        (dst / cls).mkdir(parents=True, exist_ok=True)
-        for f in files[:per_class]:
-            os.symlink(src / cls / f, dst / cls / f)
-    return dst
+    return link_subset(SHARED / name, root / f"{name}_{per_class}pc", per_class)
 
 
 def linear_probe(data: Path, work: Path) -> dict:

@@ -34,21 +34,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _data import SHARED as DATA  # noqa: E402
+from _data import link_subset  # noqa: E402
 from _machine import cpu_model  # noqa: E402
 
-DATA = REPO.parent / "shared" / "datasets"
-
-
-def subset(src: Path, dst: Path, per_class: int) -> Path:
-    """An image folder of links to the first ``per_class`` images of each class of ``src``."""
-    if dst.exists():
-        return dst
-    for cls in sorted(p.name for p in src.iterdir() if p.is_dir()):
-        files = sorted(f for f in os.listdir(src / cls) if f.lower().endswith((".jpg", ".jpeg", ".png")))
-        (dst / cls).mkdir(parents=True, exist_ok=True)
-        for f in files[:per_class]:
-            os.symlink(src / cls / f, dst / cls / f)
-    return dst
 
 
 def fcconv_time(batch: int, repeats: int) -> dict:
@@ -95,7 +84,7 @@ def accuracy(cache: Path, keys: list[str], runs: Path) -> dict:
 def fcconv_acc(per_class: int, weights: str | None, tmp: Path) -> dict:
     from cnncodes.extraction import extract
 
-    data = subset(DATA / "flowers5", tmp / "flowers5", per_class)
+    data = link_subset(DATA / "flowers5", tmp / "flowers5", per_class)
     w = weights or str(_random_alexnet(tmp))
     kw = dict(weights=w, out=tmp / "codes", device="cpu", dtype="float32")
     rows = {}
@@ -125,7 +114,7 @@ def views_acc(per_class: int, tmp: Path, datasets: list[str]) -> dict:
 
     out = {}
     for ds in datasets:
-        data = subset(DATA / ds, tmp / ds, per_class)
+        data = link_subset(DATA / ds, tmp / ds, per_class)
         rows = {}
         for views in ("center", "flip", "10crop"):
             res = extract(data, "efficientnet_lite0", ["pool", "block5.linear"], views=views, device="cpu",

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .fileio import atomic_path, atomic_write_text
+from .fileio import atomic_write_text
 from .stats import format_p
+from .classify._plots import _figure, _save
 
 log = logging.getLogger(__name__)
 
@@ -137,22 +138,7 @@ def finish(advice: dict, out: Path | None, *, run: bool, sweep: bool, seed: int,
     return Advice(out, advice, report, summary)
 
 
-# --------------------------------------------------------------------------- figures
-
-
-def _figure(*size):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=size)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+# --------------------------------------------------------------------------- figures (Agg, no pyplot: classify's helpers)
 
 
 def plot_learning_curve(path: Path, advice: dict) -> None:

@@ -455,8 +455,9 @@ def _rebuild_spec(spec: dict):
         )
     base = {k: v for k, v in spec.items() if k not in ("layers", "weights_path")}
     decoder = pre_rec.get("decoder", "pil")  # absent: written before the choice, by Pillow
+    # predicting on another device (or GPU model) is allowed (with a warning for fp16), as it always was
     rebuilt = _base_spec(bb, wts, spec["dtype"], spec.get("precision", "fp32"), pre_rec["draft"], decoder, view_set,
-                         pre_rec.get("combine", "mean"))
+                         pre_rec.get("combine", "mean"), spec.get("gpu"))
     diff = [k for k in rebuilt if rebuilt[k] != base.get(k)]
     if diff:
         raise CacheMismatchError(f"This installation cannot reproduce the recorded spec: {', '.join(diff)} differ")

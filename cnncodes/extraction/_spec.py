@@ -84,6 +84,8 @@ class RunOptions:
     progress: bool = False
     verify_content: bool = False
     gate: bool = True
+    engine: str = "local"
+    ray_address: str | None = None
 
 
 def _versions() -> dict:

@@ -28,6 +28,8 @@ bench: setup
 	$(BIN)/python benchmarks/bench_sweep.py --baseline-n 20000
 	$(BIN)/python benchmarks/bench_memory.py
 	$(BIN)/python benchmarks/soak.py --kills 50
+	$(BIN)/python benchmarks/bench_ray.py --images 128
+	$(BIN)/python benchmarks/bench_stream.py --rows 10000
 
 clean:
 	rm -rf artifacts/codes artifacts/runs artifacts/demo

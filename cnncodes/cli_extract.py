@@ -26,6 +26,7 @@ EPILOG = """examples:
   python scripts/extract.py DATA --model efficientnet_lite0 --layers block4.linear head pool
   python scripts/extract.py --model alexnet --list-layers
   python scripts/extract.py --list
+  python scripts/extract.py DATA --model alexnet --layers fc7 --engine ray --ray-address 10.0.0.5:6379
 
 exit status: 0 ok, 1 run error, 2 usage error. The cache path is the last line of stdout."""
 
@@ -73,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse a cached row only if its image's bytes hash to those it was extracted from (reads "
                         "every image; default: trust size, mtime, inode and ctime, hash only files whose inode or "
                         "ctime changed)")
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local (default): this machine; ray: the batches run as tasks on a Ray cluster (pip install "
+                        "'cnncodes[ray]'; --out, the images and a weights file on storage every node reaches)")
+    p.add_argument("--ray-address", default=None,
+                   help="with --engine ray: HOST:PORT of the cluster's head, or auto (default: the cluster this "
+                        "machine belongs to)")
     p.add_argument("--list", action="store_true", help="list the caches in --out and exit")
     p.add_argument("--list-layers", action="store_true", help="list the layers of --model and exit")
     p.add_argument("--list-models", action="store_true", help="list the backbones and exit")
@@ -152,6 +159,7 @@ def _run(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels, overwrite=args.overwrite, name=args.name,
         progress=not (args.no_progress or args.quiet), verify_content=args.verify_content,
         fc_as_conv=args.fc_as_conv, input_size=args.input_size, views=args.views, combine=args.combine,
+        engine=args.engine, ray_address=args.ray_address,
     )
     if res.skipped:
         print(f"{len(res.skipped)} image(s) skipped (status 'error', NaN codes):", file=sys.stderr)

@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine", type=int, default=None, metavar="N",
                    help="rounds of refinement around the best C, each halving the log step "
                         "(default: down to half decades, 2 rounds for the default 2-decade grid; 0: the grid only)")
+    p.add_argument("--stream", action="store_true",
+                   help="train from chunks of the cache without loading all codes (averaged SGD, hinge / logistic "
+                        "loss, C chosen on val); without it, done automatically when the codes would not fit in "
+                        "memory (CNNCODES_MEMORY_BUDGET bytes, default the memory available)")
+    p.add_argument("--no-stream", action="store_true", help="never stream, whatever the codes' size")
+    p.add_argument("--chunk-rows", type=int, default=2048, help="rows per chunk with --stream (default 2048)")
+    p.add_argument("--epochs", type=int, default=20, help="most epochs with --stream (default 20)")
     p.add_argument("--out", "-o", default=None,
                    help="run folder (default artifacts/runs/<cache>__<layers>__<UTC time>__<settings hash>)")
     p.add_argument("--runs-root", default="artifacts/runs", help="parent of the default run folder")
@@ -94,6 +101,13 @@ def _grid(args) -> list[float]:
     return list(np.logspace(np.log10(args.c_min), np.log10(args.c_max), args.c_num))
 
 
+def _stream_args(args) -> dict:
+    if args.stream and args.no_stream:
+        raise UsageError("--stream and --no-stream exclude each other")
+    stream = True if args.stream else (False if args.no_stream else None)
+    return {"stream": stream, "stream_options": {"chunk_rows": args.chunk_rows, "epochs": args.epochs}}
+
+
 def _train(args: argparse.Namespace) -> int:
     from .classify import train_run
 
@@ -103,6 +117,7 @@ def _train(args: argparse.Namespace) -> int:
         n_jobs=args.n_jobs, max_iter=args.max_iter, early_stop=args.early_stop, widen=not args.no_widen,
         refine=args.refine, out=args.out,
         runs_root=args.runs_root, overwrite=args.overwrite, plots=not args.no_plots,
+        **_stream_args(args),
     )
     print(res.summary)
     print(res.run_dir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "CnnCodesError",
+    "ClusterUnreachableError",
     "UsageError",
     "InvalidParameterError",
     "UnknownBackboneError",
@@ -122,3 +123,7 @@ class TrainingDataError(CnnCodesError, ValueError):
 
 class RunFolderLockedError(CnnCodesError, OSError):
     """Another process is writing this run folder."""
+
+
+class ClusterUnreachableError(CnnCodesError, ConnectionError):
+    """The compute cluster named for an engine (``ray_address``) does not answer."""

@@ -110,13 +110,13 @@ def trusted_types() -> dict[str, frozenset[str]]:
     file written where scikit-learn kept a class elsewhere is refused, naming the type.
     ``JsonNode`` values are parsed with :func:`json.loads` whatever type they claim.
     """
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression, SGDClassifier
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
     from sklearn.svm import LinearSVC
 
     estimators = frozenset(_type_name(t) for t in (Pipeline, Normalizer, StandardScaler, FunctionTransformer,
-                                                   LinearSVC, LogisticRegression))
+                                                   LinearSVC, LogisticRegression, SGDClassifier))
     # what make_classifier("svm") returns (LinearSVC, dual decided at fit), by the name cnncodes.classify pins
     # for it, as for signed_sqrt below: named, not imported, so that model files need not import classify
     estimators |= {"cnncodes.classify.CodesLinearSVC"}
@@ -126,6 +126,8 @@ def trusted_types() -> dict[str, frozenset[str]]:
     return {
         "ObjectNode": estimators,
         "FunctionNode": frozenset({"cnncodes.classify.signed_sqrt"}),
+        # the loss objects of the streamed classifiers (cnncodes.stream: hinge for svm, log_loss for softmax)
+        "LossNode": frozenset(_type_name(SGDClassifier.loss_functions[loss][0]) for loss in ("hinge", "log_loss")),
         "DictNode": frozenset({"builtins.dict"}),
         "ListNode": frozenset({"builtins.list"}),
         "TupleNode": frozenset({"builtins.tuple"}),

@@ -20,6 +20,7 @@ import logging
 import os
 import queue
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -30,11 +31,13 @@ import numpy as np
 from . import store
 from .errors import CacheCorruptError, CacheMismatchError, ExtractionWriteError
 from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir
+from .store._partial import claim_name, parse_claim
 
 log = logging.getLogger("cnncodes.extraction")
 
 
 def _write_shard(pdir: Path, job: int, batch: int, rows: np.ndarray, status, messages, codes: dict) -> Path:
+    """Write one batch's shard; return the shard that holds the batch (this one, or an earlier attempt's)."""
     buf = io.BytesIO()
     arrays = {"rows": np.asarray(rows, dtype=np.int64), "status": np.asarray(status, dtype=str),
               "message": np.asarray(messages, dtype=str)}
@@ -44,8 +47,45 @@ def _write_shard(pdir: Path, job: int, batch: int, rows: np.ndarray, status, mes
     data = buf.getvalue()
     digest = hashlib.sha256(data).hexdigest()
     path = pdir / str(store.ShardName(job, batch, len(rows), digest[:16]))
-    atomic_write_bytes(path, data)
+    return _publish_shard(pdir, job, batch, path, data)
+
+
+def _publish_shard(pdir: Path, job: int, batch: int, path: Path, data: bytes) -> Path:
+    """Publish a shard so that, of several attempts at one batch, exactly one ever counts.
+
+    An engine may run a batch twice (a retried Ray task, a node that comes back, a killed driver's
+    task still running), and on a GPU two attempts can give different bytes, hence two names.
+    Each attempt writes its shard under a temporary name (fsync'ed), then claims the batch:
+    a file holding the shard's name is hard-linked to ``claim-<job>_<batch>``, which fails if
+    that name exists, so the first complete attempt wins and later ones drop their temporary
+    files. Only then is the winner renamed to its checksummed name. :func:`_scan_shards` accepts,
+    for a claimed batch, only the shard the claim names (a name, not an inode: copies of the
+    folder keep it).
+    """
+    suffix = f".tmp.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}"
+    tmp = path.with_name(path.name + suffix)
+    claim = pdir / claim_name(job, batch)
+    claim_tmp = claim.with_name(claim.name + suffix)
+    atomic_write_bytes(tmp, data)
+    atomic_write_text(claim_tmp, path.name)
+    try:
+        os.link(claim_tmp, claim)
+    except FileExistsError:
+        _unlink(tmp)  # our own temporary files; nobody else's is ever touched here
+        log.info("Batch %d/%d was already written by another attempt; keeping that one", job, batch)
+        return pdir / _claimed_name(claim)
+    finally:
+        _unlink(claim_tmp)
+    os.replace(tmp, path)
+    fsync_dir(pdir)
     return path
+
+
+def _claimed_name(claim: Path) -> str:
+    try:
+        return claim.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def _shard_bytes(path: Path) -> bytes | None:
@@ -64,23 +104,50 @@ def _read_shard(path: Path) -> dict[str, np.ndarray]:
 
 
 def _scan_shards(pdir: Path, *, verify: bool = True) -> dict[tuple[int, int], Path]:
-    """Finished shards by (job, batch).
+    """Finished shards by (job, batch): for a claimed batch the claim's shard, else the first name.
 
-    With ``verify``, shards whose bytes changed are deleted (and so recomputed); without it the
-    names are only listed, for a caller that reads every shard through :func:`_read_shard`, which
-    verifies it.
+    With ``verify`` (only while no task can be writing: the caller holds the lock and no engine
+    runs), shards whose bytes changed are deleted with their claim (and so recomputed), and so are
+    claims never published (a writer killed between claim and rename), other attempts' shards and
+    orphaned temporary files. Without it the names are only listed, for a caller that reads every
+    shard through :func:`_read_shard`, which verifies it.
     """
-    found = {}
-    for p in pdir.glob("shard-*.npz"):
+    cands: dict[tuple[int, int], list[Path]] = {}
+    for p in sorted(pdir.glob("shard-*.npz")):
         name = store.ShardName.parse(p.name)
-        if name is None:
-            continue
-        if verify and _shard_bytes(p) is None:
-            log.warning("Shard %s is corrupt (sha256 mismatch); it will be recomputed", p.name)
-            p.unlink()
-            continue
-        found[(name.job, name.batch)] = p
+        if name is not None:
+            cands.setdefault((name.job, name.batch), []).append(p)
+    claims = {key: p for p in pdir.glob("claim-*") if (key := parse_claim(p.name)) is not None}
+    found = {}
+    for key in sorted(set(cands) | set(claims)):
+        claim, paths, won = claims.get(key), cands.get(key, []), []
+        if claim is not None:
+            name = _claimed_name(claim)
+            won = [p for p in paths if p.name == name]
+            paths = won + [p for p in paths if p not in won]
+        if verify:
+            if claim is not None and not won:
+                log.info("Batch %d/%d was claimed but never published; it will be recomputed", *key)
+                _unlink(claim, *paths)
+                continue
+            for p in paths[1:]:
+                log.info("Removing %s: another attempt at the same batch was published first", p.name)
+                _unlink(p)
+            if paths and _shard_bytes(paths[0]) is None:
+                log.warning("Shard %s is corrupt (sha256 mismatch); it will be recomputed", paths[0].name)
+                _unlink(paths[0], *([claim] if claim is not None else []))
+                continue
+        if paths and (claim is None or won):
+            found[key] = paths[0]
+    if verify:
+        _unlink(*pdir.glob("shard-*.npz.tmp.*"), *pdir.glob("claim-*.tmp.*"))  # attempts killed before their claim
     return found
+
+
+def _unlink(*paths: Path) -> None:
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
 
 
 class _ShardWriter:
@@ -128,7 +195,7 @@ class _ShardWriter:
 def _plan_diff(old: dict, new: dict) -> list[str]:
     diff = []
     o, n = old.get("spec", {}), new["spec"]
-    for field_ in ("backbone", "weights", "preprocessing", "dtype", "precision", "arch_args", "library_majors"):
+    for field_ in ("backbone", "weights", "preprocessing", "dtype", "precision", "arch_args", "library_majors", "gpu"):
         if o.get(field_) != n.get(field_):
             diff.append(field_)
     if [lr["key"] for lr in old.get("layers", [])] != [lr["key"] for lr in new["layers"]]:
@@ -377,7 +444,7 @@ def finished_shards(pdir: Path, jobs, batches: dict) -> tuple[dict[tuple[int, in
         if (j not in batches or b >= len(batches[j]) or not np.array_equal(sh["rows"], batches[j][b])
                 or any(f"codes/{k}" not in sh for k in jobs[j][1])):
             log.warning("Shard %s does not hold this run's batch %d/%d; it will be recomputed", p.name, j, b)
-            p.unlink()
+            _unlink(p, pdir / claim_name(j, b))
             del done[(j, b)]
             continue
         n_failed += int(np.sum(sh["status"] != "ok"))

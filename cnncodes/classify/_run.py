@@ -105,6 +105,8 @@ def train_run(
     runs_root: str | os.PathLike = "artifacts/runs",
     overwrite: bool = False,
     plots: bool = True,
+    stream: bool | None = False,
+    stream_options: Mapping | None = None,
 ) -> RunResult:
     """Train every (layer set, classifier) pair on a cache and write a run folder.
 
@@ -138,6 +140,12 @@ def train_run(
         Replace an existing non-empty run folder (only once the new run has succeeded).
     plots : bool
         Write the PNG figures.
+    stream : bool or None
+        True: train from chunks of the cache without loading all codes (:mod:`cnncodes.stream`:
+        averaged SGD, C chosen on val); None: only when the codes would not fit the memory budget
+        (:func:`cnncodes.stream.needs_streaming`); False (default): in memory.
+    stream_options : mapping, optional
+        ``chunk_rows``, ``epochs``, ``patience`` of the streamed training.
 
     Returns
     -------
@@ -176,6 +184,14 @@ def train_run(
                     "test_fraction": test_fraction, "max_iter": max_iter, "early_stop": patience}
     target, marker = _run_target(cache, out, runs_root, overwrite, all_keys, concat, run_settings)
     fit = _FitSettings(norm, g, cv, seed, n_jobs, max_iter, max_iter_cap, patience, widen, refine)
+    if stream is not False:
+        from .. import stream as _stream
+
+        if stream or _stream.needs_streaming(cache, sets):
+            return _stream.train_run_stream(cache, sets, classifiers=classifiers, norm=norm, grid=g, seed=seed,
+                                            val_fraction=val_fraction, test_fraction=test_fraction, out=out,
+                                            target=target, overwrite=overwrite, marker=marker, plots=plots,
+                                            **dict(stream_options or {}))
 
     # one open handle for the whole run: every layer and the row table come from one version of the file,
     # even if an extraction replaces the cache meanwhile (it does so by rename, never in place)

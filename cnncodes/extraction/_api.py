@@ -135,6 +135,8 @@ _EXTRACT_PARAMS = {
     "views": [str],
     "combine": [StrOptions(("mean", "max"))],
     "gate": ["boolean"],
+    "engine": [StrOptions(("local", "ray"))],
+    "ray_address": [NonEmptyStr(), None],
 }
 
 
@@ -171,6 +173,8 @@ def extract(
     views: str = "center",
     combine: str = "mean",
     gate: bool = True,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> ExtractResult:
     """Extract the codes of ``layers`` of ``model`` for every image of ``data`` into an HDF5 cache.
 
@@ -240,6 +244,14 @@ def extract(
         On a CPU, let decoding workers decode only between forward passes, so that the two take
         turns on the cores instead of fighting (see ``_pipeline._loader``); False lets them run
         alongside. Never changes a code.
+    engine : str
+        ``local`` (default: this process and its decoding workers) or ``ray``: the batches run
+        as tasks on a Ray cluster (:mod:`cnncodes.engine_ray`; the cache folder, the images and a
+        weights file must be reachable at the same paths from every node). Same batches, same
+        shards, same resume, same codes, same file.
+    ray_address : str or None
+        With ``engine="ray"``: ``HOST:PORT`` of the cluster's head, or ``auto``/None (the
+        cluster this machine belongs to).
 
     Returns
     -------
@@ -255,6 +267,8 @@ def extract(
         Another process is writing this cache.
     CacheMismatchError
         An unfinished extraction with another spec or image list (use ``overwrite``).
+    ClusterUnreachableError
+        ``engine="ray"`` and nothing answers at ``ray_address`` (checked before any work).
     ErrorBudgetExceeded
         Too many images failed; finished shards are kept.
     ExtractionWriteError
@@ -267,14 +281,18 @@ def extract(
          "draft": draft, "decoder": decoder, "compression": compression, "error_budget": error_budget,
          "max_pixels": max_pixels, "overwrite": overwrite, "name": name, "progress": progress,
          "verify_content": verify_content, "fc_as_conv": fc_as_conv, "input_size": input_size, "views": views,
-         "combine": combine, "gate": gate},
+         "combine": combine, "gate": gate, "engine": engine, "ray_address": ray_address},
         _EXTRACT_PARAMS, "extract")
     _check_out_folder(out, "extract")
+    if engine == "ray" or ray_address is not None:
+        from ..engine_ray import check_engine
+
+        ray_address = check_engine(engine, ray_address)
     store._compression_kwargs(compression)  # validate early
     config = ExtractConfig(model, (layers,) if isinstance(layers, str) else tuple(layers), weights, pool, dtype,
                            precision, draft, decoder, fc_as_conv, input_size, views, combine)
     run = RunOptions(Path(out), device, batch_size, workers, compression, error_budget, max_pixels, overwrite, name,
-                     progress, verify_content, gate)
+                     progress, verify_content, gate, engine, ray_address)
     return _extract(data, config, run, t0)
 
 
@@ -308,7 +326,12 @@ def _extract(data, config: ExtractConfig, run: RunOptions, t0: float) -> Extract
         if stats.resumed_from:
             log.warning("Resuming an interrupted extraction into %s: %d of %d images already done",
                         plan.path, stats.resumed_from, stats.n_todo)
-        run_jobs(plan, config, run, pdir, batch_size, batches, done, stats)
+        if run.engine == "ray":
+            from ..engine_ray import run_jobs_on_ray
+
+            run_jobs_on_ray(plan, config, run, pdir, batches, done, stats)
+        else:
+            run_jobs(plan, config, run, pdir, batch_size, batches, done, stats)
         info = _write_cache(plan, pdir, batches, stats.map_shapes, work_plan, config.dtype, run.compression)
         _remove_partial(pdir)
     return _result(plan, info, stats, t0)
@@ -455,8 +478,9 @@ def _rebuild_spec(spec: dict):
         )
     base = {k: v for k, v in spec.items() if k not in ("layers", "weights_path")}
     decoder = pre_rec.get("decoder", "pil")  # absent: written before the choice, by Pillow
+    # predicting on another device (or GPU model) is allowed (with a warning for fp16), as it always was
     rebuilt = _base_spec(bb, wts, spec["dtype"], spec.get("precision", "fp32"), pre_rec["draft"], decoder, view_set,
-                         pre_rec.get("combine", "mean"))
+                         pre_rec.get("combine", "mean"), spec.get("gpu"))
     diff = [k for k in rebuilt if rebuilt[k] != base.get(k)]
     if diff:
         raise CacheMismatchError(f"This installation cannot reproduce the recorded spec: {', '.join(diff)} differ")

@@ -19,7 +19,7 @@ from ..errors import CacheMismatchError, DatasetError
 from ..images import Manifest, pixels_over_limit, read_csv_list, scan_folder
 from ..views import ViewSet, check_combine
 from ..views import resolve as resolve_views
-from ._runtime import _probe_device, resolve_precision
+from ._runtime import _probe_device, gpu_model, resolve_precision
 from ._spec import (ExtractConfig, RunOptions, _base_spec, _fp_of, _plan_from_record, effective_backbone,
                     plan_layers)
 
@@ -261,7 +261,8 @@ def plan_extraction(data: str | os.PathLike, config: ExtractConfig, run: RunOpti
     # needed, torch decides and the plan is redone if the guess was wrong.
     dev = _probe_device() if run.device == "auto" else run.device
     prec = resolve_precision(config.precision, dev)
-    base = _base_spec(spec, wts, config.dtype, prec, config.draft, config.decoder, view_set, config.combine)
+    base = _base_spec(spec, wts, config.dtype, prec, config.draft, config.decoder, view_set, config.combine,
+                      gpu_model() if dev == "cuda" else None)
     base_fp = store.fingerprint_of(base)
     lplan = plan_layers(spec, config.layers, config.pool, base_fp)
     path = _cache_path(Path(run.out), manifest, spec.name, base_fp, run.name)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import glob
 import os
 import sys
+from pathlib import Path
 
 from ..errors import UsageError
 
@@ -45,6 +48,16 @@ def _probe_device() -> str:
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return "cpu"
     return "cuda" if os.path.exists("/dev/nvidiactl") else "cpu"
+
+
+def gpu_model() -> str | None:
+    """The first NVIDIA GPU's model as the driver reports it, read without importing torch."""
+    for info in sorted(glob.glob("/proc/driver/nvidia/gpus/*/information")):
+        with contextlib.suppress(OSError):
+            for line in Path(info).read_text().splitlines():
+                if line.startswith("Model:"):
+                    return line.split(":", 1)[1].strip()
+    return None
 
 
 #: mallopt(3) parameters.

@@ -84,6 +84,8 @@ class RunOptions:
     progress: bool = False
     verify_content: bool = False
     gate: bool = True
+    engine: str = "local"
+    ray_address: str | None = None
 
 
 def _versions() -> dict:
@@ -123,7 +125,7 @@ def effective_backbone(spec: BackboneSpec, fc_as_conv: bool = False, input_size:
 
 
 def _base_spec(spec: BackboneSpec, weights: ResolvedWeights, dtype: str, precision: str, draft: bool,
-               decoder: str, views: ViewSet = ViewSet("center"), combine: str = "mean") -> dict:
+               decoder: str, views: ViewSet = ViewSet("center"), combine: str = "mean", gpu: str | None = None) -> dict:
     if dtype not in ("float16", "float32"):
         raise UsageError(f"Unknown dtype {dtype!r}: use float16 or float32")
     _check_decoder(decoder, spec.preprocessing)
@@ -135,7 +137,7 @@ def _base_spec(spec: BackboneSpec, weights: ResolvedWeights, dtype: str, precisi
         pre["views"] = views.name
         pre["combine"] = combine
     v = _versions()
-    return {
+    out = {
         "backbone": spec.name,
         # the architecture's identity (timm model name, torchvision builder arguments): a backbone name
         # whose network changes gets another fingerprint, so no cache of the old network is reused
@@ -147,6 +149,9 @@ def _base_spec(spec: BackboneSpec, weights: ResolvedWeights, dtype: str, precisi
         "library_majors": {k: _major(v[k]) for k in ("torch", "torchvision", "timm")},
         "schema_version": _SPEC_VERSION,
     }
+    if gpu:  # GPU kernels (and so codes) differ between GPU models; CPU specs stay as they were
+        out["gpu"] = gpu
+    return out
 
 
 def plan_layers(spec: BackboneSpec, aliases: Sequence[str], pool: str, base_fp: str) -> list[tuple[LayerDef, str, str, str]]:

@@ -37,6 +37,20 @@ class ShardName:
         return f"shard-{self.job}_{self.batch:06d}-{self.n_rows}-{self.digest16}.npz"
 
 
+_CLAIM_RE = re.compile(r"^claim-(\d+)_(\d+)$")
+
+
+def claim_name(job: int, batch: int) -> str:
+    """The file whose creation claims batch ``batch`` of job ``job`` for one attempt (see ``workdir._publish_shard``)."""
+    return f"claim-{job}_{batch:06d}"
+
+
+def parse_claim(name: str) -> tuple[int, int] | None:
+    """(job, batch) of a claim file's name, or None for any other file."""
+    m = _CLAIM_RE.match(name)
+    return None if m is None else (int(m.group(1)), int(m.group(2)))
+
+
 def partial_progress(path: str | os.PathLike) -> tuple[int, int] | None:
     """(images done, images planned) of an unfinished extraction, or None if there is none."""
     pdir = partial_dir(path)

@@ -264,6 +264,18 @@ class CacheSnapshot:
             raise UsageError("Name at least one layer to load")
         return _codes_from_open(self._f, self.path, keys, dtype, verify)
 
+    def rows(self, *, verify: bool = True) -> tuple[dict[str, np.ndarray], list[str]]:
+        """The row table and class names of this version, without any codes."""
+        return _read_rows(self._f, self.path, verify)
+
+    def read_block(self, key: str, lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo:hi`` of layer ``key`` (stored dtype), for readers of codes larger than memory."""
+        return _read_dense(self._f["codes"][key], lo, hi)
+
+    def layer_sha256(self, key: str) -> str:
+        """The sha256 recorded for layer ``key``'s codes (of all rows, in order, stored dtype)."""
+        return str(self._f["codes"][key].attrs["sha256"])
+
     def close(self) -> None:
         self._f.close()
 

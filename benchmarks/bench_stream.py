@@ -1,0 +1,123 @@
+"""Streamed classifier training (``train_svm.py --stream``) against the in-memory path.
+
+1. Peak memory as the rows grow: synthetic post-ReLU caches of N and 10 N rows, each trained in a
+   fresh subprocess, peak RSS from ``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`` (goal: 10x the
+   rows for <= 1.2x the memory when streamed).
+2. Accuracy on real codes: test accuracy of the streamed SVM / softmax against the in-memory
+   LinearSVC / multinomial LogisticRegression, same cache, same split, same grid (goal: within 1 pp).
+
+    python benchmarks/bench_stream.py --caches CACHE:LAYER [CACHE:LAYER ...] --rows 10000 --dim 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+_CHILD = """
+import sys
+from cnncodes.classify import train_run
+s = sys.argv[3] == "1"
+train_run(sys.argv[1], ["fc7"], classifiers=["svm"], grid=[1.0, 10.0], out=sys.argv[2], plots=False, n_jobs=1,
+          stream=s, stream_options={"epochs": 2} if s else None)
+"""
+
+
+def synthetic(path: Path, n: int, dim: int, k: int = 10) -> Path:
+    from cnncodes.store import LayerRecord, fingerprint_of, write_cache
+
+    rng = np.random.default_rng(0)
+    y = np.sort(rng.integers(0, k, n))
+    centres = rng.random((k, dim)).astype(np.float32)
+
+    def blocks():
+        for s in range(0, n, 4096):
+            yy = y[s:s + 4096]
+            yield np.maximum(centres[yy] + rng.normal(0, 0.5, (len(yy), dim)).astype(np.float32), 0)
+
+    spec = {"backbone": "synthetic", "dtype": "float16", "layers": []}
+    rows = {"paths": np.array([f"c{y[i]}/{i:08d}.png" for i in range(n)]), "labels": y,
+            "split": np.array([""] * n), "status": np.array(["ok"] * n), "message": np.array([""] * n),
+            "file_size": np.zeros(n, np.int64), "file_mtime_ns": np.zeros(n, np.int64)}
+    rec = LayerRecord("fc7", "fc7", "fc7", "relu", "avg", dim, (), fingerprint_of({"k": "fc7"}))
+    write_cache(path, spec=spec, fingerprint=fingerprint_of(spec), manifest_hash="m" * 64, dataset_root="/s",
+                class_names=[f"c{i}" for i in range(k)], rows=rows, layers={"fc7": (rec, blocks())})
+    return path
+
+
+def peak_mb(cache: Path, out: Path, stream: bool) -> tuple[float, float]:
+    code = ("import resource, subprocess, sys, time\n"
+            "t = time.perf_counter()\n"
+            f"r = subprocess.run([sys.executable, '-c', {_CHILD!r}, {str(cache)!r}, {str(out)!r}, "
+            f"{('1' if stream else '0')!r}])\n"
+            "assert r.returncode == 0\n"
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, time.perf_counter() - t)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    if r.returncode:
+        raise RuntimeError(r.stderr[-3000:])
+    mb, s = map(float, r.stdout.split())
+    return round(mb, 1), round(s, 1)
+
+
+def accuracy(cache: str, layer: str, tmp: Path) -> dict:
+    from cnncodes.classify import train_run
+
+    out = {}
+    for stream in (False, True):
+        t = time.perf_counter()
+        res = train_run(cache, [layer], classifiers=["svm", "softmax"], out=tmp / f"{layer}-{stream}", plots=False,
+                        stream=stream)
+        r = res.metrics["results"][layer]
+        tag = "stream" if stream else "memory"
+        out[tag] = {c: {"test": round(r[c]["test"]["accuracy"], 4), "val": round(r[c]["val"]["accuracy"], 4),
+                        "C": r[c]["C"]} for c in r}
+        out[tag]["seconds"] = round(time.perf_counter() - t, 1)
+    out["diff_pp"] = {c: round(100 * (out["stream"][c]["test"] - out["memory"][c]["test"]), 2)
+                      for c in ("svm", "softmax")}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=10000, help="N of the memory test (it also runs 10 N)")
+    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--caches", nargs="*", default=[], metavar="CACHE:LAYER")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--skip-memory-10n", action="store_true",
+                    help="skip the in-memory run on 10 N rows (LinearSVC on it takes long on a busy machine)")
+    args = ap.parse_args()
+    res: dict = {}
+    with tempfile.TemporaryDirectory(prefix="bench-stream-") as d:
+        tmp = Path(d)
+        if not args.no_memory:
+            small = synthetic(tmp / "small.h5", args.rows, args.dim)
+            big = synthetic(tmp / "big.h5", 10 * args.rows, args.dim)
+            mem = res["memory_MB_seconds"] = {"rows": [args.rows, 10 * args.rows], "dim": args.dim}
+            for tag, size, cache in (("stream", "N", small), ("stream", "10N", big), ("memory", "N", small),
+                                     ("memory", "10N", big)):
+                if tag == "memory" and size == "10N" and args.skip_memory_10n:
+                    continue
+                mem[f"{tag}_{size}"] = peak_mb(cache, tmp / f"r-{tag}-{size}", tag == "stream")
+                print(json.dumps(mem), flush=True)
+            mem["stream_ratio"] = round(mem["stream_10N"][0] / mem["stream_N"][0], 3)
+        for spec in args.caches:
+            cache, layer = spec.rsplit(":", 1)
+            res[f"{Path(cache).name}:{layer}"] = accuracy(cache, layer, tmp)
+            print(json.dumps(res, indent=1), flush=True)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

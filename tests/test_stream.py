@@ -1,0 +1,156 @@
+"""Classifiers on codes larger than memory (``train_svm.py --stream``, :mod:`cnncodes.stream`)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.linear_model import SGDClassifier
+from sklearn.preprocessing import normalize
+
+from cnncodes import classify as C
+from cnncodes.store import LayerRecord, fingerprint_of, load_codes, write_cache
+from conftest import SPEC, digits_cache
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _order(n, chunk_rows, seed, epoch):
+    """The documented feeding order, written again here: blocks of chunk_rows // 16 rows in a random
+    order, cut into chunks, rows shuffled within each chunk."""
+    rng = np.random.default_rng([seed, epoch])
+    b = chunk_rows // 16
+    blocks = [np.arange(s, min(n, s + b)) for s in range(0, n, b)]
+    pos = np.concatenate([blocks[i] for i in rng.permutation(len(blocks))])
+    return [pos[s:s + chunk_rows][rng.permutation(len(pos[s:s + chunk_rows]))] for s in range(0, n, chunk_rows)]
+
+
+def _hand_loop(X, y, rows, C_, epochs, classes, chunk_rows, seed, val=None):
+    """partial_fit by hand over the same chunks; with ``val``: the model and epoch of the best val accuracy."""
+    m = SGDClassifier(loss="hinge", alpha=1.0 / (C_ * len(rows)), average=True, random_state=seed, tol=None)
+    best = (-1.0, 0, None)
+    for e in range(epochs):
+        for pos in _order(len(rows), chunk_rows, seed, e):
+            m.partial_fit(X[rows[pos]], y[rows[pos]], classes=classes)
+        if val is not None:
+            acc = float(np.mean(m.predict(X[val]) == y[val]))
+            if acc > best[0]:
+                best = (acc, e + 1, m.coef_.copy())
+    return m, best
+
+
+def test_streamed_run_equals_a_hand_written_partial_fit_loop(tmp_path):
+    cache = digits_cache(tmp_path / "digits.h5")
+    grid, epochs, chunk = [0.1, 10.0], 4, 256
+    res = C.train_run(cache, ["fc7"], classifiers=["svm"], grid=grid, seed=0, out=tmp_path / "run", plots=False,
+                      stream=True, stream_options={"chunk_rows": chunk, "epochs": epochs, "patience": epochs})
+    r = res.metrics["results"]["fc7"]["svm"]
+
+    codes = load_codes(cache, "fc7")
+    X, y = normalize(codes.X), codes.labels
+    sp = C.make_split(y, codes.splits, codes.status, class_names=codes.class_names, paths=codes.paths,
+                      messages=codes.messages, val_fraction=0.15, test_fraction=0.2, seed=0)
+    train, val, test = np.sort(sp.train), np.sort(sp.val), np.sort(sp.test)
+    trval = np.sort(np.concatenate([train, val]))
+    classes = np.unique(y[trval])
+    bests = [_hand_loop(X, y, train, c, epochs, classes, chunk, 0, val=val)[1] for c in grid]
+    assert [p["score"] for p in r["c_curve"]] == [b[0] for b in bests]
+    assert [p["best_epoch"] for p in r["c_curve"]] == [b[1] for b in bests]
+    k = int(np.argmax([b[0] for b in bests]))
+    assert r["C"] == grid[k]
+    final, _ = _hand_loop(X, y, trval, grid[k], bests[k][1], classes, chunk, 0)
+    pipe, meta = C.load_model(res.run_dir / r["model"])
+    assert np.array_equal(pipe[-1].coef_, final.coef_) and np.array_equal(pipe[-1].intercept_, final.intercept_)
+    assert r["test"]["accuracy"] == pytest.approx(float(np.mean(final.predict(X[test]) == y[test])))
+    assert meta["stream"] is True and meta["C"] == grid[k]
+
+
+def test_streamed_models_predict_from_raw_codes_like_their_run(tmp_path):
+    cache = digits_cache(tmp_path / "digits.h5")
+    res = C.train_run(cache, ["fc6", "fc7"], classifiers=["svm", "softmax"], grid=[1.0, 100.0], out=tmp_path / "run",
+                      plots=False, stream=True, stream_options={"chunk_rows": 512, "epochs": 3})
+    codes = load_codes(cache, ["fc6"])
+    for clf in ("svm", "softmax"):
+        pipe, meta = C.load_model(res.run_dir / "models" / f"fc6__{clf}{C.MODEL_SUFFIX}")
+        with open(res.run_dir / "predictions" / f"fc6__{clf}.csv") as f:
+            rows = list(csv.DictReader(f))
+        idx = {p: i for i, p in enumerate(codes.paths)}
+        X = codes.X[[idx[r["path"]] for r in rows]]
+        assert [codes.class_names[p] for p in pipe.predict(X)] == [r["pred"] for r in rows]
+    best, _ = C.load_model(res.run_dir / C.BEST_MODEL)
+    m = json.loads((res.run_dir / "metrics.json").read_text())
+    b = m["best"]
+    best_codes = load_codes(cache, b["layers"].split("+"))
+    assert set(best.predict(best_codes.X)) <= set(range(10))
+    assert m["settings"]["stream"] is True and "streamed" in m["notes"][-1]
+
+
+def test_stream_switches_on_above_the_memory_budget(tmp_path, monkeypatch, caplog):
+    cache = digits_cache(tmp_path / "digits.h5")
+    monkeypatch.setenv("CNNCODES_MEMORY_BUDGET", "1e5")  # 1797 x 64 x 4 x 3 bytes = 1.4e6 > 1e5
+    with caplog.at_level("WARNING"):
+        res = C.train_run(cache, ["fc7"], classifiers=["svm"], grid=[1.0, 10.0], out=tmp_path / "run", plots=False,
+                          stream=None, stream_options={"epochs": 2})
+    assert res.metrics["settings"].get("stream") is True
+    assert any("training streamed" in r.getMessage() for r in caplog.records)
+
+
+# --------------------------------------------------------------------------- memory does not grow with N
+
+_CHILD = """
+import sys
+from cnncodes.classify import train_run
+train_run(sys.argv[1], ["fc7"], classifiers=["svm"], grid=[1.0, 10.0], out=sys.argv[2], plots=False,
+          stream=sys.argv[3] == "1", stream_options={"epochs": 2, "chunk_rows": 1024} if sys.argv[3] == "1" else None,
+          n_jobs=1)
+"""
+
+
+def _synthetic(path: Path, n: int, dim: int = 1024, k: int = 10) -> Path:
+    rng = np.random.default_rng(0)
+    y = np.sort(rng.integers(0, k, n))
+    centres = rng.random((k, dim)).astype(np.float32)
+
+    def blocks():
+        for s in range(0, n, 4096):
+            yy = y[s:s + 4096]
+            yield np.maximum(centres[yy] + rng.normal(0, 0.5, (len(yy), dim)).astype(np.float32), 0)
+
+    rows = {"paths": np.array([f"c{y[i]}/{i:07d}.png" for i in range(n)]), "labels": y,
+            "split": np.array([""] * n), "status": np.array(["ok"] * n), "message": np.array([""] * n),
+            "file_size": np.zeros(n, np.int64), "file_mtime_ns": np.zeros(n, np.int64)}
+    rec = LayerRecord("fc7", "fc7", "classifier.5", "relu", "avg", dim, (), fingerprint_of({"k": "fc7"}))
+    write_cache(path, spec=SPEC, fingerprint=fingerprint_of(SPEC), manifest_hash="m" * 64, dataset_root="/s",
+                class_names=[f"c{i}" for i in range(k)], rows=rows, layers={"fc7": (rec, blocks())})
+    return path
+
+
+def _peak_rss_mb(cache: Path, out: Path, stream: bool) -> float:
+    code = ("import resource, subprocess, sys\n"
+            f"r = subprocess.run([sys.executable, '-c', {_CHILD!r}, {str(cache)!r}, {str(out)!r}, "
+            f"{('1' if stream else '0')!r}])\n"
+            "assert r.returncode == 0\n"
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=900,
+                       env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return float(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_streamed_peak_memory_does_not_grow_with_the_rows(tmp_path):
+    small = _synthetic(tmp_path / "small.h5", 2000)
+    big = _synthetic(tmp_path / "big.h5", 20000)  # 20000 x 1024 float32 = 82 MB per copy in memory
+    s_small = _peak_rss_mb(small, tmp_path / "r1", True)
+    s_big = _peak_rss_mb(big, tmp_path / "r2", True)
+    m_big = _peak_rss_mb(big, tmp_path / "r3", False)
+    # The issue's goal, 10x the rows for <= 1.2x the memory, is missed (1.21x here, 1.28x in
+    # benchmarks/bench_stream.py): the row table and per-row outputs (paths and messages as Python
+    # strings, the predictions CSV) still grow with N, about 1.7 KB per row. The codes do not:
+    assert m_big > s_big + 100, (s_big, m_big)  # the in-memory path grows by the codes (82 MB per copy)
+    assert s_big - s_small < (m_big - s_big) / 2, (s_small, s_big, m_big)

@@ -290,7 +290,7 @@ def _check_keep_views(keep_views: bool, view_set: ViewSet) -> None:
         raise InvalidParameterError(
             "keep_views", "extract",
             f"needs several views of each image: with views={view_set.name!r} the stored code is the only view. "
-            f"Ask for views='flip', '5crop', '10crop' or 'multiscale' too, or leave keep_views=False.")
+            f"Ask for views='flip', '5crop', '10crop' or 'multiscale' too, or do not keep views.")
 
 
 def _existing_cache(path: Path, base_fp: str, manifest: Manifest, overwrite: bool) -> store.CacheInfo | None:

@@ -74,6 +74,19 @@ def _check_train_options(*, max_iter, max_iter_cap, n_jobs, seed, cv) -> None:
                          f"Got {seed!r} instead.")
 
 
+def _check_classifiers(classifiers, norm: str) -> list[str]:
+    """The classifiers asked for, once each in order, and the normaliser, checked."""
+    if isinstance(classifiers, str):
+        classifiers = [classifiers]
+    classifiers = list(dict.fromkeys(classifiers))
+    if not classifiers:
+        raise UsageError("Name at least one classifier (svm, softmax).")
+    for c in classifiers:
+        make_classifier(c)
+    make_normaliser(norm)
+    return classifiers
+
+
 def _check_same_snapshot(first, codes, cache) -> None:
     """Every layer set must come with the row table and spec of the first (one open file guarantees
     it; this says so loudly if that ever breaks)."""
@@ -172,14 +185,7 @@ def train_run(
 
     if isinstance(layers, str):  # as extract and load_codes take it; it was read as the layers "f", "c", "7"
         layers = [layers]
-    if isinstance(classifiers, str):
-        classifiers = [classifiers]
-    classifiers = list(dict.fromkeys(classifiers))
-    if not classifiers:
-        raise UsageError("Name at least one classifier (svm, softmax).")
-    for c in classifiers:
-        make_classifier(c)
-    make_normaliser(norm)
+    classifiers = _check_classifiers(classifiers, norm)
     _check_train_options(max_iter=max_iter, max_iter_cap=max_iter_cap, n_jobs=n_jobs, seed=seed, cv=cv)
     patience = _check_patience(early_stop)
     from ..search import DEFAULT_START
@@ -191,9 +197,9 @@ def train_run(
     all_keys = [k for s in sets for k in s]
     run_settings = {"layer_sets": ["+".join(s) for s in sets], "classifiers": classifiers, "norm": norm,
                     "grid": [float(c) for c in g], "cv": cv, "seed": seed, "val_fraction": val_fraction,
-                    "test_fraction": test_fraction, "max_iter": max_iter, "early_stop": patience}
-    if train_views != "combined":  # absent otherwise: the settings hash of earlier runs stays the same
-        run_settings["train_views"] = train_views
+                    "test_fraction": test_fraction, "max_iter": max_iter, "early_stop": patience,
+                    # absent for the default: the settings hash (and default run name) of earlier runs stays the same
+                    **({"train_views": train_views} if train_views != "combined" else {})}
     target, marker = _run_target(cache, out, runs_root, overwrite, all_keys, concat, run_settings)
     fit = _FitSettings(norm, g, cv, seed, n_jobs, max_iter, max_iter_cap, patience, widen, refine, train_views)
     if stream is not False and train_views == "combined":
@@ -211,52 +217,66 @@ def train_run(
     info = snap.info
     missing = [k for k in all_keys if k not in info.layers]
     t_run = time.perf_counter()
-    results: dict[str, dict] = {}
-    curves_for_plot, cms_for_plot = [], []
-    first = None
-    split: Split | None = None
-    test_correct: dict[tuple[str, str], np.ndarray] = {}  # for McNemar against the best (same test rows)
     with snap, _runfolder.staged_run(target, overwrite=overwrite, cache=cache, reserve=out is None,
                                      marker=marker) as (tmp, target):
         if missing:
             snap.load(missing)  # raises UsageError naming what the cache holds
-        n_views = check_cache(info, sets, cache) if train_views == "all" else 0
-        for lset in sets:
-            codes = snap.load(lset)
-            name = "+".join(lset)
-            if split is None:
-                first, split = codes, _split_of(codes, val_fraction, test_fraction, seed)
-            _check_same_snapshot(first, codes, cache)
-            check_codes(codes.X, np.concatenate([split.train, split.val, split.test]), codes.paths,
-                        what=f"layer(s) {name}")
-            X = np.ascontiguousarray(codes.X, dtype=np.float32)
-            views = None
-            if n_views:
-                need_val(split)
-                views = load_view_rows(snap, lset, n_views, np.concatenate([split.train, split.val]), codes.paths, name)
-            results[name] = {}
-            for clf in classifiers:
-                r, sw, test_correct[(name, clf)] = _fit_one(tmp, cache, codes, lset, X, split, clf, fit, views)
-                results[name][clf] = r
-                curves_for_plot.append((name, clf, sw))
-                cms_for_plot.append((name, clf, r["test"]))
-        best = max(
-            ((n, c, r) for n, d in results.items() for c, r in d.items()),
-            key=lambda t: t[2]["val"]["accuracy"],  # the first of equals, in the order asked for
-        )
+        first, split, results, curves_for_plot, cms_for_plot, test_correct = _fit_sets(
+            snap, tmp, cache, sets, classifiers, fit, val_fraction, test_fraction)
+        best = _best(results)
         _copy_model(tmp / best[2]["model"], tmp / BEST_MODEL)
         metrics = _metrics(cache, info, first, split, fit, all_keys, sets, classifiers, concat, results, best,
                            test_correct, time.perf_counter() - t_run)
         atomic_write_text(tmp / "metrics.json", json.dumps(_jsonable(metrics), indent=2) + "\n")
         if plots:
-            _plot_confusions(tmp / "confusion_matrix.png", cms_for_plot)
-            _plot_curves(tmp / "c_curve.png", curves_for_plot)
-            if len(sets) > 1:
-                _plot_layers(tmp / "layer_comparison.png", results)
+            _plots(tmp, cms_for_plot, curves_for_plot, results)
     summary = format_summary(metrics)
     log.info("Run written to %s; best: %s / %s (val %.4f, test %.4f)", target, best[0], best[1],
              best[2]["val"]["accuracy"], best[2]["test"]["accuracy"])
     return RunResult(target, metrics, summary)
+
+
+def _plots(tmp: Path, cms, curves, results: dict) -> None:
+    _plot_confusions(tmp / "confusion_matrix.png", cms)
+    _plot_curves(tmp / "c_curve.png", curves)
+    if len(results) > 1:  # several layer sets
+        _plot_layers(tmp / "layer_comparison.png", results)
+
+
+def _best(results: dict) -> tuple[str, str, dict]:
+    """(layer set, classifier, result) of the best val accuracy: the first of equals, in the order asked for."""
+    return max(((n, c, r) for n, d in results.items() for c, r in d.items()), key=lambda t: t[2]["val"]["accuracy"])
+
+
+def _fit_sets(snap, tmp: Path, cache, sets, classifiers, fit: _FitSettings, val_fraction: float,
+              test_fraction: float):
+    """Every (layer set, classifier) of a run from one cache snapshot: the first set's codes, the split,
+    the results, what the plots need, and which test rows each model gets right."""
+    results: dict[str, dict] = {}
+    curves, cms = [], []
+    first, split = None, None
+    test_correct: dict[tuple[str, str], np.ndarray] = {}  # for McNemar against the best (same test rows)
+    n_views = check_cache(snap.info, sets, cache) if fit.train_views == "all" else 0
+    for lset in sets:
+        codes = snap.load(lset)
+        name = "+".join(lset)
+        if split is None:
+            first, split = codes, _split_of(codes, val_fraction, test_fraction, fit.seed)
+        _check_same_snapshot(first, codes, cache)
+        check_codes(codes.X, np.concatenate([split.train, split.val, split.test]), codes.paths,
+                    what=f"layer(s) {name}")
+        X = np.ascontiguousarray(codes.X, dtype=np.float32)
+        views = None
+        if n_views:
+            need_val(split)
+            views = load_view_rows(snap, lset, n_views, np.concatenate([split.train, split.val]), codes.paths, name)
+        results[name] = {}
+        for clf in classifiers:
+            r, sw, test_correct[(name, clf)] = _fit_one(tmp, cache, codes, lset, X, split, clf, fit, views)
+            results[name][clf] = r
+            curves.append((name, clf, sw))
+            cms.append((name, clf, r["test"]))
+    return first, split, results, curves, cms, test_correct
 
 
 def _run_target(cache, out, runs_root, overwrite: bool, all_keys, concat: bool, run_settings: dict):

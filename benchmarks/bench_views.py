@@ -10,15 +10,21 @@ Three parts, each printed as a table and written to ``artifacts/bench/views.json
    offline) pass ``--alexnet-weights PATH``; with random weights the figure only shows the pipeline.
 3. ``views``: test accuracy of EfficientNet-Lite0 ``pool`` and ``block5.linear`` codes with
    ``--views center``, ``flip`` and ``10crop`` (mean), on subsets of flowers5 and
-   sign_language_digits, and the extraction cost per image of each.
+   sign_language_digits, and the extraction cost per image of each: the whole call (model loading,
+   decoding workers' start and the HDF5 write included) and the streaming part alone
+   (``ExtractResult.stream_seconds``, what a larger dataset pays per image), with their ratios to
+   the centre crop.
+4. ``keep-views``: ``10crop`` with ``keep_views=True``, trained on the combined codes and on every view
+   (``train_views="all"``), same split; and the cost per image of keeping the views.
 
 Accuracy: ``train_run`` defaults (linear SVM and softmax, C chosen on a stratified val split, the
 same seed for every variant, so every variant is tested on the same images).
 
 Usage::
 
-    python benchmarks/bench_views.py --per-class 200            # all three parts
+    python benchmarks/bench_views.py --per-class 200            # all four parts
     python benchmarks/bench_views.py --parts views --per-class 100
+    python benchmarks/bench_views.py --parts keep-views --per-class 60 --datasets flowers5
 """
 
 from __future__ import annotations
@@ -68,11 +74,11 @@ def fcconv_time(batch: int, repeats: int) -> dict:
             "codes_per_image_448": grid, "outputs_ratio": grid}
 
 
-def accuracy(cache: Path, keys: list[str], runs: Path) -> dict:
+def accuracy(cache: Path, keys: list[str], runs: Path, train_views: str = "combined") -> dict:
     from cnncodes.classify import train_run
 
-    res = train_run(cache, keys, out=runs / f"{cache.stem}-{'-'.join(k.replace('@', '_') for k in keys)}",
-                    overwrite=True, plots=False)
+    res = train_run(cache, keys, out=runs / f"{cache.stem}-{'-'.join(k.replace('@', '_') for k in keys)}-{train_views}",
+                    overwrite=True, plots=False, train_views=train_views)
     m = res.metrics
     out = {}
     for key in keys:
@@ -119,15 +125,38 @@ def views_acc(per_class: int, tmp: Path, datasets: list[str]) -> dict:
         for views in ("center", "flip", "10crop"):
             res = extract(data, "efficientnet_lite0", ["pool", "block5.linear"], views=views, device="cpu",
                           out=tmp / "codes", dtype="float32")
-            rows[views] = {"acc": accuracy(res.path, ["pool", "block5.linear"], tmp / "runs"),
-                           "s_per_img": res.seconds / max(1, res.n_computed)}
+            rows[views] = {"acc": accuracy(res.path, ["pool", "block5.linear"], tmp / "runs"), **_cost(res)}
+        for row in rows.values():
+            row["cost_ratio"] = row["s_per_img"] / rows["center"]["s_per_img"]
+            row["stream_cost_ratio"] = row["stream_s_per_img"] / rows["center"]["stream_s_per_img"]
         out[ds] = rows
+    return out
+
+
+def _cost(res) -> dict:
+    return {"s_per_img": res.seconds / max(1, res.n_computed),
+            "stream_s_per_img": res.stream_seconds / max(1, res.n_computed)}
+
+
+def keep_views_acc(per_class: int, tmp: Path, datasets: list[str]) -> dict:
+    from cnncodes.extraction import extract
+
+    out = {}
+    keys = ["pool", "block5.linear"]
+    for ds in datasets:
+        data = link_subset(DATA / ds, tmp / ds, per_class)
+        kw = dict(views="10crop", device="cpu", dtype="float32")
+        plain = extract(data, "efficientnet_lite0", keys, out=tmp / "codes-plain", **kw)
+        kept = extract(data, "efficientnet_lite0", keys, keep_views=True, out=tmp / "codes-kept", **kw)
+        out[ds] = {"combined": accuracy(kept.path, keys, tmp / "runs"),
+                   "all views": accuracy(kept.path, keys, tmp / "runs", train_views="all"),
+                   "cost_10crop": _cost(plain), "cost_10crop_keep": _cost(kept)}
     return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--parts", nargs="+", default=["fcconv-time", "fcconv-acc", "views"])
+    ap.add_argument("--parts", nargs="+", default=["fcconv-time", "fcconv-acc", "views", "keep-views"])
     ap.add_argument("--per-class", type=int, default=200, help="images per class of each subset")
     ap.add_argument("--datasets", nargs="+", default=["flowers5", "sign_language_digits"])
     ap.add_argument("--alexnet-weights", default=None, help="a real AlexNet state dict, if you have one")
@@ -153,11 +182,25 @@ def main(argv=None) -> int:
             r = result["views"] = views_acc(args.per_class, tmp, args.datasets)
             for ds, rows in r.items():
                 print(f"\n{ds} ({args.per_class}/class), EfficientNet-Lite0")
-                print(f"{'views':<8} {'pool svm':>9} {'pool smax':>10} {'b5 svm':>7} {'b5 smax':>8} {'s/img':>7}")
+                print(f"{'views':<8} {'pool svm':>9} {'pool smax':>10} {'b5 svm':>7} {'b5 smax':>8} {'s/img':>7} "
+                      f"{'ratio':>6} {'stream s/img':>12} {'ratio':>6}")
                 for views, row in rows.items():
                     a = row["acc"]
                     print(f"{views:<8} {a['pool']['svm']:9.3f} {a['pool']['softmax']:10.3f} "
-                          f"{a['block5.linear']['svm']:7.3f} {a['block5.linear']['softmax']:8.3f} {row['s_per_img']:7.3f}")
+                          f"{a['block5.linear']['svm']:7.3f} {a['block5.linear']['softmax']:8.3f} {row['s_per_img']:7.3f} "
+                          f"{row['cost_ratio']:6.2f} {row['stream_s_per_img']:12.3f} {row['stream_cost_ratio']:6.2f}")
+        if "keep-views" in args.parts:
+            r = result["keep_views"] = keep_views_acc(args.per_class, tmp, args.datasets)
+            for ds, row in r.items():
+                print(f"\n{ds} ({args.per_class}/class), EfficientNet-Lite0 10crop, kept views")
+                print(f"{'trained on':<10} {'pool svm':>9} {'pool smax':>10} {'b5 svm':>7} {'b5 smax':>8}")
+                for what in ("combined", "all views"):
+                    a = row[what]
+                    print(f"{what:<10} {a['pool']['svm']:9.3f} {a['pool']['softmax']:10.3f} "
+                          f"{a['block5.linear']['svm']:7.3f} {a['block5.linear']['softmax']:8.3f}")
+                print(f"cost per image: 10crop {row['cost_10crop']['s_per_img']:.3f} s "
+                      f"(stream {row['cost_10crop']['stream_s_per_img']:.3f}), with kept views "
+                      f"{row['cost_10crop_keep']['s_per_img']:.3f} s (stream {row['cost_10crop_keep']['stream_s_per_img']:.3f})")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     return 0

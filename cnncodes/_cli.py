@@ -42,13 +42,6 @@ def usage_message(parser: argparse.ArgumentParser, error: Exception) -> str:
     ``--overwrite``, ``--decoder pil``. This is the one place where parameter names become flag names;
     settings of parameters this command has no flag for stay as they are.
     """
-    if isinstance(error, InvalidParameterError):
-        for action in parser._actions:
-            if action.dest == error.param:
-                name = "/".join(action.option_strings) or action.metavar or action.dest
-                return f"argument {name}: {error.requirement}"
-        return str(error)
-
     def to_flag(m: re.Match) -> str:
         action = _flag(parser, m.group(1))
         if action is None:
@@ -58,6 +51,13 @@ def usage_message(parser: argparse.ArgumentParser, error: Exception) -> str:
             return flag
         return f"{flag} {m.group(2).strip(chr(39))}"
 
+    if isinstance(error, InvalidParameterError):
+        for action in parser._actions:
+            if action.dest == error.param:
+                name = "/".join(action.option_strings) or action.metavar or action.dest
+                # a requirement may name other parameters' settings ("with views='center'")
+                return f"argument {name}: {_SETTING.sub(to_flag, error.requirement)}"
+        return str(error)
     return _SETTING.sub(to_flag, str(error))
 
 

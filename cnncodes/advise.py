@@ -294,7 +294,10 @@ def _resolve_codes(data, model, layers, pool, cache_dir, device, progress) -> tu
         info = read_info(p)
         if model and model != info.backbone:
             raise UsageError(f"{p} holds {info.backbone} codes, not {model}: drop --model or extract again.")
-        keys = list(layers) if layers else list(info.layers)
+        from .views import is_views_key
+
+        # a cache's layers, not the per-view codes some of them keep (extract's keep_views)
+        keys = list(layers) if layers else [k for k in info.layers if not is_views_key(k)]
         return p, keys, info.backbone, info.dataset_root
     if not p.exists():
         raise UsageError(f"{data} does not exist: pass an image folder (DATA/<class>/<image>), a CSV list, "

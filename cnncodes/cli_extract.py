@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="center (default), flip, 5crop, 10crop or multiscale[:S1,S2,...]: views of each image whose "
                         "codes are combined into one row")
     p.add_argument("--combine", default="mean", choices=["mean", "max"], help="how view codes are combined")
+    p.add_argument("--keep-views", action="store_true",
+                   help="also store each view's code (<key>#views), for train_svm.py --train-views all")
     p.add_argument("--error-budget", type=float, default=0.05, help="fraction of images allowed to fail (default 0.05)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse images with more pixels, a decompression-bomb guard (default {DEFAULT_MAX_PIXELS}, "
@@ -159,13 +161,13 @@ def _run(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels, overwrite=args.overwrite, name=args.name,
         progress=not (args.no_progress or args.quiet), verify_content=args.verify_content,
         fc_as_conv=args.fc_as_conv, input_size=args.input_size, views=args.views, combine=args.combine,
-        engine=args.engine, ray_address=args.ray_address,
+        keep_views=args.keep_views, engine=args.engine, ray_address=args.ray_address,
     )
     if res.skipped:
         print(f"{len(res.skipped)} image(s) skipped (status 'error', NaN codes):", file=sys.stderr)
         for _p, m in res.skipped[:10]:
             print(f"  {m}", file=sys.stderr)
-    print(f"layers: {' '.join(res.keys)}  rows: {res.info.n_rows}", file=sys.stderr)
+    print(f"layers: {' '.join(res.keys + res.view_keys)}  rows: {res.info.n_rows}", file=sys.stderr)
     print(res.path)
     return 0
 

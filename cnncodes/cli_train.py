@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "loss, C chosen on val); without it, done automatically when the codes would not fit in "
                         "memory (CNNCODES_MEMORY_BUDGET bytes, default the memory available)")
     p.add_argument("--no-stream", action="store_true", help="never stream, whatever the codes' size")
+    p.add_argument("--train-views", default="combined", choices=["combined", "all"],
+                   help="combined (default): one training row per image; all: every view kept by extract.py "
+                        "--keep-views is a training row with its image's label, val/test images predicted on their "
+                        "(mean) code; in memory")
     p.add_argument("--chunk-rows", type=int, default=2048, help="rows per chunk with --stream (default 2048)")
     p.add_argument("--epochs", type=int, default=20, help="most epochs with --stream (default 20)")
     p.add_argument("--out", "-o", default=None,
@@ -115,7 +119,7 @@ def _train(args: argparse.Namespace) -> int:
         args.cache, args.layers, classifiers=args.clf, concat=args.concat, norm=args.norm, grid=_grid(args),
         cv=args.cv, seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         n_jobs=args.n_jobs, max_iter=args.max_iter, early_stop=args.early_stop, widen=not args.no_widen,
-        refine=args.refine, out=args.out,
+        refine=args.refine, out=args.out, train_views=args.train_views,
         runs_root=args.runs_root, overwrite=args.overwrite, plots=not args.no_plots,
         **_stream_args(args),
     )

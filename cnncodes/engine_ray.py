@@ -188,7 +188,7 @@ def run_batch(ts: TaskSpec, job: int, batch: int, rows: np.ndarray, paths: Seque
     one forward pass for the batch, views combined, NaN codes for failed images, stored dtype.
     """
     from .extraction._pipeline import _collate, _ImageDataset
-    from .views import combine_codes
+    from .views import codes_of_keys
     from .workdir import _write_shard
 
     views = ts.views
@@ -198,7 +198,7 @@ def run_batch(ts: TaskSpec, job: int, batch: int, rows: np.ndarray, paths: Seque
     runner = _runner_for(ts)
     runner.activate(keys)
     out = runner(x)
-    codes = {k: combine_codes(out[k], views.count(), ts.combine) for k in keys}
+    codes = codes_of_keys(out, keys, views.count(), ts.combine)
     bad = [i for i, s in enumerate(status) if s != "ok"]
     for k in codes:
         codes[k][bad] = np.nan

@@ -12,6 +12,12 @@ set is recorded in the extraction spec, so prediction uses the same views:
 The views of one image go through the network in the same batch; their codes are combined
 with ``mean`` or ``max`` (:func:`combine_codes`). Views are cut from a uint8 (3, H, W) tensor
 or a PIL image with the same offsets as torchvision's functional crops.
+
+Kept views (``extract(keep_views=True)``): next to each layer's combined codes ``/codes/<key>``
+the cache holds ``/codes/<key>#views`` (:func:`views_key`), one row per image of width V x D:
+the image's V view codes side by side, in the order above (reshape a block to (n, V, D) with
+:func:`split_views`). It is an ordinary layer of the file (same rows, shards, compression and
+sha256), whose record says ``views=V``.
 """
 
 from __future__ import annotations
@@ -22,10 +28,12 @@ import numpy as np
 
 from .errors import InvalidParameterError
 
-__all__ = ["COMBINE", "ViewSet", "parse_views", "combine_codes"]
+__all__ = ["COMBINE", "ViewSet", "parse_views", "combine_codes", "views_key", "is_views_key", "split_views"]
 
 COMBINE = ("mean", "max")
 _NAMED = ("center", "flip", "5crop", "10crop")
+#: Suffix of the key of a layer's kept per-view codes (``pool#views``); ``#`` is never in a layer key.
+VIEWS_SUFFIX = "#views"
 
 
 @dataclass(frozen=True)
@@ -208,3 +216,36 @@ def combine_codes(codes: np.ndarray, n_views: int, combine: str) -> np.ndarray:
         return codes
     per_image = codes.reshape(-1, n_views, codes.shape[1])
     return per_image.mean(axis=1) if combine == "mean" else per_image.max(axis=1)
+
+
+def views_key(key: str) -> str:
+    """The dataset name of the kept per-view codes of layer ``key`` (``pool`` -> ``pool#views``)."""
+    return key + VIEWS_SUFFIX
+
+
+def is_views_key(key: str) -> bool:
+    return key.endswith(VIEWS_SUFFIX)
+
+
+def combined_key(key: str) -> str:
+    """The combined layer whose views ``key`` keeps (``pool#views`` -> ``pool``); ``key`` itself otherwise."""
+    return key[:-len(VIEWS_SUFFIX)] if is_views_key(key) else key
+
+
+def split_views(block: np.ndarray, n_views: int) -> np.ndarray:
+    """Stored (n, V x D) kept-view codes as (n, V, D)."""
+    n, width = block.shape
+    if n_views < 1 or width % n_views:
+        raise ValueError(f"a row of width {width} does not hold {n_views} views")
+    return block.reshape(n, n_views, width // n_views)
+
+
+def codes_of_keys(out: dict[str, np.ndarray], keys, n_views: int, combine: str) -> dict[str, np.ndarray]:
+    """Rows of each key from a forward pass's (B x V, D) outputs, the V views of each image adjacent:
+    the combined code (B, D), or for a kept-views key the views side by side (B, V x D). Shared by
+    the local and the Ray engine, so that both write the same shards."""
+    res = {}
+    for k in keys:
+        v = out[k]
+        res[k] = v.reshape(-1, n_views * v.shape[1]) if is_views_key(k) else combine_codes(v, n_views, combine)
+    return res

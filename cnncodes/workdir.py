@@ -286,7 +286,8 @@ def _consolidate(path, pdir, manifest, jobs, batches, final, old_info, reuse_idx
                 if key in jobs[ji][1]:
                     dim = int(_read_shard(p)[f"codes/{key}"].shape[1])
                     break
-        rec = store.LayerRecord(key, ld.alias, ld.node, ld.stage, pool, int(dim), tuple(shape), fp)
+        rec = store.LayerRecord(key, ld.alias, ld.node, ld.stage, pool, int(dim), tuple(shape), fp,
+                                views=_kept_views(key, old_info, plan))
         records.append(rec)
         layers[key] = (rec, _layer_blocks(key, path, len(manifest.rows), jobs, batches, shards, old_info, reuse_idx))
     spec = dict(base, layers=[r.to_dict() for r in records], weights_path=plan.get("weights_path"))
@@ -296,6 +297,17 @@ def _consolidate(path, pdir, manifest, jobs, batches, final, old_info, reuse_idx
         class_names=list(manifest.class_names), rows=rows, layers=layers, dtype=dtype, compression=compression,
         created=None if old_info is None else old_info.created, versions=versions,
     )
+
+
+def _kept_views(key: str, old_info, plan: dict) -> int:
+    """V for a layer of kept per-view codes (from the old file, or the plan of the shards), else 0."""
+    from .views import is_views_key
+
+    if not is_views_key(key):
+        return 0
+    if old_info is not None and key in old_info.layers:
+        return old_info.layers[key].views
+    return int(plan["n_views"])
 
 
 def _row_table(path, manifest, old_info, reuse_idx, content, shards, batches, full_job) -> dict[str, np.ndarray]:

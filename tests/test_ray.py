@@ -320,15 +320,16 @@ def _in_process_cluster(monkeypatch):
 
 
 @pytest.mark.parametrize("model,layers,options", [
-    ("tiny", LAYERS, {"views": "flip", "input_size": 48, "batch_size": 6}),
+    ("tiny", LAYERS, {"views": "flip", "input_size": 48, "batch_size": 6, "keep_views": True}),
     ("tiny", ["conv2"], {"views": "multiscale", "combine": "max", "pool": "avg2x2", "decoder": "pil",
                          "batch_size": 9, "dtype": "float32"}),
     pytest.param("alexnet", ["fc7", "conv5"], {"fc_as_conv": True, "input_size": 256, "batch_size": 4},
                  marks=pytest.mark.slow),
 ])
 def test_the_ray_engine_gives_the_local_engines_codes(flowers_small, tmp_path, monkeypatch, model, layers, options):
-    """Views combined, another input size, fc layers as convolutions, a pixel limit some images exceed, the
-    plan's images per batch (batch_size counts views): the Ray engine's file equals the local engine's."""
+    """Views combined (and kept), another input size, fc layers as convolutions, a pixel limit some images
+    exceed, the plan's images per batch (batch_size counts views): the Ray engine's file equals the local
+    engine's."""
     from PIL import Image
 
     from cnncodes.extraction import extract
@@ -345,10 +346,14 @@ def test_the_ray_engine_gives_the_local_engines_codes(flowers_small, tmp_path, m
     with h5py.File(on_ray.path) as f, h5py.File(local.path) as g:
         assert f.attrs["fingerprint"] == g.attrs["fingerprint"]
         assert f["status"].asstr()[:].tolist() == g["status"].asstr()[:].tolist()
-        for key in local.keys:
+        assert on_ray.view_keys == local.view_keys == ([f"{k}#views" for k in local.keys] if "keep_views" in options
+                                                       else [])
+        for key in local.keys + local.view_keys:
             a, b = store.load_codes(on_ray.path, key).X, store.load_codes(local.path, key).X
             assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), key
             assert dict(f[f"codes/{key}"].attrs)["map_shape"].tolist() == dict(g[f"codes/{key}"].attrs)["map_shape"].tolist()
+            failed = g["status"].asstr()[:] != "ok"  # big.png: NaN codes, its views included
+            assert np.isnan(a[failed]).all() and np.isfinite(a[~failed]).all(), key
 
 
 def test_a_malformed_ray_address_is_a_usage_error(flowers_small, tmp_path, capsys):

@@ -73,7 +73,7 @@ the keys joined by ``+`` (``fc6+fc7``).
                 "counts": {"train", "val", "test"}, "n_rows", "n_failed", "failed_examples", "notes",
                 "warnings", "roles": {"train", "val", "test"} (where each part comes from)},
       "settings": {"norm", "grid", "cv", "n_jobs", "concat", "max_iter", "max_iter_cap", "early_stop",
-                   "widen", "refine"},
+                   "widen", "refine", "train_views" ("combined", or "all": every kept view a training row)},
       "results": {
         "<layers>": {
           "<clf>": {
@@ -85,7 +85,7 @@ the keys joined by ``+`` (``fc6+fc7``).
                           widen, refine1...), "stop_reason"},
             "train": METRICS, "val": METRICS, "test": METRICS,
             "converged": bool, "convergence_message": str, "max_iter": int,
-            "sweep_seconds", "fit_seconds", "n_features", "norm",
+            "sweep_seconds", "fit_seconds", "n_features", "norm", "n_fit_rows" (rows of the final fit),
             "model": "models/<layers>__<clf>.skops"
           }
         }

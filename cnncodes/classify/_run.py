@@ -24,6 +24,7 @@ from ._estimators import CLASSIFIERS, make_classifier, make_normaliser, top_scor
 from ._metrics import compute_metrics, format_summary
 from ._plots import _plot_confusions, _plot_curves, _plot_layers
 from ._sweep import _check_grid, _check_patience, refit, sweep_C
+from ._views import ViewRows, check_cache, check_layers, check_train_views, load_view_rows, need_val
 
 log = logging.getLogger("cnncodes.classify")
 
@@ -73,6 +74,19 @@ def _check_train_options(*, max_iter, max_iter_cap, n_jobs, seed, cv) -> None:
                          f"Got {seed!r} instead.")
 
 
+def _check_classifiers(classifiers, norm: str) -> list[str]:
+    """The classifiers asked for, once each in order, and the normaliser, checked."""
+    if isinstance(classifiers, str):
+        classifiers = [classifiers]
+    classifiers = list(dict.fromkeys(classifiers))
+    if not classifiers:
+        raise UsageError("Name at least one classifier (svm, softmax).")
+    for c in classifiers:
+        make_classifier(c)
+    make_normaliser(norm)
+    return classifiers
+
+
 def _check_same_snapshot(first, codes, cache) -> None:
     """Every layer set must come with the row table and spec of the first (one open file guarantees
     it; this says so loudly if that ever breaks)."""
@@ -107,6 +121,7 @@ def train_run(
     plots: bool = True,
     stream: bool | None = False,
     stream_options: Mapping | None = None,
+    train_views: str = "combined",
 ) -> RunResult:
     """Train every (layer set, classifier) pair on a cache and write a run folder.
 
@@ -146,6 +161,12 @@ def train_run(
         (:func:`cnncodes.stream.needs_streaming`); False (default): in memory.
     stream_options : mapping, optional
         ``chunk_rows``, ``epochs``, ``patience`` of the streamed training.
+    train_views : {"combined", "all"}
+        ``combined`` (default): one training row per image, its stored code. ``all``: every kept
+        view of a training image is a training row with its label (a cache extracted with
+        ``keep_views=True`` and ``combine="mean"``); val and test images are predicted on their
+        stored (mean) code, C chosen on the val split (see :mod:`cnncodes.classify._views`).
+        In memory only.
 
     Returns
     -------
@@ -164,27 +185,24 @@ def train_run(
 
     if isinstance(layers, str):  # as extract and load_codes take it; it was read as the layers "f", "c", "7"
         layers = [layers]
-    if isinstance(classifiers, str):
-        classifiers = [classifiers]
-    classifiers = list(dict.fromkeys(classifiers))
-    if not classifiers:
-        raise UsageError("Name at least one classifier (svm, softmax).")
-    for c in classifiers:
-        make_classifier(c)
-    make_normaliser(norm)
+    classifiers = _check_classifiers(classifiers, norm)
     _check_train_options(max_iter=max_iter, max_iter_cap=max_iter_cap, n_jobs=n_jobs, seed=seed, cv=cv)
     patience = _check_patience(early_stop)
     from ..search import DEFAULT_START
 
     g = _check_grid(DEFAULT_START if grid is None else grid)
+    check_train_views(train_views, stream)
     sets = _layer_sets(layers, concat)
+    check_layers(sets)
     all_keys = [k for s in sets for k in s]
     run_settings = {"layer_sets": ["+".join(s) for s in sets], "classifiers": classifiers, "norm": norm,
                     "grid": [float(c) for c in g], "cv": cv, "seed": seed, "val_fraction": val_fraction,
-                    "test_fraction": test_fraction, "max_iter": max_iter, "early_stop": patience}
+                    "test_fraction": test_fraction, "max_iter": max_iter, "early_stop": patience,
+                    # absent for the default: the settings hash (and default run name) of earlier runs stays the same
+                    **({"train_views": train_views} if train_views != "combined" else {})}
     target, marker = _run_target(cache, out, runs_root, overwrite, all_keys, concat, run_settings)
-    fit = _FitSettings(norm, g, cv, seed, n_jobs, max_iter, max_iter_cap, patience, widen, refine)
-    if stream is not False:
+    fit = _FitSettings(norm, g, cv, seed, n_jobs, max_iter, max_iter_cap, patience, widen, refine, train_views)
+    if stream is not False and train_views == "combined":
         from .. import stream as _stream
 
         if stream or _stream.needs_streaming(cache, sets):
@@ -199,47 +217,66 @@ def train_run(
     info = snap.info
     missing = [k for k in all_keys if k not in info.layers]
     t_run = time.perf_counter()
-    results: dict[str, dict] = {}
-    curves_for_plot, cms_for_plot = [], []
-    first = None
-    split: Split | None = None
-    test_correct: dict[tuple[str, str], np.ndarray] = {}  # for McNemar against the best (same test rows)
     with snap, _runfolder.staged_run(target, overwrite=overwrite, cache=cache, reserve=out is None,
                                      marker=marker) as (tmp, target):
         if missing:
             snap.load(missing)  # raises UsageError naming what the cache holds
-        for lset in sets:
-            codes = snap.load(lset)
-            name = "+".join(lset)
-            if split is None:
-                first, split = codes, _split_of(codes, val_fraction, test_fraction, seed)
-            _check_same_snapshot(first, codes, cache)
-            check_codes(codes.X, np.concatenate([split.train, split.val, split.test]), codes.paths,
-                        what=f"layer(s) {name}")
-            X = np.ascontiguousarray(codes.X, dtype=np.float32)
-            results[name] = {}
-            for clf in classifiers:
-                r, sw, test_correct[(name, clf)] = _fit_one(tmp, cache, codes, lset, X, split, clf, fit)
-                results[name][clf] = r
-                curves_for_plot.append((name, clf, sw))
-                cms_for_plot.append((name, clf, r["test"]))
-        best = max(
-            ((n, c, r) for n, d in results.items() for c, r in d.items()),
-            key=lambda t: t[2]["val"]["accuracy"],  # the first of equals, in the order asked for
-        )
+        first, split, results, curves_for_plot, cms_for_plot, test_correct = _fit_sets(
+            snap, tmp, cache, sets, classifiers, fit, val_fraction, test_fraction)
+        best = _best(results)
         _copy_model(tmp / best[2]["model"], tmp / BEST_MODEL)
         metrics = _metrics(cache, info, first, split, fit, all_keys, sets, classifiers, concat, results, best,
                            test_correct, time.perf_counter() - t_run)
         atomic_write_text(tmp / "metrics.json", json.dumps(_jsonable(metrics), indent=2) + "\n")
         if plots:
-            _plot_confusions(tmp / "confusion_matrix.png", cms_for_plot)
-            _plot_curves(tmp / "c_curve.png", curves_for_plot)
-            if len(sets) > 1:
-                _plot_layers(tmp / "layer_comparison.png", results)
+            _plots(tmp, cms_for_plot, curves_for_plot, results)
     summary = format_summary(metrics)
     log.info("Run written to %s; best: %s / %s (val %.4f, test %.4f)", target, best[0], best[1],
              best[2]["val"]["accuracy"], best[2]["test"]["accuracy"])
     return RunResult(target, metrics, summary)
+
+
+def _plots(tmp: Path, cms, curves, results: dict) -> None:
+    _plot_confusions(tmp / "confusion_matrix.png", cms)
+    _plot_curves(tmp / "c_curve.png", curves)
+    if len(results) > 1:  # several layer sets
+        _plot_layers(tmp / "layer_comparison.png", results)
+
+
+def _best(results: dict) -> tuple[str, str, dict]:
+    """(layer set, classifier, result) of the best val accuracy: the first of equals, in the order asked for."""
+    return max(((n, c, r) for n, d in results.items() for c, r in d.items()), key=lambda t: t[2]["val"]["accuracy"])
+
+
+def _fit_sets(snap, tmp: Path, cache, sets, classifiers, fit: _FitSettings, val_fraction: float,
+              test_fraction: float):
+    """Every (layer set, classifier) of a run from one cache snapshot: the first set's codes, the split,
+    the results, what the plots need, and which test rows each model gets right."""
+    results: dict[str, dict] = {}
+    curves, cms = [], []
+    first, split = None, None
+    test_correct: dict[tuple[str, str], np.ndarray] = {}  # for McNemar against the best (same test rows)
+    n_views = check_cache(snap.info, sets, cache) if fit.train_views == "all" else 0
+    for lset in sets:
+        codes = snap.load(lset)
+        name = "+".join(lset)
+        if split is None:
+            first, split = codes, _split_of(codes, val_fraction, test_fraction, fit.seed)
+        _check_same_snapshot(first, codes, cache)
+        check_codes(codes.X, np.concatenate([split.train, split.val, split.test]), codes.paths,
+                    what=f"layer(s) {name}")
+        X = np.ascontiguousarray(codes.X, dtype=np.float32)
+        views = None
+        if n_views:
+            need_val(split)
+            views = load_view_rows(snap, lset, n_views, np.concatenate([split.train, split.val]), codes.paths, name)
+        results[name] = {}
+        for clf in classifiers:
+            r, sw, test_correct[(name, clf)] = _fit_one(tmp, cache, codes, lset, X, split, clf, fit, views)
+            results[name][clf] = r
+            curves.append((name, clf, sw))
+            cms.append((name, clf, r["test"]))
+    return first, split, results, curves, cms, test_correct
 
 
 def _run_target(cache, out, runs_root, overwrite: bool, all_keys, concat: bool, run_settings: dict):
@@ -268,6 +305,7 @@ class _FitSettings:
     patience: int
     widen: bool
     refine: int | None
+    train_views: str = "combined"
 
 
 def _split_of(codes, val_fraction: float, test_fraction: float, seed: int) -> Split:
@@ -283,15 +321,23 @@ def _split_of(codes, val_fraction: float, test_fraction: float, seed: int) -> Sp
     return split
 
 
-def _fit_one(tmp: Path, cache, codes, lset, X: np.ndarray, split: Split, clf: str, fit: _FitSettings):
+def _training_rows(X: np.ndarray, y: np.ndarray, images: np.ndarray, views: ViewRows | None):
+    """The rows a model is fitted on: the images' codes, or each of their kept views."""
+    return (X[images], y[images]) if views is None else views.rows(images, y)
+
+
+def _fit_one(tmp: Path, cache, codes, lset, X: np.ndarray, split: Split, clf: str, fit: _FitSettings,
+             views: ViewRows | None = None):
     """Sweep C on train (val or CV), refit on train+val, save the model and its predictions; its results, the
-    sweep, and which test rows it gets right."""
+    sweep, and which test rows it gets right. With ``views`` the fits are on every view of the training
+    images; val and test images are always predicted on their codes ``X``."""
     name = "+".join(lset)
     y = codes.labels
     trval = np.concatenate([split.train, split.val])
     log.info("Sweeping C for %s on %s (%d features)", clf, name, X.shape[1])
+    X_fit, y_fit = _training_rows(X, y, split.train, views)
     sw = sweep_C(
-        X[split.train], y[split.train],
+        X_fit, y_fit,
         X[split.val] if len(split.val) else None, y[split.val] if len(split.val) else None,
         clf=clf, norm=fit.norm, grid=fit.grid, cv=fit.cv, seed=fit.seed, n_jobs=fit.n_jobs, max_iter=fit.max_iter,
         max_iter_cap=fit.max_iter_cap, early_stop=fit.patience, widen=fit.widen, refine=fit.refine,
@@ -303,7 +349,8 @@ def _fit_one(tmp: Path, cache, codes, lset, X: np.ndarray, split: Split, clf: st
     val_metrics = compute_metrics(y[val_rows], sw.predictions[sw.best_index], codes.class_names)
     val_metrics["method"] = sw.method
     t0 = time.perf_counter()
-    pipe, fitted = refit(X[trval], y[trval], clf=clf, norm=fit.norm, C=sw.best_C, max_iter=fit.max_iter,
+    X_fit, y_fit = _training_rows(X, y, trval, views)
+    pipe, fitted = refit(X_fit, y_fit, clf=clf, norm=fit.norm, C=sw.best_C, max_iter=fit.max_iter,
                          max_iter_cap=fit.max_iter_cap, seed=fit.seed)
     fit_s = time.perf_counter() - t0
     if not fitted["converged"]:
@@ -318,6 +365,7 @@ def _fit_one(tmp: Path, cache, codes, lset, X: np.ndarray, split: Split, clf: st
         "fingerprint": codes.fingerprint, "cache": str(Path(cache).resolve()),
         "class_names": list(codes.class_names), "n_features": int(X.shape[1]),
         "max_iter": fitted["max_iter"], "converged": fitted["converged"], "seed": fit.seed,
+        "train_views": fit.train_views,
     })
     _write_predictions(tmp / "predictions" / f"{stem}.csv", codes, trval, split, pred_all)
     r = {
@@ -330,7 +378,7 @@ def _fit_one(tmp: Path, cache, codes, lset, X: np.ndarray, split: Split, clf: st
         "test": compute_metrics(y[split.test], pred_all["test"][0], codes.class_names),
         "converged": fitted["converged"], "convergence_message": fitted["message"], "max_iter": fitted["max_iter"],
         "sweep_seconds": sw.seconds, "fit_seconds": fit_s, "n_features": int(X.shape[1]),
-        "norm": fit.norm, "model": rel_model,
+        "norm": fit.norm, "model": rel_model, "n_fit_rows": int(len(y_fit)),
     }
     r["train"]["rows"] = "train+val"
     log.info("%s / %s: C=%g, val %.4f, test %.4f (sweep %.1fs, fit %.1fs)", name, clf, sw.best_C,
@@ -354,7 +402,7 @@ def _metrics(cache, info, first, split: Split, fit: _FitSettings, all_keys, sets
         "settings": {"norm": fit.norm, "grid": fit.grid, "cv": fit.cv, "n_jobs": fit.n_jobs, "concat": concat,
                      "seed": fit.seed, "classifiers": classifiers, "layer_sets": ["+".join(s) for s in sets],
                      "max_iter": fit.max_iter, "max_iter_cap": fit.max_iter_cap, "early_stop": fit.patience,
-                     "widen": bool(fit.widen), "refine": fit.refine},
+                     "widen": bool(fit.widen), "refine": fit.refine, "train_views": fit.train_views},
         "results": results,
         "best": {"layers": best[0], "clf": best[1], "val_accuracy": best[2]["val"]["accuracy"],
                  "test_accuracy": best[2]["test"]["accuracy"], "model": best[2]["model"],

@@ -20,7 +20,7 @@ from ..backbones import ResolvedWeights, get_backbone, resolve_weights
 from ..errors import (CacheLockedError, CacheMismatchError, CnnCodesError, ExtractionWriteError, InvalidParameterError,
                       UsageError)
 from ..images import DEFAULT_MAX_PIXELS
-from ..views import combine_codes
+from ..views import codes_of_keys
 from ..views import resolve as resolve_views
 from ..workdir import (_consolidate, _drop_stale_partial, _leftovers, _remove_leftovers, _remove_partial,
                        finished_shards, open_workdir)
@@ -48,6 +48,8 @@ class ExtractResult:
     info : store.CacheInfo
     keys : list of str
         The dataset names under ``/codes`` of the requested layers (pass them to ``load_codes``).
+    view_keys : list of str
+        With ``keep_views``: those of their kept per-view codes (``<key>#views``), else empty.
     hit : bool
         True when nothing had to be computed.
     n_computed : int
@@ -77,6 +79,7 @@ class ExtractResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     stream_seconds: float = 0.0
+    view_keys: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         if self.hit:
@@ -134,6 +137,7 @@ _EXTRACT_PARAMS = {
     "input_size": [Interval(Integral, 32, MAX_INPUT_SIZE, closed="both"), None],
     "views": [str],
     "combine": [StrOptions(("mean", "max"))],
+    "keep_views": ["boolean"],
     "gate": ["boolean"],
     "engine": [StrOptions(("local", "ray"))],
     "ray_address": [NonEmptyStr(), None],
@@ -172,6 +176,7 @@ def extract(
     input_size: int | None = None,
     views: str = "center",
     combine: str = "mean",
+    keep_views: bool = False,
     gate: bool = True,
     engine: str = "local",
     ray_address: str | None = None,
@@ -240,6 +245,13 @@ def extract(
         views of each image run in the same batch and combined into one row.
     combine : str
         ``mean`` (default) or ``max`` over the views.
+    keep_views : bool
+        Also store each view's code, for training on every view (``train_run(train_views="all")``):
+        ``/codes/<key>#views``, one row per image holding its V view codes side by side (V x D
+        wide; :func:`cnncodes.views.split_views`). Needs ``views`` other than ``center``. Not part
+        of the fingerprint: the kept views are extra layers of the same cache file, so a cache
+        without them gets them added (one forward pass of its images, its combined codes kept)
+        and a call without ``keep_views`` is a hit on a cache that has them.
     gate : bool
         On a CPU, let decoding workers decode only between forward passes, so that the two take
         turns on the cores instead of fighting (see ``_pipeline._loader``); False lets them run
@@ -281,7 +293,7 @@ def extract(
          "draft": draft, "decoder": decoder, "compression": compression, "error_budget": error_budget,
          "max_pixels": max_pixels, "overwrite": overwrite, "name": name, "progress": progress,
          "verify_content": verify_content, "fc_as_conv": fc_as_conv, "input_size": input_size, "views": views,
-         "combine": combine, "gate": gate, "engine": engine, "ray_address": ray_address},
+         "combine": combine, "keep_views": keep_views, "gate": gate, "engine": engine, "ray_address": ray_address},
         _EXTRACT_PARAMS, "extract")
     _check_out_folder(out, "extract")
     if engine == "ray" or ray_address is not None:
@@ -290,7 +302,7 @@ def extract(
         ray_address = check_engine(engine, ray_address)
     store._compression_kwargs(compression)  # validate early
     config = ExtractConfig(model, (layers,) if isinstance(layers, str) else tuple(layers), weights, pool, dtype,
-                           precision, draft, decoder, fc_as_conv, input_size, views, combine)
+                           precision, draft, decoder, fc_as_conv, input_size, views, combine, keep_views)
     run = RunOptions(Path(out), device, batch_size, workers, compression, error_budget, max_pixels, overwrite, name,
                      progress, verify_content, gate, engine, ray_address)
     return _extract(data, config, run, t0)
@@ -345,7 +357,7 @@ def _cache_hit(plan: ExtractionPlan, t0: float) -> ExtractResult:
             _remove_leftovers(path)
             _drop_stale_partial(path, store.partial_dir(path), plan.old_info)
     res = ExtractResult(path, plan.old_info, plan.keys, hit=True, n_reused=len(plan.manifest.rows),
-                        n_failed=plan.old_info.n_failed, seconds=time.perf_counter() - t0)
+                        n_failed=plan.old_info.n_failed, seconds=time.perf_counter() - t0, view_keys=plan.view_keys)
     log.info("%s", res.summary())
     return res
 
@@ -371,7 +383,8 @@ def _result(plan: ExtractionPlan, info: store.CacheInfo, stats: JobStats, t0: fl
     skipped = [(p, m) for p, s, m in zip(status["paths"], status["status"], status["message"]) if s != "ok"]
     res = ExtractResult(plan.path, info, plan.keys, hit=False, n_computed=stats.n_computed,
                         n_reused=len(plan.reused), resumed_from=stats.resumed_from, n_failed=len(skipped),
-                        skipped=skipped, seconds=time.perf_counter() - t0, stream_seconds=stats.stream_seconds)
+                        skipped=skipped, seconds=time.perf_counter() - t0, stream_seconds=stats.stream_seconds,
+                        view_keys=plan.view_keys)
     log.info("%s", res.summary())
     return res
 
@@ -494,7 +507,7 @@ def _run_images(loader, runner, n: int, layer_keys, n_views: int, combine: str, 
     messages = np.array([""] * n, dtype=object)
     dt = np.float16 if dtype == "float16" else np.float32
     for idx, x, st, notes in loader:
-        out = {k: combine_codes(v, n_views, combine) for k, v in runner(x).items()}
+        out = codes_of_keys(runner(x), layer_keys, n_views, combine)
         for i, (s, m) in enumerate(zip(st, notes)):
             status[idx[i]] = s
             messages[idx[i]] = m

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CnnCodesError, ErrorBudgetExceeded, ExtractionWriteError
-from ..views import combine_codes
+from ..views import codes_of_keys
 from ..workdir import _ShardWriter
 from ._features import _Runner
 from ._pipeline import _default_workers, _loader
@@ -121,7 +121,8 @@ class _Job:
             raise writer.error
 
     def _codes(self, x) -> dict[str, np.ndarray]:
-        """The batch's codes, its views combined; decoding workers wait while the network runs (the gate)."""
+        """The batch's codes, its views combined (and kept, for kept-views keys); decoding workers wait while
+        the network runs (the gate)."""
         if self.gate is not None:
             self.gate.clear()
         try:
@@ -129,7 +130,7 @@ class _Job:
         finally:
             if self.gate is not None:
                 self.gate.set()
-        return {k: combine_codes(codes[k], self.n_views, self.config.combine) for k in self.keys}
+        return codes_of_keys(codes, self.keys, self.n_views, self.config.combine)
 
     def _record_failures(self, codes: dict, idx, status, notes) -> None:
         """NaN codes for images that failed to decode; stop once more failed than the error budget allows."""

@@ -15,9 +15,9 @@ import numpy as np
 
 from .. import store
 from ..backbones import BackboneSpec, ResolvedWeights, get_backbone, resolve_weights
-from ..errors import CacheMismatchError, DatasetError
+from ..errors import CacheMismatchError, DatasetError, InvalidParameterError
 from ..images import Manifest, pixels_over_limit, read_csv_list, scan_folder
-from ..views import ViewSet, check_combine
+from ..views import ViewSet, check_combine, is_views_key
 from ..views import resolve as resolve_views
 from ._runtime import _probe_device, gpu_model, resolve_precision
 from ._spec import (ExtractConfig, RunOptions, _base_spec, _fp_of, _plan_from_record, effective_backbone,
@@ -197,7 +197,13 @@ class ExtractionPlan:
 
     @property
     def keys(self) -> list[str]:
-        return [key for _ld, _p, key, _fp in self.layers]
+        """The requested layers' keys (their combined codes)."""
+        return [key for _ld, _p, key, _fp in self.layers if not is_views_key(key)]
+
+    @property
+    def view_keys(self) -> list[str]:
+        """The keys of the requested kept per-view codes (``keep_views``)."""
+        return [key for _ld, _p, key, _fp in self.layers if is_views_key(key)]
 
     @property
     def fresh(self) -> np.ndarray:
@@ -242,6 +248,7 @@ class ExtractionPlan:
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "weights_path": self.weights.path,
             "fresh_job": 0 if len(self.fresh) else None,
+            "n_views": self.views.count(),
         }
 
 
@@ -253,6 +260,7 @@ def plan_extraction(data: str | os.PathLike, config: ExtractConfig, run: RunOpti
     spec = effective_backbone(get_backbone(config.model), config.fc_as_conv, config.input_size)
     view_set = resolve_views(config.views, spec.preprocessing)
     check_combine(config.combine)
+    _check_keep_views(config.keep_views, view_set)
     plan_layers(spec, config.layers, config.pool, "")
     manifest = _load_manifest(data)
     wts = resolve_weights(spec, config.weights)
@@ -264,7 +272,7 @@ def plan_extraction(data: str | os.PathLike, config: ExtractConfig, run: RunOpti
     base = _base_spec(spec, wts, config.dtype, prec, config.draft, config.decoder, view_set, config.combine,
                       gpu_model() if dev == "cuda" else None)
     base_fp = store.fingerprint_of(base)
-    lplan = plan_layers(spec, config.layers, config.pool, base_fp)
+    lplan = plan_layers(spec, config.layers, config.pool, base_fp, config.keep_views)
     path = _cache_path(Path(run.out), manifest, spec.name, base_fp, run.name)
     old_info = _existing_cache(path, base_fp, manifest, run.overwrite)
     old_rows = store.read_rows(path) if old_info is not None else None
@@ -274,6 +282,15 @@ def plan_extraction(data: str | os.PathLike, config: ExtractConfig, run: RunOpti
     final, jobs = _jobs(spec, lplan, old_info, reuse_idx, base_fp)
     return ExtractionPlan(spec, wts, view_set, dev, prec, base, base_fp, lplan, final, manifest, path, old_info,
                           old_rows, reuse_idx, content, jobs)
+
+
+def _check_keep_views(keep_views: bool, view_set: ViewSet) -> None:
+    """Kept views need several views: with one, the stored code is that view's code already."""
+    if keep_views and view_set.count() < 2:
+        raise InvalidParameterError(
+            "keep_views", "extract",
+            f"needs several views of each image: with views={view_set.name!r} the stored code is the only view. "
+            f"Ask for views='flip', '5crop', '10crop' or 'multiscale' too, or do not keep views.")
 
 
 def _existing_cache(path: Path, base_fp: str, manifest: Manifest, overwrite: bool) -> store.CacheInfo | None:

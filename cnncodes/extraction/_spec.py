@@ -11,7 +11,7 @@ from .. import store
 from ..backbones import BackboneSpec, LayerDef, ResolvedWeights
 from ..errors import InvalidParameterError, UsageError
 from ..images import DEFAULT_MAX_PIXELS
-from ..views import ViewSet
+from ..views import ViewSet, is_views_key, views_key
 from ._pipeline import _check_decoder
 
 
@@ -52,6 +52,9 @@ class ExtractConfig:
         ``center``, ``flip``, ``5crop``, ``10crop`` or ``multiscale[:S1,S2,...]``.
     combine : str
         ``mean`` or ``max`` over the views.
+    keep_views : bool
+        Also store each view's code (``<key>#views``). Not part of the spec's fingerprint: kept views
+        are extra layers of the same cache (see :func:`plan_layers`).
     """
 
     model: str
@@ -66,6 +69,7 @@ class ExtractConfig:
     input_size: int | None = None
     views: str = "center"
     combine: str = "mean"
+    keep_views: bool = False
 
 
 @dataclass(frozen=True)
@@ -154,8 +158,18 @@ def _base_spec(spec: BackboneSpec, weights: ResolvedWeights, dtype: str, precisi
     return out
 
 
-def plan_layers(spec: BackboneSpec, aliases: Sequence[str], pool: str, base_fp: str) -> list[tuple[LayerDef, str, str, str]]:
-    """Resolve aliases into (LayerDef, pooling, key, layer fingerprint), checked up front.
+def layer_fingerprint(base_fp: str, ld: LayerDef, pool: str, kept_views: bool = False) -> str:
+    """A layer's fingerprint; that of its kept per-view codes differs (they are another array)."""
+    what = {"base": base_fp, "alias": ld.alias, "node": ld.node, "stage": ld.stage, "pool": pool}
+    if kept_views:  # absent otherwise, so that every layer fingerprint written before stays valid
+        what["views"] = "kept"
+    return store.fingerprint_of(what)
+
+
+def plan_layers(spec: BackboneSpec, aliases: Sequence[str], pool: str, base_fp: str,
+                keep_views: bool = False) -> list[tuple[LayerDef, str, str, str]]:
+    """Resolve aliases into (LayerDef, pooling, key, layer fingerprint), checked up front; with
+    ``keep_views``, each layer's kept per-view codes (key ``<key>#views``) follow the layers.
 
     Raises
     ------
@@ -173,10 +187,11 @@ def plan_layers(spec: BackboneSpec, aliases: Sequence[str], pool: str, base_fp: 
         if key in seen:
             continue
         seen.add(key)
-        fp = store.fingerprint_of({"base": base_fp, "alias": ld.alias, "node": ld.node, "stage": ld.stage, "pool": p})
-        out.append((ld, p, key, fp))
+        out.append((ld, p, key, layer_fingerprint(base_fp, ld, p)))
     if not out:
         raise UsageError(f"Name at least one layer. Known for {spec.name}: {', '.join(spec.layers)}")
+    if keep_views:
+        out += [(ld, p, views_key(key), layer_fingerprint(base_fp, ld, p, kept_views=True)) for ld, p, key, _ in out]
     return out
 
 
@@ -192,7 +207,7 @@ def _plan_from_record(spec: BackboneSpec, rec: store.LayerRecord, base_fp: str):
         ld = spec.layer(rec.alias)
     except KeyError:
         return None
-    fp = store.fingerprint_of({"base": base_fp, "alias": ld.alias, "node": ld.node, "stage": ld.stage, "pool": rec.pool})
+    fp = layer_fingerprint(base_fp, ld, rec.pool, kept_views=is_views_key(rec.key))
     if fp != rec.fingerprint:
         return None
     return (ld, rec.pool, rec.key, fp)

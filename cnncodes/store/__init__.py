@@ -19,6 +19,8 @@ Schema (version 2) of one cache file, for one dataset and one extraction spec::
     /content_sha256 (N,) str  sha256 of the image file's bytes when extracted ("" unknown)
     /codes/<key> (N, D) float16 (or float32), chunked, compressed; attrs: alias, node, stage,
                  pool, dim, map_shape, fingerprint, sha256 (of the array's bytes)
+    /codes/<key>#views (N, V x D)  only with extract's keep_views: each image's V view codes side by
+                 side (cnncodes.views.split_views); attrs as above plus views=V
 
 With ``compression="sparse"`` a layer is instead a group ``/codes/<key>`` (attrs as above plus
 ``layout="sparse"``) that stores the same (N, D) matrix losslessly as:

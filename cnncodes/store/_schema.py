@@ -87,19 +87,24 @@ class LayerRecord:
     dim: int
     map_shape: tuple[int, ...] = ()
     fingerprint: str = ""
+    #: V for the kept per-view codes of a layer (``<key>#views``, V x D wide), 0 for a layer's codes
+    views: int = 0
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "key": self.key, "alias": self.alias, "node": self.node, "stage": self.stage, "pool": self.pool,
             "dim": int(self.dim), "map_shape": [int(v) for v in self.map_shape], "fingerprint": self.fingerprint,
         }
+        if self.views:  # absent otherwise: the records of files and models written before stay as they were
+            d["views"] = int(self.views)
+        return d
 
     @classmethod
     def from_attrs(cls, key: str, attrs: Mapping) -> "LayerRecord":
         return cls(
             key=key, alias=str(attrs["alias"]), node=str(attrs["node"]), stage=str(attrs["stage"]),
             pool=str(attrs["pool"]), dim=int(attrs["dim"]), map_shape=tuple(int(v) for v in attrs["map_shape"]),
-            fingerprint=str(attrs["fingerprint"]),
+            fingerprint=str(attrs["fingerprint"]), views=int(attrs.get("views", 0)),
         )
 
 

@@ -11,7 +11,9 @@ The classic guidance (cs231n) is a 2x2 table: small/large data x similar/differe
 3. **Size.** Train+val images per class; ``large`` when the *median* class has at least
    ``LARGE_PER_CLASS`` (1,000) images. See :data:`LARGE_PER_CLASS` for the reasoning.
 4. **Ranking.** LogME (:func:`cnncodes.transferability.logme`) of every layer's L2-normalised
-   codes (the classifier's default normalisation), and H-score beside it.
+   codes (the classifier's default normalisation), and H-score beside it. The **pick** is LogME's best
+   unless one held-out ridge fit per layer of LogME's top three prefers another
+   (:mod:`cnncodes.layer_pick`; train rows fit, val rows score, test rows unread).
 5. **Similarity to ImageNet** (:func:`similarity`): the ImageNet head's mean top-1 probability on
    the data, the share of the label entropy explained by its top-1 class (normalised NCE), LEEP, and
    the layer profile (does an earlier layer out-score the top layer in LogME?).
@@ -194,8 +196,8 @@ BACKBONE_LR_MULT = {"similar": 0.1, "different": 0.3}
 
 
 def recommend(size: dict, sim: dict, ranking: list[LayerScore], *, top_key: str, first_alias: str,
-              shallowest_key: str, data: str, model: str, cache: str) -> dict:
-    """The case, the layer (best LogME) and what to run.
+              shallowest_key: str, data: str, model: str, cache: str, pick: str | None = None) -> dict:
+    """The case, the layer (``pick``: the validated pick; default the best LogME) and what to run.
 
     Small data: a linear classifier on the best-ranked layer's cached codes (``train_svm.py``), with a second
     layer beside it (the top layer, or the best earlier one when the pick is the top layer), so that the run's
@@ -205,7 +207,7 @@ def recommend(size: dict, sim: dict, ranking: list[LayerScore], *, top_key: str,
     different data freeze only the stem and train the rest at 0.3x.
     """
     case = f"{size['regime']}-{sim['verdict']}"
-    pick = ranking[0].layer
+    pick = pick or ranking[0].layer
     # a second layer beside the pick, so that a run's McNemar test says whether the pick really wins: the top
     # layer, or when the pick is the top layer, the best earlier one (what the classic rule would try)
     alt = top_key if top_key != pick else sim.get("best_earlier_layer")
@@ -217,7 +219,9 @@ def recommend(size: dict, sim: dict, ranking: list[LayerScore], *, top_key: str,
         agrees = (pick == top_key) == (sim["verdict"] == "similar")
         rec["strategy"] = f"linear classifier (SVM / softmax) on {where} codes: {pick}"
         rec["why"] = (f"{size['median_per_class']:.0f} images per class (median) is below {LARGE_PER_CLASS}; "
-                      f"the data look {sim['verdict']} to ImageNet. LogME ranks {pick} first"
+                      f"the data look {sim['verdict']} to ImageNet. "
+                      + (f"LogME ranks {pick} first" if pick == ranking[0].layer else
+                         f"Of LogME's shortlist (first: {ranking[0].layer}), {pick} scores best on the val rows")
                       + ("" if agrees else f" (the classic rule points to {where} codes; the measured ranking "
                                            f"decides, and --run tests the pick against {alt})"))
         rec["command"] = linear_cmd
@@ -272,6 +276,19 @@ def learning_curve(X: np.ndarray, y: np.ndarray, pool_rows: np.ndarray, test_row
         points.append({"per_class": k, "n_train": int(len(rows)), "accuracy": float(correct.mean()),
                        "ci_low": lo, "ci_high": hi, "converged": fit["converged"]})
     return points
+
+
+def _validated_pick(codes: dict, y: np.ndarray, ranking: list[LayerScore], split, trval: np.ndarray,
+                    shortlist: int, seed: int) -> dict:
+    """LogME's shortlist decided on held-out rows: the split's train/val rows (the rows on which train_svm
+    chooses C), or, when the split has no val rows, a stratified 80/20 split of train+val. Never test rows."""
+    from .layer_pick import holdout_rows, validated_pick
+
+    if len(split.val) and len(split.train):
+        fit, held = np.sort(split.train), np.sort(split.val)
+    else:
+        fit, held = holdout_rows(y, trval, 0.2, seed)
+    return validated_pick(codes, y, ranking, fit, held, k=shortlist)
 
 
 @dataclass
@@ -343,8 +360,11 @@ def advise(data: str | os.PathLike, model: str | None = None, layers: Sequence[s
            run: bool = False, sweep: bool = False, seed: int = 0, val_fraction: float = 0.15,
            test_fraction: float = 0.2, curve_clf: str = "softmax", curve_C: float = 10.0, n_boot: int = 1000,
            overwrite: bool = False, device: str = "auto", progress: bool = False, plots: bool = True,
-           with_hscore: bool = False) -> Advice:
+           with_hscore: bool = False, shortlist: int = 3) -> Advice:
     """Measure size and similarity, rank the layers, recommend (and with ``run`` train) a strategy.
+
+    The layer is LogME's best unless a held-out ridge fit on the train rows, scored on the val rows, prefers
+    another of LogME's first ``shortlist`` layers (:func:`cnncodes.layer_pick.validated_pick`; 1: LogME alone).
 
     Writes ``out/advice.json``, ``out/report.md``, ``out/learning_curve.png`` and ``out/layer_ranking.png``
     (and ``out/train/``, ``out/sweep/`` run folders of ``train_svm`` with ``run`` / ``sweep``).
@@ -380,9 +400,11 @@ def advise(data: str | os.PathLike, model: str | None = None, layers: Sequence[s
     ranking = rank_layers(codes, y, trval, depth, logits_key, with_hscore=with_hscore)
     t_rank = time.perf_counter() - t0
     sim = similarity(ranking, top_key, codes[logits_key][trval] if logits_key else None, y[trval])
+    pick = _validated_pick(codes, y, ranking, split, trval, shortlist, seed)
     code_ranked = sorted((s for s in ranking if s.kind == "code"), key=lambda s: s.depth)
     rec = recommend(size, sim, ranking, top_key=top_key, first_alias=first_alias,
-                    shallowest_key=code_ranked[0].layer, data=str(data_root), model=model, cache=str(cache))
+                    shallowest_key=code_ranked[0].layer, data=str(data_root), model=model, cache=str(cache),
+                    pick=pick["layer"])
     t0 = time.perf_counter()
     curve_layers = [top_key] + ([sim["best_earlier_layer"]] if "best_earlier_layer" in sim else [])
     sizes = curve_sizes(np.array(list(size["per_class"].values())))
@@ -392,12 +414,13 @@ def advise(data: str | os.PathLike, model: str | None = None, layers: Sequence[s
     advice = {
         "schema": "cnncodes.advice/1", "case": rec["case"], "layer": rec["layer"], "pool": records[rec["layer"]].pool,
         "ranking": [dict(s.to_dict(), pool=records[s.layer].pool) for s in ranking],
-        "recommendation": rec, "size": size, "similarity": sim,
+        "pick": pick, "recommendation": rec, "size": size, "similarity": sim,
         "learning_curve": {"classifier": curve_clf, "C": curve_C, "norm": "l2", "seed": seed, "n_boot": n_boot,
                            "test_rows": int(len(split.test)), "layers": curves},
         "model": model, "cache": str(cache), "data": str(data_root), "split": split.to_dict(),
         "seconds": {"extract": t_extract, "load": t_load, "rank": t_rank,
-                    "logme": float(sum(s.seconds for s in ranking)), "learning_curve": t_curve},
+                    "logme": float(sum(s.seconds for s in ranking)), "pick": pick["seconds"],
+                    "learning_curve": t_curve},
     }
     from .advise_report import finish
 

@@ -12,6 +12,7 @@ from sklearn.preprocessing import Normalizer
 
 from cnncodes import advise as A
 from cnncodes.cli_advise import main
+from cnncodes.errors import UsageError
 from cnncodes.store import load_codes
 from cnncodes.transferability import logme
 from conftest import FLOWERS, digits_cache, link_subset
@@ -166,3 +167,84 @@ def test_cli_on_real_flowers_with_lite0(tmp_path, capsys):
     # the same command again: refused (advice is never overwritten silently), then allowed with --overwrite
     assert main([str(data), "--model", "efficientnet_lite0", "--out", str(out), "--cache-dir",
                  str(tmp_path / "codes"), "-q"]) == 2
+
+
+# ---- the validated pick: LogME shortlists, a held-out ridge fit decides -------------------------------------
+
+def _ridge_by_sklearn(Xtr, ytr, Xva, yva, g):
+    from sklearn.linear_model import Ridge
+
+    norm = Normalizer()
+    Ftr, Fva = norm.transform(Xtr.astype(np.float64)), norm.transform(Xva.astype(np.float64))
+    D = Ftr.shape[1]
+    lam = g * np.sum((Ftr - Ftr.mean(axis=0)) ** 2) / D  # trace of the centred Gram / D
+    classes = np.unique(ytr)
+    Y = (ytr[:, None] == classes[None, :]).astype(float)
+    pred = classes[Ridge(alpha=lam, fit_intercept=True, solver="cholesky").fit(Ftr, Y).predict(Fva).argmax(axis=1)]
+    return float(np.mean(pred == yva))
+
+
+@pytest.mark.parametrize("n_fit", [900, 40])  # primal (n >= D) and dual (n < D) paths
+def test_ridge_val_accuracy_equals_sklearn_ridge(digits_h5, n_fit):
+    from cnncodes.layer_pick import ridge_val_accuracy
+
+    codes = load_codes(digits_h5, ["fc7"])
+    X, y = codes.X, codes.labels
+    rows = np.random.default_rng(3).permutation(len(y))
+    tr, va = rows[:n_fit], rows[n_fit:n_fit + 500]
+    grid = (1e-4, 1e-2, 1.0)
+    r = ridge_val_accuracy(X[tr], y[tr], X[va], y[va], grid)
+    want = [_ridge_by_sklearn(X[tr], y[tr], X[va], y[va], g) for g in grid]
+    assert r["accuracies"] == pytest.approx(want, abs=1 / len(va) + 1e-12)  # at most one argmax tie flips
+    assert r["accuracy"] == max(r["accuracies"]) and r["strength"] == grid[int(np.argmax(r["accuracies"]))]
+    assert 0.5 < r["accuracy"] <= 1.0
+
+
+def _logme_misleads(seed=0, n=400):
+    """A: one Gaussian class direction (a linear classifier: ~85 %); B: the class is the sign of a heavy-tailed
+    feature (separable, but badly fitted by LogME's linear-Gaussian regression of the labels)."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat([0, 1], n // 2)
+    A = np.c_[np.full(n, 20.0), rng.normal(size=(n, 3))]
+    A[:, 1] += 2.0 * y
+    B = np.c_[np.full(n, 20.0), rng.normal(size=(n, 3))]
+    B[:, 1] = (2 * y - 1) * (0.3 + np.exp(2.0 * rng.normal(size=n)))
+    return {"A": A, "B": B}, y
+
+
+def test_pick_follows_the_held_out_fit_when_logme_misleads():
+    from cnncodes.layer_pick import validated_pick
+
+    codes, y = _logme_misleads()
+    rows = np.arange(len(y))
+    ranking = A.rank_layers(codes, y, rows, {"A": 1, "B": 2})
+    assert [s.layer for s in ranking] == ["A", "B"]  # LogME prefers A ...
+    fit, val = rows[0::2], rows[1::2]
+    p = validated_pick(codes, y, ranking, fit, val, k=2)
+    acc = {c["layer"]: c["val_accuracy"] for c in p["candidates"]}
+    assert acc["B"] > acc["A"] + 0.05  # ... the held-out fit clearly prefers B
+    assert p["layer"] == "B" and p["logme_layer"] == "A"
+    # a shortlist of one is LogME's pick
+    assert validated_pick(codes, y, ranking, fit, val, k=1)["layer"] == "A"
+
+
+def test_pick_ties_go_to_the_better_logme_and_test_rows_are_unread():
+    from cnncodes.layer_pick import validated_pick
+
+    codes, y = _logme_misleads(seed=1)
+    same = {"A": codes["A"], "A2": codes["A"].copy(), "B": codes["B"]}
+    rows = np.arange(len(y))
+    fit, val, test = rows[0::4], rows[1::4], rows[rows % 4 >= 2]
+    scores = [A.LayerScore(k, i, 4, -0.1 * i, None, 0.0) for i, k in enumerate(["A", "A2"])]
+    assert validated_pick(same, y, scores, fit, val)["layer"] == "A"
+    assert validated_pick(same, y, scores[::-1], fit, val)["layer"] == "A2"
+    # the test rows are never read: NaN there changes nothing
+    poisoned = {k: v.copy() for k, v in same.items()}
+    for v in poisoned.values():
+        v[test] = np.nan
+    ranked = [A.LayerScore(k, i, 4, -0.1 * i, None, 0.0) for i, k in enumerate(["A", "B"])]
+    a, b = validated_pick(same, y, ranked, fit, val), validated_pick(poisoned, y, ranked, fit, val)
+    assert [c["val_accuracy"] for c in a["candidates"]] == [c["val_accuracy"] for c in b["candidates"]]
+    assert a["layer"] == b["layer"] == "B" and a["candidates"][1]["val_accuracy"] > a["candidates"][0]["val_accuracy"]
+    with pytest.raises(UsageError):
+        validated_pick(same, y, ranked, fit, val[:0])

@@ -248,3 +248,26 @@ def test_pick_ties_go_to_the_better_logme_and_test_rows_are_unread():
     assert a["layer"] == b["layer"] == "B" and a["candidates"][1]["val_accuracy"] > a["candidates"][0]["val_accuracy"]
     with pytest.raises(UsageError):
         validated_pick(same, y, ranked, fit, val[:0])
+
+
+def test_advice_pick_is_the_shortlist_fit_on_the_train_and_val_rows(digits_h5, tmp_path):
+    from cnncodes.classify import make_split
+    from cnncodes.layer_pick import ridge_val_accuracy
+
+    out = tmp_path / "adv"
+    assert main([str(digits_h5), "--out", str(out), "--shortlist", "2", "--bootstrap", "100", "--no-plots",
+                 "-q"]) == 0
+    a = json.loads((out / "advice.json").read_text())
+    pk = a["pick"]
+    assert [c["layer"] for c in pk["candidates"]] == [r["layer"] for r in a["ranking"][:2]]
+    c0 = load_codes(digits_h5, ["fc6"])
+    sp = make_split(c0.labels, c0.splits, c0.status, val_fraction=0.15, test_fraction=0.2, seed=0)
+    assert (pk["fit_rows"], pk["val_rows"]) == (len(sp.train), len(sp.val))
+    for c in pk["candidates"]:
+        X = load_codes(digits_h5, [c["layer"]]).X
+        want = ridge_val_accuracy(X[sp.train], c0.labels[sp.train], X[sp.val], c0.labels[sp.val])
+        assert (c["val_accuracy"], c["strength"]) == (want["accuracy"], want["strength"])
+    best = max(pk["candidates"], key=lambda c: c["val_accuracy"])  # max keeps the first (better LogME) on ties
+    assert a["layer"] == pk["layer"] == best["layer"] == a["recommendation"]["layer"]
+    assert "Pick:" in (out / "report.md").read_text()
+    assert main([str(digits_h5), "--out", str(tmp_path / "o2"), "--shortlist", "0", "-q"]) == 2

@@ -8,8 +8,8 @@ default layers (a cache hit when already extracted), LogME of every layer, the c
   of the label entropy explained by ImageNet's top-1 class, LogME of the best earlier layer minus the top's);
 * the advisor's pick, its test accuracy, the best layer's (oracle) and the gap in pp (goal: within 1 pp);
 * Kendall tau between LogME and the measured test accuracies over the layers;
-* the pick: LogME's first ``--shortlist`` (3) layers, decided by one held-out ridge fit each (train rows fit,
-  val rows score); LogME's own first place beside it;
+* the pick: LogME's first ``--shortlist`` (3) layers, decided by a ridge classifier's leave-one-out accuracy
+  on the train+val rows (one eigendecomposition each); LogME's own first place beside it;
 * cost: LogME time over all layers + the shortlist's fits, over the sweep's time (goal <= 5 %); all from the
   cache, no extraction.
 
@@ -99,7 +99,7 @@ def bench_one(name: str, data: Path, args) -> dict:
         "earlier_minus_top": sim.get("earlier_minus_top"), "best_earlier_layer": sim.get("best_earlier_layer"),
         "logme_pick": sw["logme_layer"], "logme_pick_test": sw["logme_test_accuracy"],
         "logme_minus_oracle_pp": sw["logme_minus_oracle_pp"],
-        "shortlist": [(c["layer"], round(c["val_accuracy"], 4)) for c in a["pick"]["candidates"]],
+        "shortlist": [(c["layer"], round(c["loo_accuracy"], 4)) for c in a["pick"]["candidates"]],
         "pick_s": a["seconds"]["pick"], "cost_ratio_pick": sw["cost_ratio_pick_vs_sweep"],
         "pick": a["layer"], "pick_test": sw["pick_test_accuracy"], "oracle": sw["oracle_layer"],
         "oracle_test": sw["oracle_test_accuracy"], "pick_minus_oracle_pp": sw["pick_minus_oracle_pp"],
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
                     help="1,300: 1,040 train+val per class, just 'large'; the sweep of 1,500 did not finish")
     ap.add_argument("--cache", nargs="+", default=[], metavar="NAME=H5",
                     help="use an existing cache for a dataset (e.g. flowers5=/work/codes/flowers5-....h5)")
-    ap.add_argument("--shortlist", type=int, default=3, help="LogME's first K layers get a held-out fit")
+    ap.add_argument("--shortlist", type=int, default=3, help="LogME's first K layers get a leave-one-out ridge score")
     ap.add_argument("--out-json", default=str(BENCH / "advise.json"))
     ap.add_argument("--prepare-only", action="store_true", help="write the image folders, print their paths, stop")
     args = ap.parse_args(argv)

@@ -12,8 +12,8 @@ The classic guidance (cs231n) is a 2x2 table: small/large data x similar/differe
    ``LARGE_PER_CLASS`` (1,000) images. See :data:`LARGE_PER_CLASS` for the reasoning.
 4. **Ranking.** LogME (:func:`cnncodes.transferability.logme`) of every layer's L2-normalised
    codes (the classifier's default normalisation), and H-score beside it. The **pick** is LogME's best
-   unless one held-out ridge fit per layer of LogME's top three prefers another
-   (:mod:`cnncodes.layer_pick`; train rows fit, val rows score, test rows unread).
+   unless a ridge classifier's leave-one-out accuracy (one eigendecomposition per layer) prefers another of
+   LogME's top three (:mod:`cnncodes.layer_pick`; train+val rows, test rows unread).
 5. **Similarity to ImageNet** (:func:`similarity`): the ImageNet head's mean top-1 probability on
    the data, the share of the label entropy explained by its top-1 class (normalised NCE), LEEP, and
    the layer profile (does an earlier layer out-score the top layer in LogME?).
@@ -221,7 +221,7 @@ def recommend(size: dict, sim: dict, ranking: list[LayerScore], *, top_key: str,
         rec["why"] = (f"{size['median_per_class']:.0f} images per class (median) is below {LARGE_PER_CLASS}; "
                       f"the data look {sim['verdict']} to ImageNet. "
                       + (f"LogME ranks {pick} first" if pick == ranking[0].layer else
-                         f"Of LogME's shortlist (first: {ranking[0].layer}), {pick} scores best on the val rows")
+                         f"Of LogME's shortlist (first: {ranking[0].layer}), {pick} scores best left-one-out")
                       + ("" if agrees else f" (the classic rule points to {where} codes; the measured ranking "
                                            f"decides, and --run tests the pick against {alt})"))
         rec["command"] = linear_cmd
@@ -276,19 +276,6 @@ def learning_curve(X: np.ndarray, y: np.ndarray, pool_rows: np.ndarray, test_row
         points.append({"per_class": k, "n_train": int(len(rows)), "accuracy": float(correct.mean()),
                        "ci_low": lo, "ci_high": hi, "converged": fit["converged"]})
     return points
-
-
-def _validated_pick(codes: dict, y: np.ndarray, ranking: list[LayerScore], split, trval: np.ndarray,
-                    shortlist: int, seed: int) -> dict:
-    """LogME's shortlist decided on held-out rows: the split's train/val rows (the rows on which train_svm
-    chooses C), or, when the split has no val rows, a stratified 80/20 split of train+val. Never test rows."""
-    from .layer_pick import holdout_rows, validated_pick
-
-    if len(split.val) and len(split.train):
-        fit, held = np.sort(split.train), np.sort(split.val)
-    else:
-        fit, held = holdout_rows(y, trval, 0.2, seed)
-    return validated_pick(codes, y, ranking, fit, held, k=shortlist)
 
 
 @dataclass
@@ -363,7 +350,7 @@ def advise(data: str | os.PathLike, model: str | None = None, layers: Sequence[s
            with_hscore: bool = False, shortlist: int = 3) -> Advice:
     """Measure size and similarity, rank the layers, recommend (and with ``run`` train) a strategy.
 
-    The layer is LogME's best unless a held-out ridge fit on the train rows, scored on the val rows, prefers
+    The layer is LogME's best unless a ridge classifier's leave-one-out accuracy on the train+val rows prefers
     another of LogME's first ``shortlist`` layers (:func:`cnncodes.layer_pick.validated_pick`; 1: LogME alone).
 
     Writes ``out/advice.json``, ``out/report.md``, ``out/learning_curve.png`` and ``out/layer_ranking.png``
@@ -377,6 +364,7 @@ def advise(data: str | os.PathLike, model: str | None = None, layers: Sequence[s
         A single class, NaN codes among usable rows, a split that cannot be drawn.
     """
     from .classify import check_codes, make_split
+    from .layer_pick import validated_pick
 
     t_all = time.perf_counter()
     out = Path(out) if out is not None else None
@@ -400,7 +388,7 @@ def advise(data: str | os.PathLike, model: str | None = None, layers: Sequence[s
     ranking = rank_layers(codes, y, trval, depth, logits_key, with_hscore=with_hscore)
     t_rank = time.perf_counter() - t0
     sim = similarity(ranking, top_key, codes[logits_key][trval] if logits_key else None, y[trval])
-    pick = _validated_pick(codes, y, ranking, split, trval, shortlist, seed)
+    pick = validated_pick(codes, y, ranking, trval, k=shortlist)
     code_ranked = sorted((s for s in ranking if s.kind == "code"), key=lambda s: s.depth)
     rec = recommend(size, sim, ranking, top_key=top_key, first_alias=first_alias,
                     shallowest_key=code_ranked[0].layer, data=str(data_root), model=model, cache=str(cache),

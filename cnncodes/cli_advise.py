@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-C", type=float, default=10.0, help="C of the learning curve's softmax (default 10)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per curve point (default 1000)")
     p.add_argument("--shortlist", type=int, default=3,
-                   help="how many of LogME's best layers get a held-out ridge fit (train rows fit, val rows "
-                        "score) that decides the pick (default 3; 1: LogME's first)")
+                   help="how many of LogME's best layers get a leave-one-out ridge score on the train+val rows "
+                        "that decides the pick (default 3; 1: LogME's first)")
     p.add_argument("--hscore", action="store_true", help="also compute H-score per layer (twice the ranking time)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--overwrite", action="store_true", help="replace earlier advice in --out")

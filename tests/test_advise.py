@@ -171,33 +171,37 @@ def test_cli_on_real_flowers_with_lite0(tmp_path, capsys):
 
 # ---- the validated pick: LogME shortlists, a held-out ridge fit decides -------------------------------------
 
-def _ridge_by_sklearn(Xtr, ytr, Xva, yva, g):
+def _loo_by_sklearn(X, y, g):
+    """Leave-one-out accuracy by refitting sklearn's Ridge without each row (the lam of the full rows)."""
     from sklearn.linear_model import Ridge
 
-    norm = Normalizer()
-    Ftr, Fva = norm.transform(Xtr.astype(np.float64)), norm.transform(Xva.astype(np.float64))
-    D = Ftr.shape[1]
-    lam = g * np.sum((Ftr - Ftr.mean(axis=0)) ** 2) / D  # trace of the centred Gram / D
-    classes = np.unique(ytr)
-    Y = (ytr[:, None] == classes[None, :]).astype(float)
-    pred = classes[Ridge(alpha=lam, fit_intercept=True, solver="cholesky").fit(Ftr, Y).predict(Fva).argmax(axis=1)]
-    return float(np.mean(pred == yva))
+    F = Normalizer().transform(X.astype(np.float64))
+    lam = g * np.sum((F - F.mean(axis=0)) ** 2) / F.shape[1]  # trace of the centred Gram / D
+    classes = np.unique(y)
+    Y = (y[:, None] == classes[None, :]).astype(float)
+    right = 0
+    for i in range(len(y)):
+        keep = np.arange(len(y)) != i
+        model = Ridge(alpha=lam, fit_intercept=True, solver="svd").fit(F[keep], Y[keep])
+        right += classes[model.predict(F[i:i + 1]).argmax()] == y[i]
+    return right / len(y)
 
 
-@pytest.mark.parametrize("n_fit", [900, 40])  # primal (n >= D) and dual (n < D) paths
-def test_ridge_val_accuracy_equals_sklearn_ridge(digits_h5, n_fit):
-    from cnncodes.layer_pick import ridge_val_accuracy
+@pytest.mark.parametrize("n", [120, 40])  # primal (n >= D = 64) and dual (n < D) paths
+def test_ridge_loo_accuracy_equals_refits_without_each_row(digits_h5, n):
+    from cnncodes.layer_pick import ridge_loo_accuracy
 
     codes = load_codes(digits_h5, ["fc7"])
-    X, y = codes.X, codes.labels
-    rows = np.random.default_rng(3).permutation(len(y))
-    tr, va = rows[:n_fit], rows[n_fit:n_fit + 500]
-    grid = (1e-4, 1e-2, 1.0)
-    r = ridge_val_accuracy(X[tr], y[tr], X[va], y[va], grid)
-    want = [_ridge_by_sklearn(X[tr], y[tr], X[va], y[va], g) for g in grid]
-    assert r["accuracies"] == pytest.approx(want, abs=1 / len(va) + 1e-12)  # at most one argmax tie flips
+    rows = np.random.default_rng(3).permutation(len(codes.labels))[:n]
+    X, y = codes.X[rows], codes.labels[rows]
+    grid = (1e-3, 1e-1, 1.0)
+    r = ridge_loo_accuracy(X, y, grid)
+    assert r["accuracies"] == pytest.approx([_loo_by_sklearn(X, y, g) for g in grid], abs=1e-12)
     assert r["accuracy"] == max(r["accuracies"]) and r["strength"] == grid[int(np.argmax(r["accuracies"]))]
-    assert 0.5 < r["accuracy"] <= 1.0
+    assert 0.3 < r["accuracy"] <= 1.0
+    # row order does not matter
+    p = np.random.default_rng(0).permutation(n)
+    assert ridge_loo_accuracy(X[p], y[p], grid)["accuracies"] == pytest.approx(r["accuracies"], abs=1e-12)
 
 
 def _logme_misleads(seed=0, n=400):
@@ -219,13 +223,12 @@ def test_pick_follows_the_held_out_fit_when_logme_misleads():
     rows = np.arange(len(y))
     ranking = A.rank_layers(codes, y, rows, {"A": 1, "B": 2})
     assert [s.layer for s in ranking] == ["A", "B"]  # LogME prefers A ...
-    fit, val = rows[0::2], rows[1::2]
-    p = validated_pick(codes, y, ranking, fit, val, k=2)
-    acc = {c["layer"]: c["val_accuracy"] for c in p["candidates"]}
-    assert acc["B"] > acc["A"] + 0.05  # ... the held-out fit clearly prefers B
+    p = validated_pick(codes, y, ranking, rows, k=2)
+    acc = {c["layer"]: c["loo_accuracy"] for c in p["candidates"]}
+    assert acc["B"] > acc["A"] + 0.05  # ... the held-out fits clearly prefer B
     assert p["layer"] == "B" and p["logme_layer"] == "A"
     # a shortlist of one is LogME's pick
-    assert validated_pick(codes, y, ranking, fit, val, k=1)["layer"] == "A"
+    assert validated_pick(codes, y, ranking, rows, k=1)["layer"] == "A"
 
 
 def test_pick_ties_go_to_the_better_logme_and_test_rows_are_unread():
@@ -234,25 +237,25 @@ def test_pick_ties_go_to_the_better_logme_and_test_rows_are_unread():
     codes, y = _logme_misleads(seed=1)
     same = {"A": codes["A"], "A2": codes["A"].copy(), "B": codes["B"]}
     rows = np.arange(len(y))
-    fit, val, test = rows[0::4], rows[1::4], rows[rows % 4 >= 2]
+    trval, test = rows[rows % 2 == 0], rows[rows % 2 == 1]
     scores = [A.LayerScore(k, i, 4, -0.1 * i, None, 0.0) for i, k in enumerate(["A", "A2"])]
-    assert validated_pick(same, y, scores, fit, val)["layer"] == "A"
-    assert validated_pick(same, y, scores[::-1], fit, val)["layer"] == "A2"
+    assert validated_pick(same, y, scores, trval)["layer"] == "A"
+    assert validated_pick(same, y, scores[::-1], trval)["layer"] == "A2"
     # the test rows are never read: NaN there changes nothing
     poisoned = {k: v.copy() for k, v in same.items()}
     for v in poisoned.values():
         v[test] = np.nan
     ranked = [A.LayerScore(k, i, 4, -0.1 * i, None, 0.0) for i, k in enumerate(["A", "B"])]
-    a, b = validated_pick(same, y, ranked, fit, val), validated_pick(poisoned, y, ranked, fit, val)
-    assert [c["val_accuracy"] for c in a["candidates"]] == [c["val_accuracy"] for c in b["candidates"]]
-    assert a["layer"] == b["layer"] == "B" and a["candidates"][1]["val_accuracy"] > a["candidates"][0]["val_accuracy"]
+    a, b = validated_pick(same, y, ranked, trval), validated_pick(poisoned, y, ranked, trval)
+    assert [c["loo_accuracy"] for c in a["candidates"]] == [c["loo_accuracy"] for c in b["candidates"]]
+    assert a["layer"] == b["layer"] == "B" and a["candidates"][1]["loo_accuracy"] > a["candidates"][0]["loo_accuracy"]
     with pytest.raises(UsageError):
-        validated_pick(same, y, ranked, fit, val[:0])
+        validated_pick(same, y, ranked, trval[y[trval] == 0])  # one class
 
 
-def test_advice_pick_is_the_shortlist_fit_on_the_train_and_val_rows(digits_h5, tmp_path):
+def test_advice_pick_is_the_shortlist_loo_on_the_train_val_rows(digits_h5, tmp_path):
     from cnncodes.classify import make_split
-    from cnncodes.layer_pick import ridge_val_accuracy
+    from cnncodes.layer_pick import ridge_loo_accuracy
 
     out = tmp_path / "adv"
     assert main([str(digits_h5), "--out", str(out), "--shortlist", "2", "--bootstrap", "100", "--no-plots",
@@ -262,12 +265,12 @@ def test_advice_pick_is_the_shortlist_fit_on_the_train_and_val_rows(digits_h5, t
     assert [c["layer"] for c in pk["candidates"]] == [r["layer"] for r in a["ranking"][:2]]
     c0 = load_codes(digits_h5, ["fc6"])
     sp = make_split(c0.labels, c0.splits, c0.status, val_fraction=0.15, test_fraction=0.2, seed=0)
-    assert (pk["fit_rows"], pk["val_rows"]) == (len(sp.train), len(sp.val))
+    trval = np.sort(np.concatenate([sp.train, sp.val]))
+    assert pk["rows"] == len(trval)
     for c in pk["candidates"]:
-        X = load_codes(digits_h5, [c["layer"]]).X
-        want = ridge_val_accuracy(X[sp.train], c0.labels[sp.train], X[sp.val], c0.labels[sp.val])
-        assert (c["val_accuracy"], c["strength"]) == (want["accuracy"], want["strength"])
-    best = max(pk["candidates"], key=lambda c: c["val_accuracy"])  # max keeps the first (better LogME) on ties
+        want = ridge_loo_accuracy(load_codes(digits_h5, [c["layer"]]).X[trval], c0.labels[trval])
+        assert (c["loo_accuracy"], c["strength"]) == (want["accuracy"], want["strength"])
+    best = max(pk["candidates"], key=lambda c: c["loo_accuracy"])  # max keeps the first (better LogME) on ties
     assert a["layer"] == pk["layer"] == best["layer"] == a["recommendation"]["layer"]
     assert "Pick:" in (out / "report.md").read_text()
     assert main([str(digits_h5), "--out", str(tmp_path / "o2"), "--shortlist", "0", "-q"]) == 2

@@ -99,7 +99,10 @@ def bench_one(name: str, data: Path, args) -> dict:
         "earlier_minus_top": sim.get("earlier_minus_top"), "best_earlier_layer": sim.get("best_earlier_layer"),
         "logme_pick": sw["logme_layer"], "logme_pick_test": sw["logme_test_accuracy"],
         "logme_minus_oracle_pp": sw["logme_minus_oracle_pp"],
-        "shortlist": [(c["layer"], round(c["loo_accuracy"], 4)) for c in a["pick"]["candidates"]],
+        "shortlist": [(c["layer"], round(c["loo_accuracy"], 4), round(c["p_vs_first"], 4))
+                      for c in a["pick"]["candidates"]],
+        "loo_best": a["pick"]["loo_best_layer"],
+        "loo_best_test": sw["per_layer"][a["pick"]["loo_best_layer"]]["test_accuracy"],
         "pick_s": a["seconds"]["pick"], "cost_ratio_pick": sw["cost_ratio_pick_vs_sweep"],
         "pick": a["layer"], "pick_test": sw["pick_test_accuracy"], "oracle": sw["oracle_layer"],
         "oracle_test": sw["oracle_test_accuracy"], "pick_minus_oracle_pp": sw["pick_minus_oracle_pp"],

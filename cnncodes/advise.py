@@ -101,7 +101,7 @@ def _l2(X: np.ndarray) -> np.ndarray:
 
 
 def rank_layers(codes: dict, y: np.ndarray, rows: np.ndarray, depth: dict, logits_key: str | None = None,
-                norm: str = "l2", with_hscore: bool = False) -> list[LayerScore]:
+                norm: str = "l2", with_hscore: bool = False, eigens: dict | None = None) -> list[LayerScore]:
     """LogME (and optionally H-score) of each layer on ``rows``, best LogME first.
 
     Parameters
@@ -113,10 +113,12 @@ def rank_layers(codes: dict, y: np.ndarray, rows: np.ndarray, depth: dict, logit
     logits_key : the ImageNet class-score layer, marked ``kind="logits"`` in the result
     norm : ``"l2"`` (as the classifier's default) or ``"none"``
     with_hscore : also compute H-score (a second D x D decomposition per layer: twice the time)
+    eigens : a dict that receives each layer's Gram eigendecomposition (:class:`GramEigen` of the scored codes),
+        for the layer pick's leave-one-out fits
     """
     from threadpoolctl import threadpool_limits
 
-    from .transferability import hscore, logme
+    from .transferability import gram_eigen, hscore, logme
 
     out = []
     for key, X in codes.items():
@@ -126,8 +128,11 @@ def rank_layers(codes: dict, y: np.ndarray, rows: np.ndarray, depth: dict, logit
         # 6.5 s on one thread and 38-44 s on two that other processes kept preempting
         with threadpool_limits(1):
             t0 = time.perf_counter()
-            score = logme(F, y[rows]).score
+            eig = gram_eigen(F)
+            score = logme(F, y[rows], eig=eig).score
             secs = time.perf_counter() - t0
+            if eigens is not None:
+                eigens[key] = eig
             h = hscore(F, y[rows]) if with_hscore else None
         out.append(LayerScore(key, depth.get(key, 0), F.shape[1], score, h, secs,
                               "logits" if key == logits_key else "code"))
@@ -385,10 +390,11 @@ def advise(data: str | os.PathLike, model: str | None = None, layers: Sequence[s
         check_codes(X, np.concatenate([trval, split.test]), first.paths, what=f"layer {k}")
     size = measure_size(y[trval], first.class_names)
     t0 = time.perf_counter()
-    ranking = rank_layers(codes, y, trval, depth, logits_key, with_hscore=with_hscore)
+    eigens: dict = {}
+    ranking = rank_layers(codes, y, trval, depth, logits_key, with_hscore=with_hscore, eigens=eigens)
     t_rank = time.perf_counter() - t0
     sim = similarity(ranking, top_key, codes[logits_key][trval] if logits_key else None, y[trval])
-    pick = validated_pick(codes, y, ranking, trval, k=shortlist)
+    pick = validated_pick(codes, y, ranking, trval, k=shortlist, eigens=eigens)
     code_ranked = sorted((s for s in ranking if s.kind == "code"), key=lambda s: s.depth)
     rec = recommend(size, sim, ranking, top_key=top_key, first_alias=first_alias,
                     shallowest_key=code_ranked[0].layer, data=str(data_root), model=model, cache=str(cache),

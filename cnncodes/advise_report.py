@@ -250,12 +250,14 @@ def _pick_section(advice: dict) -> list[str]:
     if not pk:
         return []
     rows = [[c["layer"], f"{c['logme']:.4f}", f"{c['loo_accuracy']:.4f}", f"{c['strength']:g}",
-             f"{c['seconds']:.2f}"] for c in pk["candidates"]]
+             format_p(c["p_vs_first"]), f"{c['seconds']:.2f}"] for c in pk["candidates"]]
     return ["", f"Pick: LogME's first {pk['k']} layers, each scored by a ridge classifier's leave-one-out accuracy "
             f"on the L2-normalised codes of the {pk['rows']} train+val rows (test rows unread; ridge strength chosen "
-            f"on the same score); ties go to the better LogME. **{pk['layer']}** "
+            f"on the same score). Another layer replaces LogME's first only when more accurate with McNemar p < "
+            f"{pk['alpha']:g} against it; ties go to the better LogME. **{pk['layer']}** "
             + ("(LogME's first)." if pk["layer"] == pk["logme_layer"] else f"(LogME's first: {pk['logme_layer']})."),
-            "", *_table(["layer", "LogME", "leave-one-out acc (ridge)", "strength", "seconds"], rows)]
+            "", *_table(["layer", "LogME", "leave-one-out acc (ridge)", "strength", "p vs LogME's first", "seconds"],
+                        rows)]
 
 
 def _curve_section(advice: dict, plots: bool) -> list[str]:

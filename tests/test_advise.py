@@ -13,8 +13,9 @@ from sklearn.preprocessing import Normalizer
 from cnncodes import advise as A
 from cnncodes.cli_advise import main
 from cnncodes.errors import UsageError
+from cnncodes.stats import mcnemar
 from cnncodes.store import load_codes
-from cnncodes.transferability import logme
+from cnncodes.transferability import gram_eigen, logme
 from conftest import FLOWERS, digits_cache, link_subset
 
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
@@ -176,13 +177,13 @@ def _loo_by_sklearn(X, y, g):
     from sklearn.linear_model import Ridge
 
     F = Normalizer().transform(X.astype(np.float64))
-    lam = g * np.sum((F - F.mean(axis=0)) ** 2) / F.shape[1]  # trace of the centred Gram / D
+    lam = g * np.sum(F ** 2) / F.shape[1]  # trace of the Gram matrix / D
     classes = np.unique(y)
     Y = (y[:, None] == classes[None, :]).astype(float)
     right = 0
     for i in range(len(y)):
         keep = np.arange(len(y)) != i
-        model = Ridge(alpha=lam, fit_intercept=True, solver="svd").fit(F[keep], Y[keep])
+        model = Ridge(alpha=lam, fit_intercept=False, solver="svd").fit(F[keep], Y[keep])
         right += classes[model.predict(F[i:i + 1]).argmax()] == y[i]
     return right / len(y)
 
@@ -199,9 +200,12 @@ def test_ridge_loo_accuracy_equals_refits_without_each_row(digits_h5, n):
     assert r["accuracies"] == pytest.approx([_loo_by_sklearn(X, y, g) for g in grid], abs=1e-12)
     assert r["accuracy"] == max(r["accuracies"]) and r["strength"] == grid[int(np.argmax(r["accuracies"]))]
     assert 0.3 < r["accuracy"] <= 1.0
-    # row order does not matter
+    # row order does not matter; LogME's eigendecomposition gives the same
     p = np.random.default_rng(0).permutation(n)
     assert ridge_loo_accuracy(X[p], y[p], grid)["accuracies"] == pytest.approx(r["accuracies"], abs=1e-12)
+    F = Normalizer().transform(X.astype(np.float64))
+    reused = ridge_loo_accuracy(X, y, grid, gram_eigen(F))
+    assert reused["accuracies"] == r["accuracies"] and (reused["correct"] == r["correct"]).all()
 
 
 def _logme_misleads(seed=0, n=400):
@@ -253,6 +257,27 @@ def test_pick_ties_go_to_the_better_logme_and_test_rows_are_unread():
         validated_pick(same, y, ranked, trval[y[trval] == 0])  # one class
 
 
+def test_pick_keeps_logme_first_unless_the_loo_difference_is_significant():
+    from cnncodes.layer_pick import ridge_loo_accuracy, validated_pick
+
+    rng = np.random.default_rng(0)
+    n = 400
+    y = np.repeat([0, 1], n // 2)
+    A0 = np.c_[np.full(n, 20.0), rng.normal(size=(n, 3))]
+    A0[:, 1] += 2.0 * y
+    A1 = A0.copy()
+    A1[:, 1] += rng.normal(size=n) * 0.4  # the same signal, a little noisier: a few rows differ
+    codes, rows = {"A0": A0, "A1": A1}, np.arange(n)
+    acc = {k: ridge_loo_accuracy(v, y)["accuracy"] for k, v in codes.items()}
+    worse, better = sorted(codes, key=lambda k: acc[k])
+    assert 0 < acc[better] - acc[worse] < 0.02
+    ranked = [A.LayerScore(worse, 0, 4, 0.0, None, 0.0), A.LayerScore(better, 1, 4, -0.1, None, 0.0)]
+    p = validated_pick(codes, y, ranked, rows, k=2)
+    assert p["candidates"][1]["p_vs_first"] > 0.05
+    assert (p["layer"], p["loo_best_layer"]) == (worse, better)  # not significant: LogME's first stays
+    assert validated_pick(codes, y, ranked, rows, k=2, alpha=1.0)["layer"] == better  # the plain best
+
+
 def test_advice_pick_is_the_shortlist_loo_on_the_train_val_rows(digits_h5, tmp_path):
     from cnncodes.classify import make_split
     from cnncodes.layer_pick import ridge_loo_accuracy
@@ -267,10 +292,17 @@ def test_advice_pick_is_the_shortlist_loo_on_the_train_val_rows(digits_h5, tmp_p
     sp = make_split(c0.labels, c0.splits, c0.status, val_fraction=0.15, test_fraction=0.2, seed=0)
     trval = np.sort(np.concatenate([sp.train, sp.val]))
     assert pk["rows"] == len(trval)
+    right = {}
     for c in pk["candidates"]:
         want = ridge_loo_accuracy(load_codes(digits_h5, [c["layer"]]).X[trval], c0.labels[trval])
         assert (c["loo_accuracy"], c["strength"]) == (want["accuracy"], want["strength"])
+        right[c["layer"]] = want["correct"]
+    first, second = pk["candidates"]
+    assert first["p_vs_first"] == 1.0
+    assert second["p_vs_first"] == mcnemar(right[second["layer"]], right[first["layer"]]).p_value
     best = max(pk["candidates"], key=lambda c: c["loo_accuracy"])  # max keeps the first (better LogME) on ties
-    assert a["layer"] == pk["layer"] == best["layer"] == a["recommendation"]["layer"]
+    assert pk["loo_best_layer"] == best["layer"]
+    switch = second["loo_accuracy"] > first["loo_accuracy"] and second["p_vs_first"] < 0.05
+    assert a["layer"] == pk["layer"] == (second if switch else first)["layer"] == a["recommendation"]["layer"]
     assert "Pick:" in (out / "report.md").read_text()
     assert main([str(digits_h5), "--out", str(tmp_path / "o2"), "--shortlist", "0", "-q"]) == 2

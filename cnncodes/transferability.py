@@ -43,8 +43,7 @@ import numpy as np
 from .errors import TrainingDataError, UsageError
 
 __all__ = ["LogMEResult", "GramEigen", "gram_eigen", "logme", "hscore", "softmax", "leep", "nce", "nce_normalised",
-           "label_entropy",
-           "head_confidence"]
+           "label_entropy", "head_confidence"]
 
 _EPS = 1e-5  # as the authors' code: keeps alpha and beta finite when m'm or the residual is ~0
 

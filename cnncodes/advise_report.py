@@ -257,7 +257,7 @@ def _pick_section(advice: dict) -> list[str]:
             f"{pk['alpha']:g} against it; ties go to the better LogME. **{pk['layer']}** "
             + ("(LogME's first)." if pk["layer"] == pk["logme_layer"] else f"(LogME's first: {pk['logme_layer']})."),
             "", *_table(["layer", "LogME", "leave-one-out acc (ridge)", "strength", "p vs LogME's first", "seconds"],
-                        rows)]
+                        rows), ""]
 
 
 def _curve_section(advice: dict, plots: bool) -> list[str]:

@@ -11,7 +11,9 @@ The classic guidance (cs231n) is a 2x2 table: small/large data x similar/differe
 3. **Size.** Train+val images per class; ``large`` when the *median* class has at least
    ``LARGE_PER_CLASS`` (1,000) images. See :data:`LARGE_PER_CLASS` for the reasoning.
 4. **Ranking.** LogME (:func:`cnncodes.transferability.logme`) of every layer's L2-normalised
-   codes (the classifier's default normalisation), and H-score beside it.
+   codes (the classifier's default normalisation), and H-score beside it. The **pick** is LogME's best
+   unless a ridge classifier's leave-one-out accuracy (one eigendecomposition per layer) prefers another of
+   LogME's top three (:mod:`cnncodes.layer_pick`; train+val rows, test rows unread).
 5. **Similarity to ImageNet** (:func:`similarity`): the ImageNet head's mean top-1 probability on
    the data, the share of the label entropy explained by its top-1 class (normalised NCE), LEEP, and
    the layer profile (does an earlier layer out-score the top layer in LogME?).
@@ -99,7 +101,7 @@ def _l2(X: np.ndarray) -> np.ndarray:
 
 
 def rank_layers(codes: dict, y: np.ndarray, rows: np.ndarray, depth: dict, logits_key: str | None = None,
-                norm: str = "l2", with_hscore: bool = False) -> list[LayerScore]:
+                norm: str = "l2", with_hscore: bool = False, eigens: dict | None = None) -> list[LayerScore]:
     """LogME (and optionally H-score) of each layer on ``rows``, best LogME first.
 
     Parameters
@@ -111,10 +113,12 @@ def rank_layers(codes: dict, y: np.ndarray, rows: np.ndarray, depth: dict, logit
     logits_key : the ImageNet class-score layer, marked ``kind="logits"`` in the result
     norm : ``"l2"`` (as the classifier's default) or ``"none"``
     with_hscore : also compute H-score (a second D x D decomposition per layer: twice the time)
+    eigens : a dict that receives each layer's Gram eigendecomposition (:class:`GramEigen` of the scored codes),
+        for the layer pick's leave-one-out fits
     """
     from threadpoolctl import threadpool_limits
 
-    from .transferability import hscore, logme
+    from .transferability import gram_eigen, hscore, logme
 
     out = []
     for key, X in codes.items():
@@ -124,8 +128,11 @@ def rank_layers(codes: dict, y: np.ndarray, rows: np.ndarray, depth: dict, logit
         # 6.5 s on one thread and 38-44 s on two that other processes kept preempting
         with threadpool_limits(1):
             t0 = time.perf_counter()
-            score = logme(F, y[rows]).score
+            eig = gram_eigen(F)
+            score = logme(F, y[rows], eig=eig).score
             secs = time.perf_counter() - t0
+            if eigens is not None:
+                eigens[key] = eig
             h = hscore(F, y[rows]) if with_hscore else None
         out.append(LayerScore(key, depth.get(key, 0), F.shape[1], score, h, secs,
                               "logits" if key == logits_key else "code"))
@@ -194,8 +201,8 @@ BACKBONE_LR_MULT = {"similar": 0.1, "different": 0.3}
 
 
 def recommend(size: dict, sim: dict, ranking: list[LayerScore], *, top_key: str, first_alias: str,
-              shallowest_key: str, data: str, model: str, cache: str) -> dict:
-    """The case, the layer (best LogME) and what to run.
+              shallowest_key: str, data: str, model: str, cache: str, pick: str | None = None) -> dict:
+    """The case, the layer (``pick``: the validated pick; default the best LogME) and what to run.
 
     Small data: a linear classifier on the best-ranked layer's cached codes (``train_svm.py``), with a second
     layer beside it (the top layer, or the best earlier one when the pick is the top layer), so that the run's
@@ -205,7 +212,7 @@ def recommend(size: dict, sim: dict, ranking: list[LayerScore], *, top_key: str,
     different data freeze only the stem and train the rest at 0.3x.
     """
     case = f"{size['regime']}-{sim['verdict']}"
-    pick = ranking[0].layer
+    pick = pick or ranking[0].layer
     # a second layer beside the pick, so that a run's McNemar test says whether the pick really wins: the top
     # layer, or when the pick is the top layer, the best earlier one (what the classic rule would try)
     alt = top_key if top_key != pick else sim.get("best_earlier_layer")
@@ -217,7 +224,9 @@ def recommend(size: dict, sim: dict, ranking: list[LayerScore], *, top_key: str,
         agrees = (pick == top_key) == (sim["verdict"] == "similar")
         rec["strategy"] = f"linear classifier (SVM / softmax) on {where} codes: {pick}"
         rec["why"] = (f"{size['median_per_class']:.0f} images per class (median) is below {LARGE_PER_CLASS}; "
-                      f"the data look {sim['verdict']} to ImageNet. LogME ranks {pick} first"
+                      f"the data look {sim['verdict']} to ImageNet. "
+                      + (f"LogME ranks {pick} first" if pick == ranking[0].layer else
+                         f"Of LogME's shortlist (first: {ranking[0].layer}), {pick} scores best left-one-out")
                       + ("" if agrees else f" (the classic rule points to {where} codes; the measured ranking "
                                            f"decides, and --run tests the pick against {alt})"))
         rec["command"] = linear_cmd
@@ -346,8 +355,11 @@ def advise(data: str | os.PathLike, model: str | None = None, layers: Sequence[s
            run: bool = False, sweep: bool = False, seed: int = 0, val_fraction: float = 0.15,
            test_fraction: float = 0.2, curve_clf: str = "softmax", curve_C: float = 10.0, n_boot: int = 1000,
            overwrite: bool = False, device: str = "auto", progress: bool = False, plots: bool = True,
-           with_hscore: bool = False) -> Advice:
+           with_hscore: bool = False, shortlist: int = 3) -> Advice:
     """Measure size and similarity, rank the layers, recommend (and with ``run`` train) a strategy.
+
+    The layer is LogME's best unless a ridge classifier's leave-one-out accuracy on the train+val rows prefers
+    another of LogME's first ``shortlist`` layers (:func:`cnncodes.layer_pick.validated_pick`; 1: LogME alone).
 
     Writes ``out/advice.json``, ``out/report.md``, ``out/learning_curve.png`` and ``out/layer_ranking.png``
     (and ``out/train/``, ``out/sweep/`` run folders of ``train_svm`` with ``run`` / ``sweep``).
@@ -360,6 +372,7 @@ def advise(data: str | os.PathLike, model: str | None = None, layers: Sequence[s
         A single class, NaN codes among usable rows, a split that cannot be drawn.
     """
     from .classify import check_codes, make_split
+    from .layer_pick import validated_pick
 
     t_all = time.perf_counter()
     out = Path(out) if out is not None else None
@@ -380,12 +393,15 @@ def advise(data: str | os.PathLike, model: str | None = None, layers: Sequence[s
         check_codes(X, np.concatenate([trval, split.test]), first.paths, what=f"layer {k}")
     size = measure_size(y[trval], first.class_names)
     t0 = time.perf_counter()
-    ranking = rank_layers(codes, y, trval, depth, logits_key, with_hscore=with_hscore)
+    eigens: dict = {}
+    ranking = rank_layers(codes, y, trval, depth, logits_key, with_hscore=with_hscore, eigens=eigens)
     t_rank = time.perf_counter() - t0
     sim = similarity(ranking, top_key, codes[logits_key][trval] if logits_key else None, y[trval])
+    pick = validated_pick(codes, y, ranking, trval, k=shortlist, eigens=eigens)
     code_ranked = sorted((s for s in ranking if s.kind == "code"), key=lambda s: s.depth)
     rec = recommend(size, sim, ranking, top_key=top_key, first_alias=first_alias,
-                    shallowest_key=code_ranked[0].layer, data=str(data_root), model=model, cache=str(cache))
+                    shallowest_key=code_ranked[0].layer, data=str(data_root), model=model, cache=str(cache),
+                    pick=pick["layer"])
     t0 = time.perf_counter()
     curve_layers = [top_key] + ([sim["best_earlier_layer"]] if "best_earlier_layer" in sim else [])
     sizes = curve_sizes(np.array(list(size["per_class"].values())))
@@ -395,12 +411,13 @@ def advise(data: str | os.PathLike, model: str | None = None, layers: Sequence[s
     advice = {
         "schema": "cnncodes.advice/1", "case": rec["case"], "layer": rec["layer"], "pool": records[rec["layer"]].pool,
         "ranking": [dict(s.to_dict(), pool=records[s.layer].pool) for s in ranking],
-        "recommendation": rec, "size": size, "similarity": sim,
+        "pick": pick, "recommendation": rec, "size": size, "similarity": sim,
         "learning_curve": {"classifier": curve_clf, "C": curve_C, "norm": "l2", "seed": seed, "n_boot": n_boot,
                            "test_rows": int(len(split.test)), "layers": curves},
         "model": model, "cache": str(cache), "data": str(data_root), "split": split.to_dict(),
         "seconds": {"extract": t_extract, "load": t_load, "rank": t_rank,
-                    "logme": float(sum(s.seconds for s in ranking)), "learning_curve": t_curve},
+                    "logme": float(sum(s.seconds for s in ranking)), "pick": pick["seconds"],
+                    "learning_curve": t_curve},
     }
     from .advise_report import finish
 

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.2, help="as train_svm.py (default 0.2)")
     p.add_argument("--curve-C", type=float, default=10.0, help="C of the learning curve's softmax (default 10)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per curve point (default 1000)")
+    p.add_argument("--shortlist", type=int, default=3,
+                   help="how many of LogME's best layers get a leave-one-out ridge score on the train+val rows "
+                        "that decides the pick (default 3; 1: LogME's first)")
     p.add_argument("--hscore", action="store_true", help="also compute H-score per layer (twice the ranking time)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--overwrite", action="store_true", help="replace earlier advice in --out")
@@ -59,13 +62,15 @@ def _advise(args: argparse.Namespace) -> int:
 
     if args.bootstrap < 100:
         raise UsageError(f"--bootstrap must be at least 100, got {args.bootstrap}")
+    if args.shortlist < 1:
+        raise UsageError(f"--shortlist must be at least 1, got {args.shortlist}")
     if not args.curve_C > 0:
         raise UsageError(f"--curve-C must be > 0, got {args.curve_C}")
     res = advise(args.data, args.model, args.layers, pool=args.pool, out=args.out, cache_dir=args.cache_dir,
                  run=args.run, sweep=args.sweep, seed=args.seed, val_fraction=args.val_fraction,
                  test_fraction=args.test_fraction, curve_C=args.curve_C, n_boot=args.bootstrap,
                  overwrite=args.overwrite, device=args.device, progress=not args.quiet, plots=not args.no_plots,
-                 with_hscore=args.hscore)
+                 with_hscore=args.hscore, shortlist=args.shortlist)
     a = res.advice
     rec = a["recommendation"]
     print(f"case: {a['case']}  layer: {a['layer']}")

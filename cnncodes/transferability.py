@@ -42,8 +42,8 @@ import numpy as np
 
 from .errors import TrainingDataError, UsageError
 
-__all__ = ["LogMEResult", "logme", "hscore", "softmax", "leep", "nce", "nce_normalised", "label_entropy",
-           "head_confidence"]
+__all__ = ["LogMEResult", "GramEigen", "gram_eigen", "logme", "hscore", "softmax", "leep", "nce", "nce_normalised",
+           "label_entropy", "head_confidence"]
 
 _EPS = 1e-5  # as the authors' code: keeps alpha and beta finite when m'm or the residual is ~0
 
@@ -78,25 +78,45 @@ def _one_hot(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return classes, Y
 
 
-def _spectrum(F: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+@dataclass
+class GramEigen:
+    """The non-zero eigenpairs of F's Gram matrix: ``s`` (k,) and ``basis`` (k orthonormal columns): the right
+    singular vectors V (D x k, from F'F, ``primal``) or the left ones U (n x k, from FF', when n < D)."""
+
+    s: np.ndarray
+    basis: np.ndarray
+    primal: bool
+
+    def left(self, F: np.ndarray) -> np.ndarray:
+        """U (n x k), the left singular vectors of F: ``F V / sqrt(s)`` in the primal case."""
+        return (F @ self.basis) / np.sqrt(self.s) if self.primal else self.basis
+
+
+def gram_eigen(F: np.ndarray) -> GramEigen:
+    """One eigendecomposition of the D x D Gram matrix F'F (of the n x n FF' when n < D), zero eigenvalues
+    dropped: what :func:`logme` needs, kept so that other fits on the same codes can reuse it."""
+    F = np.asarray(F, dtype=np.float64)
+    n, D = F.shape
+    s, B = np.linalg.eigh(F.T @ F) if n >= D else np.linalg.eigh(F @ F.T)
+    keep = s > s.max() * 1e-12 if s.max() > 0 else np.zeros_like(s, dtype=bool)
+    return GramEigen(s[keep], B[:, keep], n >= D)
+
+
+def _spectrum(F: np.ndarray, Y: np.ndarray, eig: GramEigen | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Non-zero eigenvalues ``s`` of F'F, the targets' coordinates ``x = U'Y`` in the left singular
     basis of F, and ``||Y||^2 - ||x||^2`` (the part of each target outside the span of F)."""
-    n, D = F.shape
-    if n >= D:
-        s, V = np.linalg.eigh(F.T @ F)
-        keep = s > s.max() * 1e-12 if s.max() > 0 else np.zeros_like(s, dtype=bool)
-        s, V = s[keep], V[:, keep]
-        x = (V.T @ (F.T @ Y)) / np.sqrt(s)[:, None]  # U'Y with U = F V / sqrt(s)
+    eig = eig or gram_eigen(F)
+    s = eig.s
+    if eig.primal:
+        x = (eig.basis.T @ (F.T @ Y)) / np.sqrt(s)[:, None]  # U'Y with U = F V / sqrt(s)
     else:
-        s, U = np.linalg.eigh(F @ F.T)
-        keep = s > s.max() * 1e-12 if s.max() > 0 else np.zeros_like(s, dtype=bool)
-        s, U = s[keep], U[:, keep]
-        x = U.T @ Y
+        x = eig.basis.T @ Y
     outside = (Y ** 2).sum(axis=0) - (x ** 2).sum(axis=0)
     return s, x, np.maximum(outside, 0.0)
 
 
-def logme(F: np.ndarray, y: np.ndarray, *, max_iter: int = 100, tol: float = 1e-6) -> LogMEResult:
+def logme(F: np.ndarray, y: np.ndarray, *, max_iter: int = 100, tol: float = 1e-6,
+          eig: GramEigen | None = None) -> LogMEResult:
     """LogME of features ``F`` (n x D) for class labels ``y`` (n,), all classes at once.
 
     Parameters
@@ -108,6 +128,8 @@ def logme(F: np.ndarray, y: np.ndarray, *, max_iter: int = 100, tol: float = 1e-
     max_iter, tol : int, float
         The fixed point stops for a class once ``alpha / beta`` changes by at most ``tol``
         (relative), or after ``max_iter`` iterations.
+    eig : GramEigen, optional
+        :func:`gram_eigen` of these ``F`` (as float64), when the caller keeps it for other uses.
 
     Returns
     -------
@@ -117,7 +139,7 @@ def logme(F: np.ndarray, y: np.ndarray, *, max_iter: int = 100, tol: float = 1e-
     F, y = _check(F, y)
     n, D = F.shape
     _, Y = _one_hot(y)
-    s, x, outside = _spectrum(F, Y)
+    s, x, outside = _spectrum(F, Y, eig)
     s_col, x2 = s[:, None], x ** 2
     K = Y.shape[1]
     alpha, beta = np.ones(K), np.ones(K)

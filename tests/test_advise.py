@@ -12,8 +12,10 @@ from sklearn.preprocessing import Normalizer
 
 from cnncodes import advise as A
 from cnncodes.cli_advise import main
+from cnncodes.errors import UsageError
+from cnncodes.stats import mcnemar
 from cnncodes.store import load_codes
-from cnncodes.transferability import logme
+from cnncodes.transferability import gram_eigen, logme
 from conftest import FLOWERS, digits_cache, link_subset
 
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
@@ -166,3 +168,141 @@ def test_cli_on_real_flowers_with_lite0(tmp_path, capsys):
     # the same command again: refused (advice is never overwritten silently), then allowed with --overwrite
     assert main([str(data), "--model", "efficientnet_lite0", "--out", str(out), "--cache-dir",
                  str(tmp_path / "codes"), "-q"]) == 2
+
+
+# ---- the validated pick: LogME shortlists, a held-out ridge fit decides -------------------------------------
+
+def _loo_by_sklearn(X, y, g):
+    """Leave-one-out accuracy by refitting sklearn's Ridge without each row (the lam of the full rows)."""
+    from sklearn.linear_model import Ridge
+
+    F = Normalizer().transform(X.astype(np.float64))
+    lam = g * np.sum(F ** 2) / F.shape[1]  # trace of the Gram matrix / D
+    classes = np.unique(y)
+    Y = (y[:, None] == classes[None, :]).astype(float)
+    right = 0
+    for i in range(len(y)):
+        keep = np.arange(len(y)) != i
+        model = Ridge(alpha=lam, fit_intercept=False, solver="svd").fit(F[keep], Y[keep])
+        right += classes[model.predict(F[i:i + 1]).argmax()] == y[i]
+    return right / len(y)
+
+
+@pytest.mark.parametrize("n", [120, 40])  # primal (n >= D = 64) and dual (n < D) paths
+def test_ridge_loo_accuracy_equals_refits_without_each_row(digits_h5, n):
+    from cnncodes.layer_pick import ridge_loo_accuracy
+
+    codes = load_codes(digits_h5, ["fc7"])
+    rows = np.random.default_rng(3).permutation(len(codes.labels))[:n]
+    X, y = codes.X[rows], codes.labels[rows]
+    grid = (1e-3, 1e-1, 1.0)
+    r = ridge_loo_accuracy(X, y, grid)
+    assert r["accuracies"] == pytest.approx([_loo_by_sklearn(X, y, g) for g in grid], abs=1e-12)
+    assert r["accuracy"] == max(r["accuracies"]) and r["strength"] == grid[int(np.argmax(r["accuracies"]))]
+    assert 0.3 < r["accuracy"] <= 1.0
+    # row order does not matter; LogME's eigendecomposition gives the same
+    p = np.random.default_rng(0).permutation(n)
+    assert ridge_loo_accuracy(X[p], y[p], grid)["accuracies"] == pytest.approx(r["accuracies"], abs=1e-12)
+    F = Normalizer().transform(X.astype(np.float64))
+    reused = ridge_loo_accuracy(X, y, grid, gram_eigen(F))
+    assert reused["accuracies"] == r["accuracies"] and (reused["correct"] == r["correct"]).all()
+
+
+def _logme_misleads(seed=0, n=400):
+    """A: one Gaussian class direction (a linear classifier: ~85 %); B: the class is the sign of a heavy-tailed
+    feature (separable, but badly fitted by LogME's linear-Gaussian regression of the labels)."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat([0, 1], n // 2)
+    A = np.c_[np.full(n, 20.0), rng.normal(size=(n, 3))]
+    A[:, 1] += 2.0 * y
+    B = np.c_[np.full(n, 20.0), rng.normal(size=(n, 3))]
+    B[:, 1] = (2 * y - 1) * (0.3 + np.exp(2.0 * rng.normal(size=n)))
+    return {"A": A, "B": B}, y
+
+
+def test_pick_follows_the_held_out_fit_when_logme_misleads():
+    from cnncodes.layer_pick import validated_pick
+
+    codes, y = _logme_misleads()
+    rows = np.arange(len(y))
+    ranking = A.rank_layers(codes, y, rows, {"A": 1, "B": 2})
+    assert [s.layer for s in ranking] == ["A", "B"]  # LogME prefers A ...
+    p = validated_pick(codes, y, ranking, rows, k=2)
+    acc = {c["layer"]: c["loo_accuracy"] for c in p["candidates"]}
+    assert acc["B"] > acc["A"] + 0.05  # ... the held-out fits clearly prefer B
+    assert p["layer"] == "B" and p["logme_layer"] == "A"
+    # a shortlist of one is LogME's pick
+    assert validated_pick(codes, y, ranking, rows, k=1)["layer"] == "A"
+
+
+def test_pick_ties_go_to_the_better_logme_and_test_rows_are_unread():
+    from cnncodes.layer_pick import validated_pick
+
+    codes, y = _logme_misleads(seed=1)
+    same = {"A": codes["A"], "A2": codes["A"].copy(), "B": codes["B"]}
+    rows = np.arange(len(y))
+    trval, test = rows[rows % 2 == 0], rows[rows % 2 == 1]
+    scores = [A.LayerScore(k, i, 4, -0.1 * i, None, 0.0) for i, k in enumerate(["A", "A2"])]
+    assert validated_pick(same, y, scores, trval)["layer"] == "A"
+    assert validated_pick(same, y, scores[::-1], trval)["layer"] == "A2"
+    # the test rows are never read: NaN there changes nothing
+    poisoned = {k: v.copy() for k, v in same.items()}
+    for v in poisoned.values():
+        v[test] = np.nan
+    ranked = [A.LayerScore(k, i, 4, -0.1 * i, None, 0.0) for i, k in enumerate(["A", "B"])]
+    a, b = validated_pick(same, y, ranked, trval), validated_pick(poisoned, y, ranked, trval)
+    assert [c["loo_accuracy"] for c in a["candidates"]] == [c["loo_accuracy"] for c in b["candidates"]]
+    assert a["layer"] == b["layer"] == "B" and a["candidates"][1]["loo_accuracy"] > a["candidates"][0]["loo_accuracy"]
+    with pytest.raises(UsageError):
+        validated_pick(same, y, ranked, trval[y[trval] == 0])  # one class
+
+
+def test_pick_keeps_logme_first_unless_the_loo_difference_is_significant():
+    from cnncodes.layer_pick import ridge_loo_accuracy, validated_pick
+
+    rng = np.random.default_rng(0)
+    n = 400
+    y = np.repeat([0, 1], n // 2)
+    A0 = np.c_[np.full(n, 20.0), rng.normal(size=(n, 3))]
+    A0[:, 1] += 2.0 * y
+    A1 = A0.copy()
+    A1[:, 1] += rng.normal(size=n) * 0.4  # the same signal, a little noisier: a few rows differ
+    codes, rows = {"A0": A0, "A1": A1}, np.arange(n)
+    acc = {k: ridge_loo_accuracy(v, y)["accuracy"] for k, v in codes.items()}
+    worse, better = sorted(codes, key=lambda k: acc[k])
+    assert 0 < acc[better] - acc[worse] < 0.02
+    ranked = [A.LayerScore(worse, 0, 4, 0.0, None, 0.0), A.LayerScore(better, 1, 4, -0.1, None, 0.0)]
+    p = validated_pick(codes, y, ranked, rows, k=2)
+    assert p["candidates"][1]["p_vs_first"] > 0.05
+    assert (p["layer"], p["loo_best_layer"]) == (worse, better)  # not significant: LogME's first stays
+    assert validated_pick(codes, y, ranked, rows, k=2, alpha=1.0)["layer"] == better  # the plain best
+
+
+def test_advice_pick_is_the_shortlist_loo_on_the_train_val_rows(digits_h5, tmp_path):
+    from cnncodes.classify import make_split
+    from cnncodes.layer_pick import ridge_loo_accuracy
+
+    out = tmp_path / "adv"
+    assert main([str(digits_h5), "--out", str(out), "--shortlist", "2", "--bootstrap", "100", "--no-plots",
+                 "-q"]) == 0
+    a = json.loads((out / "advice.json").read_text())
+    pk = a["pick"]
+    assert [c["layer"] for c in pk["candidates"]] == [r["layer"] for r in a["ranking"][:2]]
+    c0 = load_codes(digits_h5, ["fc6"])
+    sp = make_split(c0.labels, c0.splits, c0.status, val_fraction=0.15, test_fraction=0.2, seed=0)
+    trval = np.sort(np.concatenate([sp.train, sp.val]))
+    assert pk["rows"] == len(trval)
+    right = {}
+    for c in pk["candidates"]:
+        want = ridge_loo_accuracy(load_codes(digits_h5, [c["layer"]]).X[trval], c0.labels[trval])
+        assert (c["loo_accuracy"], c["strength"]) == (want["accuracy"], want["strength"])
+        right[c["layer"]] = want["correct"]
+    first, second = pk["candidates"]
+    assert first["p_vs_first"] == 1.0
+    assert second["p_vs_first"] == mcnemar(right[second["layer"]], right[first["layer"]]).p_value
+    best = max(pk["candidates"], key=lambda c: c["loo_accuracy"])  # max keeps the first (better LogME) on ties
+    assert pk["loo_best_layer"] == best["layer"]
+    switch = second["loo_accuracy"] > first["loo_accuracy"] and second["p_vs_first"] < 0.05
+    assert a["layer"] == pk["layer"] == (second if switch else first)["layer"] == a["recommendation"]["layer"]
+    assert "Pick:" in (out / "report.md").read_text()
+    assert main([str(digits_h5), "--out", str(tmp_path / "o2"), "--shortlist", "0", "-q"]) == 2

@@ -310,18 +310,16 @@ def test_existing_run_folder_is_kept(data, tiny_weights, tmp_path):
 # --------------------------------------------------------------------------- kill and resume
 
 
-def _cli(data, out, weights, tmp_path):
-    return [sys.executable, "scripts/finetune.py", str(data), "--model", "tiny", "--weights", str(weights),
+def _cli(data, out, weights, tmp_path, pause=None):
+    """The finetune command; with ``pause``, run through ``tests/pausing_finetune.py`` (waits after that epoch)."""
+    script = ["scripts/finetune.py"] if pause is None else ["tests/pausing_finetune.py", str(pause)]
+    return [sys.executable, *script, str(data), "--model", "tiny", "--weights", str(weights),
             "--epochs", "4", "--batch-size", "4", "--out", str(out), "--device", "cpu", "--workers", "0",
             "--cache-dir", str(tmp_path / "codes"), "--no-plots", "--patience", "0"]
 
 
-def _env(tmp_path, pause=None):
-    env = dict(os.environ, CNNCODES_CACHE_DIR=str(tmp_path / "cc"), PYTHONPATH=str(REPO))
-    env.pop("CNNCODES_TEST_PAUSE_AFTER_EPOCHS", None)
-    if pause is not None:
-        env["CNNCODES_TEST_PAUSE_AFTER_EPOCHS"] = str(pause)
-    return env
+def _env(tmp_path):
+    return dict(os.environ, CNNCODES_CACHE_DIR=str(tmp_path / "cc"), PYTHONPATH=str(REPO))
 
 
 @pytest.mark.slow
@@ -332,7 +330,7 @@ def test_sigkill_then_same_command_ends_as_an_uninterrupted_run(data, tiny_weigh
                          capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "run"
-    p = subprocess.Popen(_cli(data, out, tiny_weights, tmp_path), cwd=REPO, env=_env(tmp_path, pause=2),
+    p = subprocess.Popen(_cli(data, out, tiny_weights, tmp_path, pause=2), cwd=REPO, env=_env(tmp_path),
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     watchdog = threading.Timer(300, p.kill)
     watchdog.start()

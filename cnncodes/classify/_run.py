@@ -107,6 +107,7 @@ def train_run(
     plots: bool = True,
     stream: bool | None = False,
     stream_options: Mapping | None = None,
+    memory_budget: float | None = None,
 ) -> RunResult:
     """Train every (layer set, classifier) pair on a cache and write a run folder.
 
@@ -146,6 +147,9 @@ def train_run(
         (:func:`cnncodes.stream.needs_streaming`); False (default): in memory.
     stream_options : mapping, optional
         ``chunk_rows``, ``epochs``, ``patience`` of the streamed training.
+    memory_budget : float, optional
+        Bytes the in-memory path may use before ``stream=None`` streams; default
+        ``CNNCODES_MEMORY_BUDGET`` or else the memory available (:func:`cnncodes.stream.memory_budget`).
 
     Returns
     -------
@@ -187,7 +191,7 @@ def train_run(
     if stream is not False:
         from .. import stream as _stream
 
-        if stream or _stream.needs_streaming(cache, sets):
+        if stream or _stream.needs_streaming(cache, sets, memory_budget):
             return _stream.train_run_stream(cache, sets, classifiers=classifiers, norm=norm, grid=g, seed=seed,
                                             val_fraction=val_fraction, test_fraction=test_fraction, out=out,
                                             target=target, overwrite=overwrite, marker=marker, plots=plots,

@@ -121,11 +121,6 @@ def default_run_dir(data, cfg: FinetuneConfig, digest: str, runs_root="artifacts
     return Path(runs_root) / f"{Path(data).resolve().name}__{cfg.model}__{what}__{digest[:10]}"
 
 
-def _pause_after() -> int | None:
-    v = os.environ.get("CNNCODES_TEST_PAUSE_AFTER_EPOCHS")
-    return int(v) if v else None
-
-
 def finetune(data: str | os.PathLike, model: str, *, weights: str = "default", freeze_to: str | None = None,
              epochs: int = 10, lr: float = 1e-3, backbone_lr_mult: float | None = None,
              layer_decay: float | None = None, batch_size: int = 32, augment: str = "default",
@@ -363,20 +358,13 @@ class _Job:
             state = restore(blob, self.model, self.optimizer, self.scheduler)
             resumed_from = state.epoch
             log.warning("Resuming an interrupted run from %s: %d of %d epochs done", work, state.epoch, cfg.epochs)
-        pause = _pause_after()
-
-        def on_epoch(rec):
-            if pause is not None and rec["epoch"] == pause:
-                print(f"CNNCODES_PAUSED {rec['epoch']}", flush=True)  # test hook: killed while it sleeps
-                time.sleep(3600)
-
         t0 = time.perf_counter()
         state = train_epochs(
             model=self.model, forward=self.forward, train_batches=lambda e: self.batches(split.train, e),
             val_batches=(lambda: self.batches(split.val, None)) if len(split.val) else None,
             optimizer=self.optimizer, scheduler=self.scheduler, epochs=cfg.epochs, patience=cfg.patience,
             ckpt=ckpt, state=state, modes=lambda tr: set_modes(self.model, self.frozen_nodes, self.bn, tr),
-            device=self.device, seed=cfg.seed, on_epoch=on_epoch)
+            device=self.device, seed=cfg.seed)
         self.timing["train_seconds"] = time.perf_counter() - t0
         self.model.load_state_dict(ckpt.load_best())
         return self._finish(target, work, state, groups, resumed_from, overwrite, plots)

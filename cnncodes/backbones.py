@@ -134,8 +134,7 @@ class BackboneSpec:
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             raise UnknownLayerError(
                 f"Unknown layer {alias!r} for backbone {self.name!r}.{hint} "
-                f"Known: {', '.join(self.layers)}. "
-                f"List them with: python scripts/extract.py --model {self.name} --list-layers"
+                f"Known: {', '.join(self.layers)}."
             ) from None
 
 
@@ -596,7 +595,7 @@ def _register_defaults() -> None:
          "works offline"),
         ("efficientnet_lite0_symmetric", "efficientnet_lite0",
          "EfficientNet-Lite0 with PyTorch symmetric padding and BN eps 1e-5 (timm efficientnet_lite0), for "
-         "weights trained that way (--weights PATH); with the packaged TF weights it is the wrong network "
+         "weights trained that way (a weights file of your own); with the packaged TF weights it is the wrong network "
          "(lower accuracy), kept to reproduce codes made before cnncodes used the TF variant"),
     ]
     for name, timm_model, desc in lite0:
@@ -705,7 +704,7 @@ def backbone_chain(name: str, model) -> list[Stage]:
     if name not in _CHAINS:
         raise UsageError(
             f"Backbone {name!r} cannot be split at a layer (no stage chain is defined for it); "
-            f"fine-tune it whole (--freeze-to none). Splittable: {', '.join(sorted(_CHAINS))}."
+            f"fine-tune it whole (freeze_to='none'). Splittable: {', '.join(sorted(_CHAINS))}."
         )
     return _CHAINS[name][0](model)
 

@@ -1,4 +1,4 @@
-"""Linear classifiers on codes larger than memory (``train_svm.py --stream``).
+"""Linear classifiers on codes larger than memory (``train_run(stream=True)``, ``train_svm.py --stream``).
 
 Codes are read chunk by chunk through one snapshot of the cache (:func:`cnncodes.store.open_cache`)
 and never all at once; each chunk is normalised row by row as the in-memory path does (``l2``,
@@ -205,8 +205,8 @@ def sweep_stream(reader: ChunkReader, y: np.ndarray, train: np.ndarray, val: np.
                  classes, seed: int, chunk_rows: int, epochs: int, patience: int) -> StreamSweep:
     """Train one SGD model per C in one streamed pass per epoch; keep each at its best val epoch."""
     if len(val) == 0:
-        raise TrainingDataError("--stream chooses C on a val split, and this split has none; give the cache "
-                                "a val split or use --val-fraction > 0")
+        raise TrainingDataError("The streamed training (stream=True) chooses C on a val split, and this split has "
+                                "none; give the cache a val split or draw one (e.g. val_fraction=0.15)")
     t0 = time.perf_counter()
     grid = np.asarray(grid, dtype=float)
     models = [make_sgd(clf, C, len(train), seed) for C in grid]
@@ -285,7 +285,7 @@ def needs_streaming(cache, sets, budget: float | None = None) -> bool:
     need = in_memory_bytes(read_info(cache), sets)
     if budget is not None and need > budget:
         log.warning("The codes need about %.1f GB in memory, more than the budget of %.1f GB: training streamed "
-                    "(--stream) from chunks of the cache", need / 1e9, budget / 1e9)
+                    "(stream=True) from chunks of the cache", need / 1e9, budget / 1e9)
         return True
     return False
 

@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .. import runfolder as _runfolder
-from ..errors import CacheError, UsageError
+from ..errors import CacheError, InvalidParameterError, UsageError
 from ..fileio import atomic_write_text
 from ..modelfile import BEST_MODEL, MODEL_SUFFIX, save_model
 from ..modelfile import copy_model as _copy_model
@@ -42,7 +42,7 @@ class RunResult:
 
 def _layer_sets(layers: Sequence[str], concat: bool) -> list[list[str]]:
     if not layers:
-        raise UsageError("Name at least one layer (--layers fc7 ...).")
+        raise UsageError("Name at least one layer (e.g. layers='fc7').")
     uniq = list(dict.fromkeys(layers))
     return [uniq] if concat else [[k] for k in uniq]
 
@@ -56,7 +56,7 @@ def default_run_name(cache: str | os.PathLike, layers: Sequence[str], concat: bo
 
 def _check_int(name: str, value, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise UsageError(f"The '{name}' parameter of train_run must be an int >= {low}. Got {value!r} instead.")
+        raise InvalidParameterError(name, "train_run", f"must be an int >= {low}. Got {value!r} instead.")
     return int(value)
 
 
@@ -66,11 +66,11 @@ def _check_train_options(*, max_iter, max_iter_cap, n_jobs, seed, cv) -> None:
     _check_int("max_iter_cap", max_iter_cap, int(max_iter))
     _check_int("cv", cv, 2)
     if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs == 0):
-        raise UsageError(f"The 'n_jobs' parameter of train_run must be None or an int other than 0 (-1: all cores). "
-                         f"Got {n_jobs!r} instead.")
+        raise InvalidParameterError("n_jobs", "train_run", f"must be None or an int other than 0 (-1: all cores). "
+                                    f"Got {n_jobs!r} instead.")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise UsageError(f"The 'seed' parameter of train_run must be an int in the range [0, 2**32 - 1]. "
-                         f"Got {seed!r} instead.")
+        raise InvalidParameterError("seed", "train_run", f"must be an int in the range [0, 2**32 - 1]. "
+                                    f"Got {seed!r} instead.")
 
 
 def _check_same_snapshot(first, codes, cache) -> None:

@@ -141,8 +141,8 @@ def _refuse_over_limit(path_str: str, size: tuple[int, int], max_pixels: int | N
 
 
 def _limit_message(path_str: str, pixels: int | str, max_pixels: int | None) -> str:
-    return (f"{path_str}: {_LIMIT_MESSAGE.format(pixels=pixels, limit=max_pixels)}; raise it with --max-pixels "
-            "(max_pixels in Python) if you trust the file (a guard against decompression bombs)")
+    return (f"{path_str}: {_LIMIT_MESSAGE.format(pixels=pixels, limit=max_pixels)}; raise the "
+            "max_pixels setting if you trust the file (a guard against decompression bombs)")
 
 
 def is_plain_jpeg(

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -164,23 +164,9 @@ def train_run(
     CacheError
         A missing, incomplete or corrupt cache.
     """
-    from ..store import open_cache
-
-    if isinstance(layers, str):  # as extract and load_codes take it; it was read as the layers "f", "c", "7"
-        layers = [layers]
-    if isinstance(classifiers, str):
-        classifiers = [classifiers]
-    classifiers = list(dict.fromkeys(classifiers))
-    if not classifiers:
-        raise UsageError("Name at least one classifier (svm, softmax).")
-    for c in classifiers:
-        make_classifier(c)
-    make_normaliser(norm)
-    _check_train_options(max_iter=max_iter, max_iter_cap=max_iter_cap, n_jobs=n_jobs, seed=seed, cv=cv)
-    patience = _check_patience(early_stop)
-    from ..search import DEFAULT_START
-
-    g = _check_grid(DEFAULT_START if grid is None else grid)
+    layers, classifiers, g, patience = _checked_arguments(layers, classifiers, norm, grid, cv=cv, seed=seed,
+                                                          n_jobs=n_jobs, max_iter=max_iter, max_iter_cap=max_iter_cap,
+                                                          early_stop=early_stop)
     sets = _layer_sets(layers, concat)
     all_keys = [k for s in sets for k in s]
     run_settings = {"layer_sets": ["+".join(s) for s in sets], "classifiers": classifiers, "norm": norm,
@@ -196,54 +182,105 @@ def train_run(
                                             val_fraction=val_fraction, test_fraction=test_fraction, out=out,
                                             target=target, overwrite=overwrite, marker=marker, plots=plots,
                                             **dict(stream_options or {}))
+    return _train_in_memory(cache, sets, classifiers, fit, val_fraction=val_fraction, test_fraction=test_fraction,
+                            concat=concat, target=target, reserve=out is None, overwrite=overwrite, marker=marker,
+                            plots=plots)
+
+
+def _checked_arguments(layers, classifiers, norm, grid, **options):
+    """Every argument a fit would only trip over later, checked before any work: ``(layers, classifiers,
+    grid, patience)`` with one layer or classifier given as a string made a list."""
+    from ..search import DEFAULT_START
+
+    if isinstance(layers, str):  # as extract and load_codes take it; it was read as the layers "f", "c", "7"
+        layers = [layers]
+    if isinstance(classifiers, str):
+        classifiers = [classifiers]
+    classifiers = list(dict.fromkeys(classifiers))
+    if not classifiers:
+        raise UsageError("Name at least one classifier (svm, softmax).")
+    for c in classifiers:
+        make_classifier(c)
+    make_normaliser(norm)
+    early_stop = options.pop("early_stop")
+    _check_train_options(**options)
+    patience = _check_patience(early_stop)
+    return layers, classifiers, _check_grid(DEFAULT_START if grid is None else grid), patience
+
+
+@dataclass
+class _Fitted:
+    """What the fits of a run produced, in the order asked for."""
+
+    results: dict = field(default_factory=dict)  # layer set -> classifier -> results
+    curves: list = field(default_factory=list)  # (layer set, classifier, sweep) for the C-curve plot
+    cms: list = field(default_factory=list)  # (layer set, classifier, test metrics) for the confusion plot
+    test_correct: dict = field(default_factory=dict)  # (layer set, classifier) -> right on test (for McNemar)
+    first: object = None  # the first layer set's codes: the run's rows and spec
+    split: Split | None = None
+
+
+def _train_in_memory(cache, sets, classifiers, fit: _FitSettings, *, val_fraction, test_fraction, concat, target,
+                     reserve: bool, overwrite: bool, marker: dict, plots: bool) -> RunResult:
+    """Fit every (layer set, classifier) on one snapshot of the cache and write the run folder."""
+    from ..store import open_cache
 
     # one open handle for the whole run: every layer and the row table come from one version of the file,
     # even if an extraction replaces the cache meanwhile (it does so by rename, never in place)
     snap = open_cache(cache)
     info = snap.info
+    all_keys = [k for s in sets for k in s]
     missing = [k for k in all_keys if k not in info.layers]
     t_run = time.perf_counter()
-    results: dict[str, dict] = {}
-    curves_for_plot, cms_for_plot = [], []
-    first = None
-    split: Split | None = None
-    test_correct: dict[tuple[str, str], np.ndarray] = {}  # for McNemar against the best (same test rows)
-    with snap, _runfolder.staged_run(target, overwrite=overwrite, cache=cache, reserve=out is None,
+    with snap, _runfolder.staged_run(target, overwrite=overwrite, cache=cache, reserve=reserve,
                                      marker=marker) as (tmp, target):
         if missing:
             snap.load(missing)  # raises UsageError naming what the cache holds
-        for lset in sets:
-            codes = snap.load(lset)
-            name = "+".join(lset)
-            if split is None:
-                first, split = codes, _split_of(codes, val_fraction, test_fraction, seed)
-            _check_same_snapshot(first, codes, cache)
-            check_codes(codes.X, np.concatenate([split.train, split.val, split.test]), codes.paths,
-                        what=f"layer(s) {name}")
-            X = np.ascontiguousarray(codes.X, dtype=np.float32)
-            results[name] = {}
-            for clf in classifiers:
-                r, sw, test_correct[(name, clf)] = _fit_one(tmp, cache, codes, lset, X, split, clf, fit)
-                results[name][clf] = r
-                curves_for_plot.append((name, clf, sw))
-                cms_for_plot.append((name, clf, r["test"]))
+        done = _fit_all(tmp, cache, snap, sets, classifiers, fit, val_fraction, test_fraction)
         best = max(
-            ((n, c, r) for n, d in results.items() for c, r in d.items()),
+            ((n, c, r) for n, d in done.results.items() for c, r in d.items()),
             key=lambda t: t[2]["val"]["accuracy"],  # the first of equals, in the order asked for
         )
         _copy_model(tmp / best[2]["model"], tmp / BEST_MODEL)
-        metrics = _metrics(cache, info, first, split, fit, all_keys, sets, classifiers, concat, results, best,
-                           test_correct, time.perf_counter() - t_run)
+        metrics = _metrics(cache, info, done.first, done.split, fit, all_keys, sets, classifiers, concat,
+                           done.results, best, done.test_correct, time.perf_counter() - t_run)
         atomic_write_text(tmp / "metrics.json", json.dumps(_jsonable(metrics), indent=2) + "\n")
         if plots:
-            _plot_confusions(tmp / "confusion_matrix.png", cms_for_plot)
-            _plot_curves(tmp / "c_curve.png", curves_for_plot)
-            if len(sets) > 1:
-                _plot_layers(tmp / "layer_comparison.png", results)
+            _write_plots(tmp, done, n_sets=len(sets))
     summary = format_summary(metrics)
     log.info("Run written to %s; best: %s / %s (val %.4f, test %.4f)", target, best[0], best[1],
              best[2]["val"]["accuracy"], best[2]["test"]["accuracy"])
     return RunResult(target, metrics, summary)
+
+
+def _fit_all(tmp: Path, cache, snap, sets, classifiers, fit: _FitSettings, val_fraction: float,
+             test_fraction: float) -> _Fitted:
+    """Load each layer set from the snapshot (the split made from the first) and fit every classifier on it."""
+    done = _Fitted()
+    for lset in sets:
+        codes = snap.load(lset)
+        name = "+".join(lset)
+        if done.split is None:
+            done.first, done.split = codes, _split_of(codes, val_fraction, test_fraction, fit.seed)
+        split = done.split
+        _check_same_snapshot(done.first, codes, cache)
+        check_codes(codes.X, np.concatenate([split.train, split.val, split.test]), codes.paths,
+                    what=f"layer(s) {name}")
+        X = np.ascontiguousarray(codes.X, dtype=np.float32)
+        done.results[name] = {}
+        for clf in classifiers:
+            r, sw, done.test_correct[(name, clf)] = _fit_one(tmp, cache, codes, lset, X, split, clf, fit)
+            done.results[name][clf] = r
+            done.curves.append((name, clf, sw))
+            done.cms.append((name, clf, r["test"]))
+    return done
+
+
+def _write_plots(tmp: Path, done: _Fitted, n_sets: int) -> None:
+    _plot_confusions(tmp / "confusion_matrix.png", done.cms)
+    _plot_curves(tmp / "c_curve.png", done.curves)
+    if n_sets > 1:
+        _plot_layers(tmp / "layer_comparison.png", done.results)
 
 
 def _run_target(cache, out, runs_root, overwrite: bool, all_keys, concat: bool, run_settings: dict):

@@ -1,6 +1,7 @@
 """Weights: which file a backbone's weights come from (the torchvision download path, a user's file, none),
 their sha256 (memoised for big files), and building a network with them (safe loading, name remapping,
-shape checks)."""
+shape checks). A built network has its in-place activations switched off, so that a hook on a
+pre-activation module sees pre-activation values."""
 
 from __future__ import annotations
 

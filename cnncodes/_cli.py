@@ -27,6 +27,10 @@ class Parser(argparse.ArgumentParser):
 _SETTING = re.compile(r"\b([a-z][a-z0-9_]*)=(True|'[^']*'|[-\w.]+)")
 
 
+#: A parameter named in a library message: ``The 'batch_size' parameter of extract``, ``the 'out' parameter``.
+_PARAM = re.compile(r"\b[Tt]he '([a-z][a-z0-9_]*)' parameter(?: of [a-z_]+)?")
+
+
 def _flag(parser: argparse.ArgumentParser, dest: str) -> argparse.Action | None:
     for action in parser._actions:
         if action.dest == dest and action.option_strings:
@@ -34,31 +38,46 @@ def _flag(parser: argparse.ArgumentParser, dest: str) -> argparse.Action | None:
     return None
 
 
+def _long(action: argparse.Action) -> str:
+    return max(action.option_strings, key=len)
+
+
 def usage_message(parser: argparse.ArgumentParser, error: Exception) -> str:
     """``error``'s message in the command line's words.
 
     The library names parameters, never flags: ``The 'batch_size' parameter of extract must be ...``,
     ``pass overwrite=True``, ``use decoder='pil'``. A command-line user typed ``--batch-size/-b``,
-    ``--overwrite``, ``--decoder pil``. This is the one place where parameter names become flag names;
+    ``--overwrite``, ``--decoder pil``; ``The 'freeze_to' parameter`` becomes ``--freeze-to`` and
+    ``plots=False`` becomes ``--no-plots``. This is the one place where parameter names become flag names;
     settings of parameters this command has no flag for stay as they are.
     """
     def to_flag(m: re.Match) -> str:
-        action = _flag(parser, m.group(1))
+        name, value = m.group(1), m.group(2)
+        action = _flag(parser, name)
+        negated = _flag(parser, f"no_{name}")  # "plots=False" is --no-plots
+        if value == "False" and negated is not None and negated.nargs == 0:
+            return _long(negated)
         if action is None:
             return m.group(0)
-        flag = max(action.option_strings, key=len)
         if action.nargs == 0:  # store_true: "overwrite=True" is the bare flag
-            return flag
-        return f"{flag} {m.group(2).strip(chr(39))}"
+            return _long(action)
+        return f"{_long(action)} {value.strip(chr(39))}"
+
+    def to_name(m: re.Match) -> str:
+        action = _flag(parser, m.group(1)) or _flag(parser, f"no_{m.group(1)}")
+        return m.group(0) if action is None else _long(action)
+
+    def in_flags(text: str) -> str:
+        return _PARAM.sub(to_name, _SETTING.sub(to_flag, text))
 
     if isinstance(error, InvalidParameterError):
         for action in parser._actions:
             if action.dest == error.param:
                 name = "/".join(action.option_strings) or action.metavar or action.dest
                 # a requirement may name other parameters' settings ("with views='center'")
-                return f"argument {name}: {_SETTING.sub(to_flag, error.requirement)}"
+                return f"argument {name}: {in_flags(error.requirement)}"
         return str(error)
-    return _SETTING.sub(to_flag, str(error))
+    return in_flags(str(error))
 
 
 def run_cli(prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int],

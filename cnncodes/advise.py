@@ -228,7 +228,7 @@ def recommend(size: dict, sim: dict, ranking: list[LayerScore], *, top_key: str,
                       + (f"LogME ranks {pick} first" if pick == ranking[0].layer else
                          f"Of LogME's shortlist (first: {ranking[0].layer}), {pick} scores best left-one-out")
                       + ("" if agrees else f" (the classic rule points to {where} codes; the measured ranking "
-                                           f"decides, and --run tests the pick against {alt})"))
+                                           f"decides, and a run of the advice (run=True) tests the pick against {alt})"))
         rec["command"] = linear_cmd
         return rec
     freeze = shallowest_key if sim["verdict"] == "similar" else first_alias
@@ -302,7 +302,8 @@ def _resolve_codes(data, model, layers, pool, cache_dir, device, progress) -> tu
 
         info = read_info(p)
         if model and model != info.backbone:
-            raise UsageError(f"{p} holds {info.backbone} codes, not {model}: drop --model or extract again.")
+            raise UsageError(f"{p} holds {info.backbone} codes, not {model}: leave out the 'model' parameter or "
+                             f"extract again.")
         from .views import is_views_key
 
         # a cache's layers, not the per-view codes some of them keep (extract's keep_views)
@@ -312,11 +313,11 @@ def _resolve_codes(data, model, layers, pool, cache_dir, device, progress) -> tu
         raise UsageError(f"{data} does not exist: pass an image folder (DATA/<class>/<image>), a CSV list, "
                          f"or a cache written by scripts/extract.py.")
     if not model:
-        raise UsageError("Name the network with --model (e.g. --model efficientnet_lite0).")
+        raise UsageError("Name the network (e.g. model='efficientnet_lite0').")
     if not layers:
         if model not in DEFAULT_LAYERS:
-            raise UsageError(f"No default layers for {model}: name them with --layers (see "
-                             f"python scripts/extract.py --model {model} --list-layers).")
+            raise UsageError(f"No default layers for {model}: name them with the 'layers' parameter "
+                             f"(get_backbone({model!r}).layers lists them).")
         layers = DEFAULT_LAYERS[model]
     from .extraction import extract
 
@@ -377,7 +378,7 @@ def advise(data: str | os.PathLike, model: str | None = None, layers: Sequence[s
     t_all = time.perf_counter()
     out = Path(out) if out is not None else None
     if out is not None and (out / "advice.json").exists() and not overwrite:
-        raise UsageError(f"{out} already holds advice.json: choose another --out or pass --overwrite.")
+        raise UsageError(f"{out} already holds advice.json: choose another folder for the 'out' parameter or pass overwrite=True.")
     t0 = time.perf_counter()
     cache, keys, model, data_root = _resolve_codes(data, model, layers, pool, cache_dir, device, progress)
     t_extract = time.perf_counter() - t0

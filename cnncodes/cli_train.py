@@ -73,12 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true",
                    help="train from chunks of the cache without loading all codes (averaged SGD, hinge / logistic "
                         "loss, C chosen on val); without it, done automatically when the codes would not fit in "
-                        "memory (CNNCODES_MEMORY_BUDGET bytes, default the memory available)")
+                        "memory (--memory-budget)")
     p.add_argument("--no-stream", action="store_true", help="never stream, whatever the codes' size")
     p.add_argument("--train-views", default="combined", choices=["combined", "all"],
                    help="combined (default): one training row per image; all: every view kept by extract.py "
                         "--keep-views is a training row with its image's label, val/test images predicted on their "
                         "(mean) code; in memory")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="BYTES",
+                   help="bytes the codes may take in memory before training streams (e.g. 8e9; default "
+                        "CNNCODES_MEMORY_BUDGET or else the memory available)")
     p.add_argument("--chunk-rows", type=int, default=2048, help="rows per chunk with --stream (default 2048)")
     p.add_argument("--epochs", type=int, default=20, help="most epochs with --stream (default 20)")
     p.add_argument("--out", "-o", default=None,
@@ -109,7 +112,8 @@ def _stream_args(args) -> dict:
     if args.stream and args.no_stream:
         raise UsageError("--stream and --no-stream exclude each other")
     stream = True if args.stream else (False if args.no_stream else None)
-    return {"stream": stream, "stream_options": {"chunk_rows": args.chunk_rows, "epochs": args.epochs}}
+    return {"stream": stream, "stream_options": {"chunk_rows": args.chunk_rows, "epochs": args.epochs},
+            "memory_budget": args.memory_budget}
 
 
 def _train(args: argparse.Namespace) -> int:

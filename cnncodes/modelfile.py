@@ -69,7 +69,7 @@ BEST_MODEL = "model" + MODEL_SUFFIX  # the best model of a run (by val accuracy)
 MODEL_SCHEMA = "cnncodes.model/2"  # /1: joblib pickles; /2: skops
 TORCH_STATE_SCHEMA = "cnncodes.torch_state/1"
 _TORCH_META_KEY = "cnncodes"
-RETRAIN = "python scripts/train_svm.py CACHE --layers LAYER [LAYER ...] --out NEW_RUN_DIR"
+RETRAIN = "train_svm (train_run) on the run's cache and layers, into a new run folder"
 
 
 def sidecar_path(model_path: str | os.PathLike) -> Path:
@@ -304,8 +304,7 @@ def load_model(path: str | os.PathLike, *, trust_pickle: bool = False) -> tuple[
         raise ModelFileError(
             f"{path} is a pickle (a run of an older cnncodes): loading it would run any code it holds, and "
             f"cnncodes does not unpickle files from elsewhere. Retrain the run on its cache (cache path in "
-            f"{sidecar_path(path).name}): {RETRAIN}. If you wrote this file yourself, pass --trust-pickle "
-            f"(scripts/predict.py) or trust_pickle=True."
+            f"{sidecar_path(path).name}) with {RETRAIN}. If you wrote this file yourself, pass trust_pickle=True."
         )
     meta = _checked_sidecar(path)
     model = _unpickle(path) if pickled else _load_skops(path)
@@ -428,11 +427,11 @@ def _best_of_metrics(run: Path, known: dict[str, Path]) -> Path:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(
             f"The run {run} has several models ({', '.join(known)}) and no readable metrics.json to pick the "
-            f"best: choose one with --model."
+            f"best: choose one with model='NAME'."
         ) from e
     if best.stem not in known or best.parent != Path("models"):  # metrics.json may not point outside the run
         raise UsageError(f"The metrics.json of {run} names {str(best)!r}, not one of its models "
-                         f"({', '.join(known)}): choose one with --model.")
+                         f"({', '.join(known)}): choose one with model='NAME'.")
     return known[best.stem]
 
 

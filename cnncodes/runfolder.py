@@ -101,23 +101,23 @@ def check_target(target: Path, cache: str | os.PathLike | None, overwrite: bool)
     why = _protected(target, Path(cache) if cache is not None else None)
     if why:
         raise UsageError(f"The run folder {target} is {why}; a run folder is replaced as a whole, so it must be a "
-                         f"folder of its own. Choose a new folder, e.g. --out {Path(target) / 'run1'}.")
+                         f"folder of its own. Choose a new folder, e.g. out='{Path(target) / 'run1'}'.")
     if target.is_symlink():
         raise UsageError(f"The run folder {target} is a symbolic link; give the folder itself or a new one.")
     if not target.exists():
         return
     if not target.is_dir():
-        raise UsageError(f"The run folder {target} is a file, not a folder: choose another --out.")
+        raise UsageError(f"The run folder {target} is a file, not a folder: choose another folder for the 'out' parameter.")
     if not any(target.iterdir()):
         return
     if not is_run_folder(target):
         raise UsageError(
             f"{target} exists and is not a cnncodes run folder (it has no {MARKER}): cnncodes never deletes it, "
-            f"even with --overwrite. Choose a new folder for --out (a run folder written by an older cnncodes, "
+            f"even with overwrite=True. Choose a new folder for the 'out' parameter (a run folder written by an older cnncodes, "
             f"without the marker, must be deleted by hand)."
         )
     if not overwrite:
-        raise UsageError(f"The run folder {target} exists and is not empty: choose another --out or pass --overwrite.")
+        raise UsageError(f"The run folder {target} exists and is not empty: choose another folder for the 'out' parameter or pass overwrite=True.")
 
 
 def _lock(target: Path):
@@ -142,7 +142,7 @@ def _reserve(base: Path) -> tuple[Path, object]:
             lock.release()
             continue
         return target, lock
-    raise RunFolderLockedError(f"No free run folder name next to {base} after {MAX_NAME_TRIES} tries; pass --out.")
+    raise RunFolderLockedError(f"No free run folder name next to {base} after {MAX_NAME_TRIES} tries; choose a folder with the 'out' parameter.")
 
 
 @contextlib.contextmanager

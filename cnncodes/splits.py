@@ -265,7 +265,7 @@ def _draw_stratified(rows, labels, val_fraction, test_fraction, seed, class_name
         raise TrainingDataError(
             f"Cannot draw a stratified split of {rows.size} images ({_class_list(y, class_names)}) with "
             f"test_fraction={test_fraction}, val_fraction={val_fraction}: {e}. Add images to the small classes, "
-            f"or use --val-fraction 0 (C chosen by cross-validation) or other fractions."
+            f"or use val_fraction=0 (C chosen by cross-validation) or other fractions."
         ) from e
     parts = {"train": np.concatenate([train, rows[small]]), "val": np.asarray(val), "test": np.asarray(test)}
     notes = _give_every_class(labels, parts, need_val=val_fraction > 0, seed=seed, class_names=class_names,

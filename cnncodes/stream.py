@@ -1,4 +1,4 @@
-"""Linear classifiers on codes larger than memory (``train_svm.py --stream``).
+"""Linear classifiers on codes larger than memory (``train_run(stream=True)``, ``train_svm.py --stream``).
 
 Codes are read chunk by chunk through one snapshot of the cache (:func:`cnncodes.store.open_cache`)
 and never all at once; each chunk is normalised row by row as the in-memory path does (``l2``,
@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import SGDClassifier
 from sklearn.pipeline import Pipeline
 
-from .errors import CacheCorruptError, TrainingDataError, UsageError
+from .errors import CacheCorruptError, InvalidParameterError, TrainingDataError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +205,8 @@ def sweep_stream(reader: ChunkReader, y: np.ndarray, train: np.ndarray, val: np.
                  classes, seed: int, chunk_rows: int, epochs: int, patience: int) -> StreamSweep:
     """Train one SGD model per C in one streamed pass per epoch; keep each at its best val epoch."""
     if len(val) == 0:
-        raise TrainingDataError("--stream chooses C on a val split, and this split has none; give the cache "
-                                "a val split or use --val-fraction > 0")
+        raise TrainingDataError("The streamed training (stream=True) chooses C on a val split, and this split has "
+                                "none; give the cache a val split or draw one (e.g. val_fraction=0.15)")
     t0 = time.perf_counter()
     grid = np.asarray(grid, dtype=float)
     models = [make_sgd(clf, C, len(train), seed) for C in grid]
@@ -258,19 +259,33 @@ def available_bytes() -> int | None:
     return None
 
 
-def needs_streaming(cache, sets) -> bool:
-    """True when the in-memory path would need more than the memory budget: ``CNNCODES_MEMORY_BUDGET``
-    (bytes, e.g. ``8e9``) or else the memory available now."""
+def memory_budget(budget: float | None = None) -> float | None:
+    """The memory budget in bytes: ``budget`` if given, else ``CNNCODES_MEMORY_BUDGET`` (bytes, e.g.
+    ``8e9``), else the memory available now (None where that is not known)."""
     import os
 
+    if budget is None:
+        env = os.environ.get("CNNCODES_MEMORY_BUDGET")
+        if not env:
+            return available_bytes()
+        try:
+            budget = float(env)
+        except ValueError:
+            raise UsageError(f"CNNCODES_MEMORY_BUDGET must be a number of bytes (e.g. 8e9); got {env!r}") from None
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+        raise InvalidParameterError("memory_budget", "train_run", f"must be a number of bytes > 0. Got {budget!r} instead.")
+    return float(budget)
+
+
+def needs_streaming(cache, sets, budget: float | None = None) -> bool:
+    """True when the in-memory path would need more than the memory budget (:func:`memory_budget`)."""
     from .store import read_info
 
-    env = os.environ.get("CNNCODES_MEMORY_BUDGET")
-    budget = float(env) if env else available_bytes()
+    budget = memory_budget(budget)
     need = in_memory_bytes(read_info(cache), sets)
     if budget is not None and need > budget:
         log.warning("The codes need about %.1f GB in memory, more than the budget of %.1f GB: training streamed "
-                    "(--stream) from chunks of the cache", need / 1e9, budget / 1e9)
+                    "(stream=True) from chunks of the cache", need / 1e9, budget / 1e9)
         return True
     return False
 

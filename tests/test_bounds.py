@@ -173,7 +173,7 @@ def test_raising_the_pixel_limit_redoes_exactly_the_images_it_refused(tmp_path, 
     rows = read_rows(low.path)
     i = list(rows["paths"]).index("b/big.png")
     assert rows["status"][i] == "error" and low.n_failed == 1
-    assert "image has 10000 pixels, above the limit 9999; raise it with --max-pixels" in rows["message"][i]
+    assert "image has 10000 pixels, above the limit 9999; raise the max_pixels setting" in rows["message"][i]
     again = extract(data, "tiny", ["fc1"], max_pixels=9_999, **kw)
     assert again.hit  # the same limit: nothing to redo
     caplog.set_level("INFO")
@@ -206,7 +206,7 @@ def test_a_110_megapixel_photo_is_refused_by_default_and_taken_with_max_pixels(d
     path = capsys.readouterr().out.strip().splitlines()[-1]
     rows = read_rows(path)
     msg = rows["message"][list(rows["paths"]).index("b/big.png")]
-    assert "image has 110400000 pixels, above the limit 89478485; raise it with --max-pixels" in msg
+    assert "image has 110400000 pixels, above the limit 89478485; raise the max_pixels setting" in msg
     assert main(argv + ["--max-pixels", "120000000"]) == 0
     codes = load_codes(capsys.readouterr().out.strip().splitlines()[-1], "fc1")
     assert list(codes.status) == ["ok"] * 5

@@ -146,7 +146,7 @@ def _tiny_weights(path: Path, seed: int) -> Path:
 
 @pytest.mark.parametrize("how", ["in place", "by rename"])
 def test_weights_replaced_with_size_and_mtime_kept_are_hashed_again(flowers_small, tmp_path, monkeypatch, how):
-    import cnncodes.backbones as bb
+    import cnncodes.backbones._weights as bb  # the hashing module itself: its _RACY_NS is patched
     from cnncodes.extraction import extract_images
     from cnncodes.store import read_info
 
@@ -184,7 +184,7 @@ def test_weights_replaced_with_size_and_mtime_kept_are_hashed_again(flowers_smal
 
 
 def test_a_weights_file_changed_moments_ago_is_not_memoised(tmp_path, monkeypatch):
-    import cnncodes.backbones as bb
+    import cnncodes.backbones._weights as bb  # the hashing module itself: its _RACY_NS is patched
 
     monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path))
     f = tmp_path / "w.bin"

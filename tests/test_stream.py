@@ -14,6 +14,8 @@ from sklearn.linear_model import SGDClassifier
 from sklearn.preprocessing import normalize
 
 from cnncodes import classify as C
+from cnncodes.cli_train import main as train_main
+from cnncodes.errors import UsageError
 from cnncodes.store import LayerRecord, fingerprint_of, load_codes, write_cache
 from conftest import SPEC, digits_cache
 
@@ -98,6 +100,25 @@ def test_stream_switches_on_above_the_memory_budget(tmp_path, monkeypatch, caplo
                           stream=None, stream_options={"epochs": 2})
     assert res.metrics["settings"].get("stream") is True
     assert any("training streamed" in r.getMessage() for r in caplog.records)
+
+
+def test_memory_budget_parameter_overrides_the_environment(tmp_path, monkeypatch):
+    cache = digits_cache(tmp_path / "digits.h5")
+    monkeypatch.setenv("CNNCODES_MEMORY_BUDGET", "1e5")
+    kw = dict(classifiers=["svm"], grid=[1.0, 10.0], plots=False, stream=None, stream_options={"epochs": 2})
+    res = C.train_run(cache, ["fc7"], out=tmp_path / "big", memory_budget=1e12, **kw)  # 1.4e6 bytes fit
+    assert res.metrics["settings"].get("stream") is None
+    monkeypatch.delenv("CNNCODES_MEMORY_BUDGET")
+    res = C.train_run(cache, ["fc7"], out=tmp_path / "small", memory_budget=1e5, **kw)
+    assert res.metrics["settings"].get("stream") is True
+    with pytest.raises(UsageError, match="'memory_budget' parameter of train_run must be a number of bytes > 0"):
+        C.train_run(cache, ["fc7"], out=tmp_path / "bad", memory_budget=0, **kw)
+
+
+def test_memory_budget_flag_is_named_on_the_command_line(tmp_path, capsys):
+    cache = digits_cache(tmp_path / "digits.h5")
+    assert train_main([str(cache), "--layers", "fc7", "--out", str(tmp_path / "r"), "--memory-budget", "-1"]) == 2
+    assert "argument --memory-budget: must be a number of bytes > 0" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- memory does not grow with N

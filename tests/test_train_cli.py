@@ -127,8 +127,8 @@ def test_missing_layer_is_a_usage_error(cache, tmp_path, capsys):
     (["--layers", "fc6", "--norm", "l1"], "invalid choice: 'l1'"),
     (["--layers", "fc6", "--c-min", "10", "--c-max", "1"], "--c-min < --c-max"),
     (["--layers", "fc6", "--val-fraction", "0.6", "--test-fraction", "0.5"], "must be < 1"),
-    (["--layers", "fc6", "--cv", "1", "--val-fraction", "0"], "'cv' parameter"),
-    (["--layers", "fc6", "--early-stop", "-1"], "'early_stop' parameter"),
+    (["--layers", "fc6", "--cv", "1", "--val-fraction", "0"], "argument --cv: must be an int >= 2"),
+    (["--layers", "fc6", "--early-stop", "-1"], "error: --early-stop must be an int >= 0"),
     ([], "--layers"),
 ])
 def test_usage_errors_exit_2_with_one_line(cache, tmp_path, capsys, argv, needle):
@@ -385,15 +385,22 @@ def _train_default(cache: Path, runs: Path, clf: str) -> Path:
                      grid=np.logspace(-3, 5, 9)).run_dir
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--max-iter", "0"], "The 'max_iter' parameter of train_run must be an int >= 1. Got 0 instead."),
-    (["--max-iter", "-5"], "The 'max_iter' parameter of train_run must be an int >= 1. Got -5 instead."),
-    (["--n-jobs", "0"], "The 'n_jobs' parameter of train_run must be None or an int other than 0"),
-    (["--seed", "-1"], "The 'seed' parameter of train_run must be an int in the range [0, 2**32 - 1]. Got -1"),
-    (["--cv", "0"], "The 'cv' parameter of train_run must be an int >= 2. Got 0 instead."),
+@pytest.mark.parametrize("argv,needle,api", [
+    (["--max-iter", "0"], "argument --max-iter: must be an int >= 1. Got 0 instead.",
+     ({"max_iter": 0}, "The 'max_iter' parameter of train_run must be an int >= 1. Got 0 instead.")),
+    (["--max-iter", "-5"], "argument --max-iter: must be an int >= 1. Got -5 instead.", None),
+    (["--n-jobs", "0"], "argument --n-jobs: must be None or an int other than 0",
+     ({"n_jobs": 0}, "The 'n_jobs' parameter of train_run must be None or an int other than 0")),
+    (["--seed", "-1"], "argument --seed: must be an int in the range [0, 2**32 - 1]. Got -1",
+     ({"seed": -1}, "The 'seed' parameter of train_run must be an int in the range [0, 2**32 - 1]. Got -1")),
+    (["--cv", "0"], "argument --cv: must be an int >= 2. Got 0 instead.",
+     ({"cv": 0}, "The 'cv' parameter of train_run must be an int >= 2. Got 0 instead.")),
 ])
-def test_bad_training_options_exit_2_before_any_work(cache, tmp_path, capsys, monkeypatch, argv, needle):
+def test_bad_training_options_exit_2_before_any_work(cache, tmp_path, capsys, monkeypatch, argv, needle, api):
+    """The command line names its flag; the library, for the same mistake, names its parameter."""
     import cnncodes.store as store
+    from cnncodes.classify import train_run
+    from cnncodes.errors import UsageError
 
     monkeypatch.setattr(store, "open_cache", lambda *a, **k: pytest.fail("the cache was opened"))
     rc = train.main([str(cache), "--layers", "fc6", "--out", str(tmp_path / "run"), "--no-plots", "-q",
@@ -401,6 +408,11 @@ def test_bad_training_options_exit_2_before_any_work(cache, tmp_path, capsys, mo
     err = capsys.readouterr().err.strip()
     assert rc == 2 and needle in err and len(err.splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+    if api is not None:
+        kwargs, message = api
+        with pytest.raises(UsageError) as e:
+            train_run(cache, ["fc6"], out=tmp_path / "run", plots=False, **kwargs)
+        assert message in str(e.value) and "--" not in str(e.value)
 
 
 # --------------------------------------------------------------------------- honest splits on real images

@@ -6,14 +6,14 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from .. import runfolder as _runfolder
-from ..errors import CacheError, UsageError
+from ..errors import CacheError, InvalidParameterError, UsageError
 from ..fileio import atomic_write_text
 from ..modelfile import BEST_MODEL, MODEL_SUFFIX, save_model
 from ..modelfile import copy_model as _copy_model
@@ -43,7 +43,7 @@ class RunResult:
 
 def _layer_sets(layers: Sequence[str], concat: bool) -> list[list[str]]:
     if not layers:
-        raise UsageError("Name at least one layer (--layers fc7 ...).")
+        raise UsageError("Name at least one layer (e.g. layers='fc7').")
     uniq = list(dict.fromkeys(layers))
     return [uniq] if concat else [[k] for k in uniq]
 
@@ -57,7 +57,7 @@ def default_run_name(cache: str | os.PathLike, layers: Sequence[str], concat: bo
 
 def _check_int(name: str, value, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise UsageError(f"The '{name}' parameter of train_run must be an int >= {low}. Got {value!r} instead.")
+        raise InvalidParameterError(name, "train_run", f"must be an int >= {low}. Got {value!r} instead.")
     return int(value)
 
 
@@ -67,24 +67,11 @@ def _check_train_options(*, max_iter, max_iter_cap, n_jobs, seed, cv) -> None:
     _check_int("max_iter_cap", max_iter_cap, int(max_iter))
     _check_int("cv", cv, 2)
     if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs == 0):
-        raise UsageError(f"The 'n_jobs' parameter of train_run must be None or an int other than 0 (-1: all cores). "
-                         f"Got {n_jobs!r} instead.")
+        raise InvalidParameterError("n_jobs", "train_run", f"must be None or an int other than 0 (-1: all cores). "
+                                    f"Got {n_jobs!r} instead.")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise UsageError(f"The 'seed' parameter of train_run must be an int in the range [0, 2**32 - 1]. "
-                         f"Got {seed!r} instead.")
-
-
-def _check_classifiers(classifiers, norm: str) -> list[str]:
-    """The classifiers asked for, once each in order, and the normaliser, checked."""
-    if isinstance(classifiers, str):
-        classifiers = [classifiers]
-    classifiers = list(dict.fromkeys(classifiers))
-    if not classifiers:
-        raise UsageError("Name at least one classifier (svm, softmax).")
-    for c in classifiers:
-        make_classifier(c)
-    make_normaliser(norm)
-    return classifiers
+        raise InvalidParameterError("seed", "train_run", f"must be an int in the range [0, 2**32 - 1]. "
+                                    f"Got {seed!r} instead.")
 
 
 def _check_same_snapshot(first, codes, cache) -> None:
@@ -121,6 +108,7 @@ def train_run(
     plots: bool = True,
     stream: bool | None = False,
     stream_options: Mapping | None = None,
+    memory_budget: float | None = None,
     train_views: str = "combined",
 ) -> RunResult:
     """Train every (layer set, classifier) pair on a cache and write a run folder.
@@ -161,6 +149,9 @@ def train_run(
         (:func:`cnncodes.stream.needs_streaming`); False (default): in memory.
     stream_options : mapping, optional
         ``chunk_rows``, ``epochs``, ``patience`` of the streamed training.
+    memory_budget : float, optional
+        Bytes the in-memory path may use before ``stream=None`` streams; default
+        ``CNNCODES_MEMORY_BUDGET`` or else the memory available (:func:`cnncodes.stream.memory_budget`).
     train_views : {"combined", "all"}
         ``combined`` (default): one training row per image, its stored code. ``all``: every kept
         view of a training image is a training row with its label (a cache extracted with
@@ -181,16 +172,9 @@ def train_run(
     CacheError
         A missing, incomplete or corrupt cache.
     """
-    from ..store import open_cache
-
-    if isinstance(layers, str):  # as extract and load_codes take it; it was read as the layers "f", "c", "7"
-        layers = [layers]
-    classifiers = _check_classifiers(classifiers, norm)
-    _check_train_options(max_iter=max_iter, max_iter_cap=max_iter_cap, n_jobs=n_jobs, seed=seed, cv=cv)
-    patience = _check_patience(early_stop)
-    from ..search import DEFAULT_START
-
-    g = _check_grid(DEFAULT_START if grid is None else grid)
+    layers, classifiers, g, patience = _checked_arguments(layers, classifiers, norm, grid, cv=cv, seed=seed,
+                                                          n_jobs=n_jobs, max_iter=max_iter, max_iter_cap=max_iter_cap,
+                                                          early_stop=early_stop)
     check_train_views(train_views, stream)
     sets = _layer_sets(layers, concat)
     check_layers(sets)
@@ -205,64 +189,94 @@ def train_run(
     if stream is not False and train_views == "combined":
         from .. import stream as _stream
 
-        if stream or _stream.needs_streaming(cache, sets):
+        if stream or _stream.needs_streaming(cache, sets, memory_budget):
             return _stream.train_run_stream(cache, sets, classifiers=classifiers, norm=norm, grid=g, seed=seed,
                                             val_fraction=val_fraction, test_fraction=test_fraction, out=out,
                                             target=target, overwrite=overwrite, marker=marker, plots=plots,
                                             **dict(stream_options or {}))
+    return _train_in_memory(cache, sets, classifiers, fit, val_fraction=val_fraction, test_fraction=test_fraction,
+                            concat=concat, target=target, reserve=out is None, overwrite=overwrite, marker=marker,
+                            plots=plots)
+
+
+def _checked_arguments(layers, classifiers, norm, grid, **options):
+    """Every argument a fit would only trip over later, checked before any work: ``(layers, classifiers,
+    grid, patience)`` with one layer or classifier given as a string made a list."""
+    from ..search import DEFAULT_START
+
+    if isinstance(layers, str):  # as extract and load_codes take it; it was read as the layers "f", "c", "7"
+        layers = [layers]
+    if isinstance(classifiers, str):
+        classifiers = [classifiers]
+    classifiers = list(dict.fromkeys(classifiers))
+    if not classifiers:
+        raise UsageError("Name at least one classifier (svm, softmax).")
+    for c in classifiers:
+        make_classifier(c)
+    make_normaliser(norm)
+    early_stop = options.pop("early_stop")
+    _check_train_options(**options)
+    patience = _check_patience(early_stop)
+    return layers, classifiers, _check_grid(DEFAULT_START if grid is None else grid), patience
+
+
+@dataclass
+class _Fitted:
+    """What the fits of a run produced, in the order asked for."""
+
+    results: dict = field(default_factory=dict)  # layer set -> classifier -> results
+    curves: list = field(default_factory=list)  # (layer set, classifier, sweep) for the C-curve plot
+    cms: list = field(default_factory=list)  # (layer set, classifier, test metrics) for the confusion plot
+    test_correct: dict = field(default_factory=dict)  # (layer set, classifier) -> right on test (for McNemar)
+    first: object = None  # the first layer set's codes: the run's rows and spec
+    split: Split | None = None
+
+
+def _train_in_memory(cache, sets, classifiers, fit: _FitSettings, *, val_fraction, test_fraction, concat, target,
+                     reserve: bool, overwrite: bool, marker: dict, plots: bool) -> RunResult:
+    """Fit every (layer set, classifier) on one snapshot of the cache and write the run folder."""
+    from ..store import open_cache
 
     # one open handle for the whole run: every layer and the row table come from one version of the file,
     # even if an extraction replaces the cache meanwhile (it does so by rename, never in place)
     snap = open_cache(cache)
     info = snap.info
+    all_keys = [k for s in sets for k in s]
     missing = [k for k in all_keys if k not in info.layers]
     t_run = time.perf_counter()
-    with snap, _runfolder.staged_run(target, overwrite=overwrite, cache=cache, reserve=out is None,
+    with snap, _runfolder.staged_run(target, overwrite=overwrite, cache=cache, reserve=reserve,
                                      marker=marker) as (tmp, target):
         if missing:
             snap.load(missing)  # raises UsageError naming what the cache holds
-        first, split, results, curves_for_plot, cms_for_plot, test_correct = _fit_sets(
-            snap, tmp, cache, sets, classifiers, fit, val_fraction, test_fraction)
-        best = _best(results)
+        done = _fit_all(tmp, cache, snap, sets, classifiers, fit, val_fraction, test_fraction)
+        best = max(
+            ((n, c, r) for n, d in done.results.items() for c, r in d.items()),
+            key=lambda t: t[2]["val"]["accuracy"],  # the first of equals, in the order asked for
+        )
         _copy_model(tmp / best[2]["model"], tmp / BEST_MODEL)
-        metrics = _metrics(cache, info, first, split, fit, all_keys, sets, classifiers, concat, results, best,
-                           test_correct, time.perf_counter() - t_run)
+        metrics = _metrics(cache, info, done.first, done.split, fit, all_keys, sets, classifiers, concat,
+                           done.results, best, done.test_correct, time.perf_counter() - t_run)
         atomic_write_text(tmp / "metrics.json", json.dumps(_jsonable(metrics), indent=2) + "\n")
         if plots:
-            _plots(tmp, cms_for_plot, curves_for_plot, results)
+            _write_plots(tmp, done, n_sets=len(sets))
     summary = format_summary(metrics)
     log.info("Run written to %s; best: %s / %s (val %.4f, test %.4f)", target, best[0], best[1],
              best[2]["val"]["accuracy"], best[2]["test"]["accuracy"])
     return RunResult(target, metrics, summary)
 
 
-def _plots(tmp: Path, cms, curves, results: dict) -> None:
-    _plot_confusions(tmp / "confusion_matrix.png", cms)
-    _plot_curves(tmp / "c_curve.png", curves)
-    if len(results) > 1:  # several layer sets
-        _plot_layers(tmp / "layer_comparison.png", results)
-
-
-def _best(results: dict) -> tuple[str, str, dict]:
-    """(layer set, classifier, result) of the best val accuracy: the first of equals, in the order asked for."""
-    return max(((n, c, r) for n, d in results.items() for c, r in d.items()), key=lambda t: t[2]["val"]["accuracy"])
-
-
-def _fit_sets(snap, tmp: Path, cache, sets, classifiers, fit: _FitSettings, val_fraction: float,
-              test_fraction: float):
-    """Every (layer set, classifier) of a run from one cache snapshot: the first set's codes, the split,
-    the results, what the plots need, and which test rows each model gets right."""
-    results: dict[str, dict] = {}
-    curves, cms = [], []
-    first, split = None, None
-    test_correct: dict[tuple[str, str], np.ndarray] = {}  # for McNemar against the best (same test rows)
+def _fit_all(tmp: Path, cache, snap, sets, classifiers, fit: _FitSettings, val_fraction: float,
+             test_fraction: float) -> _Fitted:
+    """Load each layer set from the snapshot (the split made from the first) and fit every classifier on it."""
+    done = _Fitted()
     n_views = check_cache(snap.info, sets, cache) if fit.train_views == "all" else 0
     for lset in sets:
         codes = snap.load(lset)
         name = "+".join(lset)
-        if split is None:
-            first, split = codes, _split_of(codes, val_fraction, test_fraction, fit.seed)
-        _check_same_snapshot(first, codes, cache)
+        if done.split is None:
+            done.first, done.split = codes, _split_of(codes, val_fraction, test_fraction, fit.seed)
+        split = done.split
+        _check_same_snapshot(done.first, codes, cache)
         check_codes(codes.X, np.concatenate([split.train, split.val, split.test]), codes.paths,
                     what=f"layer(s) {name}")
         X = np.ascontiguousarray(codes.X, dtype=np.float32)
@@ -270,13 +284,20 @@ def _fit_sets(snap, tmp: Path, cache, sets, classifiers, fit: _FitSettings, val_
         if n_views:
             need_val(split)
             views = load_view_rows(snap, lset, n_views, np.concatenate([split.train, split.val]), codes.paths, name)
-        results[name] = {}
+        done.results[name] = {}
         for clf in classifiers:
-            r, sw, test_correct[(name, clf)] = _fit_one(tmp, cache, codes, lset, X, split, clf, fit, views)
-            results[name][clf] = r
-            curves.append((name, clf, sw))
-            cms.append((name, clf, r["test"]))
-    return first, split, results, curves, cms, test_correct
+            r, sw, done.test_correct[(name, clf)] = _fit_one(tmp, cache, codes, lset, X, split, clf, fit, views)
+            done.results[name][clf] = r
+            done.curves.append((name, clf, sw))
+            done.cms.append((name, clf, r["test"]))
+    return done
+
+
+def _write_plots(tmp: Path, done: _Fitted, n_sets: int) -> None:
+    _plot_confusions(tmp / "confusion_matrix.png", done.cms)
+    _plot_curves(tmp / "c_curve.png", done.curves)
+    if n_sets > 1:
+        _plot_layers(tmp / "layer_comparison.png", done.results)
 
 
 def _run_target(cache, out, runs_root, overwrite: bool, all_keys, concat: bool, run_settings: dict):

@@ -11,7 +11,7 @@ The flow:
 4. **Model**: new head (random, or from a train_svm softmax), frozen prefix, parameter groups,
    AdamW, warm-up + cosine schedule (:mod:`.surgery`, :mod:`.loop`).
 5. **Train** with a checkpoint per epoch in ``<RUN_DIR>.partial/``; the same command (or
-   ``--resume``) continues an interrupted run; the best epoch on val is kept (early stop).
+   ``resume=True``) continues an interrupted run; the best epoch on val is kept (early stop).
 6. **Run folder**: written under a temporary name and renamed, so a failed run never replaces an
    earlier one; the work folder is removed only then.
 """
@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CacheMismatchError, UsageError
+from ..errors import CacheMismatchError, InvalidParameterError, UsageError
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "default_run_dir"]
 
@@ -67,36 +67,36 @@ class FinetuneConfig:
     prefix_cache: bool = True  # False: run the frozen prefix every epoch (to measure what the cache saves)
 
     def check(self) -> None:
-        """Raise :class:`UsageError` for a bad value, naming it."""
+        """Raise :class:`~cnncodes.errors.InvalidParameterError` (a UsageError) for a bad value, naming it."""
         def bad(what, v, want):
-            raise UsageError(f"{what} must be {want}; got {v!r}")
+            raise InvalidParameterError(what, "finetune", f"must be {want}. Got {v!r} instead.")
         if not (isinstance(self.epochs, int) and self.epochs >= 1):
-            bad("--epochs", self.epochs, "an integer >= 1")
+            bad("epochs", self.epochs, "an integer >= 1")
         if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
-            bad("--batch-size", self.batch_size, "an integer >= 1")
+            bad("batch_size", self.batch_size, "an integer >= 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            bad("--lr", self.lr, "a number > 0")
+            bad("lr", self.lr, "a number > 0")
         if self.backbone_lr_mult is not None and self.layer_decay is not None:
-            raise UsageError("--backbone-lr-mult and --layer-decay are two ways to set the pretrained layers' "
-                             "learning rate: give one of them")
+            raise UsageError("The 'backbone_lr_mult' and 'layer_decay' parameters are two ways to set the pretrained "
+                             "layers' learning rate: give one of them")
         if self.backbone_lr_mult is not None and not (0 < self.backbone_lr_mult <= 10):
-            bad("--backbone-lr-mult", self.backbone_lr_mult, "in (0, 10]")
+            bad("backbone_lr_mult", self.backbone_lr_mult, "in (0, 10]")
         if self.layer_decay is not None and not (0 < self.layer_decay <= 1):
-            bad("--layer-decay", self.layer_decay, "in (0, 1]")
+            bad("layer_decay", self.layer_decay, "in (0, 1]")
         if self.augment not in AUGMENTS:
-            bad("--augment", self.augment, "default or none")
+            bad("augment", self.augment, "default or none")
         if not (0 <= self.warmup < 1):
-            bad("--warmup", self.warmup, "a fraction of the steps in [0, 1)")
+            bad("warmup", self.warmup, "a fraction of the steps in [0, 1)")
         if self.weight_decay < 0:
-            bad("--weight-decay", self.weight_decay, ">= 0")
+            bad("weight_decay", self.weight_decay, ">= 0")
         if self.patience < 0:
-            bad("--patience", self.patience, ">= 0 (0: no early stop)")
+            bad("patience", self.patience, ">= 0 (0: no early stop)")
         if self.cache_dtype not in ("float16", "float32"):
-            bad("--cache-dtype", self.cache_dtype, "float16 or float32")
+            bad("cache_dtype", self.cache_dtype, "float16 or float32")
         from .surgery import BN_POLICIES
 
         if self.bn not in BN_POLICIES:
-            bad("--bn", self.bn, " or ".join(BN_POLICIES))
+            bad("bn", self.bn, " or ".join(BN_POLICIES))
 
     def digest(self, manifest_digest: str) -> str:
         from ..store import fingerprint_of
@@ -119,11 +119,6 @@ def default_run_dir(data, cfg: FinetuneConfig, digest: str, runs_root="artifacts
     that the same command finds its interrupted run."""
     what = "scratch" if cfg.weights == "none" else f"ft-{cfg.freeze_to or 'all'}"
     return Path(runs_root) / f"{Path(data).resolve().name}__{cfg.model}__{what}__{digest[:10]}"
-
-
-def _pause_after() -> int | None:
-    v = os.environ.get("CNNCODES_TEST_PAUSE_AFTER_EPOCHS")
-    return int(v) if v else None
 
 
 def finetune(data: str | os.PathLike, model: str, *, weights: str = "default", freeze_to: str | None = None,
@@ -185,14 +180,14 @@ def _claim_work(work: Path, digest: str, cfg: FinetuneConfig, resume: bool, over
                 diff = [k for k, v in asdict(cfg).items() if old.get("config", {}).get(k) != v]
                 raise UsageError(
                     f"{work} holds an unfinished run with other settings ({', '.join(diff) or 'the image list'}). "
-                    f"Run its own command again to resume it, or pass --overwrite to discard it.")
-            log.warning("--overwrite: discarding the unfinished run in %s", work)
+                    f"Run its own command again to resume it, or pass overwrite=True to discard it.")
+            log.warning("overwrite=True: discarding the unfinished run in %s", work)
             shutil.rmtree(work)
     blob = Checkpointer(work, digest).load() if work.exists() else None
     if blob is not None and blob.get("config_hash") != digest:
-        raise CacheMismatchError(f"The checkpoint in {work} belongs to other settings; pass --overwrite to discard it.")
+        raise CacheMismatchError(f"The checkpoint in {work} belongs to other settings; pass overwrite=True to discard it.")
     if resume and blob is None:
-        raise UsageError(f"--resume: there is no interrupted run to resume in {work}.")
+        raise UsageError(f"resume=True: there is no interrupted run to resume in {work}.")
     work.mkdir(parents=True, exist_ok=True)
     if not cfg_file.exists():
         from ..fileio import atomic_write_text
@@ -225,8 +220,8 @@ class _Job:
         self.model = build_finetune_model(spec, self.wts, len(self.manifest.class_names), seed=cfg.seed)
         self.stages = trainable_chain(spec, self.model)
         if cfg.layer_decay is not None and self.stages is None:
-            raise UsageError(f"--layer-decay needs the stage chain of the backbone; {spec.name} has none: "
-                             f"use --backbone-lr-mult")
+            raise UsageError(f"The 'layer_decay' parameter needs the stage chain of the backbone; {spec.name} has "
+                             f"none: set backbone_lr_mult instead")
         self.split = -1
         self.freeze_alias = None
         if cfg.freeze_to is not None:
@@ -237,9 +232,9 @@ class _Job:
             self.split = split_index(spec, self.stages, cfg.freeze_to)
             self.freeze_alias = resolve_layer_alias(spec, cfg.freeze_to).alias
             if self.stages[self.split + 1:] == [] or self.stages[self.split + 1].node == self.head_node:
-                log.info("--freeze-to %s leaves only the new head to train (a linear probe with SGD)", cfg.freeze_to)
+                log.info("freeze_to=%s leaves only the new head to train (a linear probe with SGD)", cfg.freeze_to)
             if self.wts.kind == "none":
-                log.warning("--freeze-to with --weights none freezes random layers")
+                log.warning("freeze_to with weights='none' freezes random layers")
         self.frozen_nodes = freeze_prefix(self.model, self.stages, self.split) if self.split >= 0 else []
         self.bn = resolve_bn(cfg.bn, self.wts)
         self.cached = self.split >= 0 and cfg.augment == "none" and cfg.prefix_cache
@@ -257,7 +252,7 @@ class _Job:
         from .surgery import head_from_run, head_input_alias, load_head
 
         if self.stages is None:
-            raise UsageError(f"--init-head-from: the head input layer of {self.spec.name} is not known")
+            raise UsageError(f"The 'init_head_from' parameter: the head input layer of {self.spec.name} is not known")
         alias = head_input_alias(self.spec, self.stages)
         head = self.model.get_submodule(self.head_node)
         norm, W, b, info = head_from_run(self.cfg.init_head_from, spec=self.spec, base_spec=self.base_spec,
@@ -363,20 +358,13 @@ class _Job:
             state = restore(blob, self.model, self.optimizer, self.scheduler)
             resumed_from = state.epoch
             log.warning("Resuming an interrupted run from %s: %d of %d epochs done", work, state.epoch, cfg.epochs)
-        pause = _pause_after()
-
-        def on_epoch(rec):
-            if pause is not None and rec["epoch"] == pause:
-                print(f"CNNCODES_PAUSED {rec['epoch']}", flush=True)  # test hook: killed while it sleeps
-                time.sleep(3600)
-
         t0 = time.perf_counter()
         state = train_epochs(
             model=self.model, forward=self.forward, train_batches=lambda e: self.batches(split.train, e),
             val_batches=(lambda: self.batches(split.val, None)) if len(split.val) else None,
             optimizer=self.optimizer, scheduler=self.scheduler, epochs=cfg.epochs, patience=cfg.patience,
             ckpt=ckpt, state=state, modes=lambda tr: set_modes(self.model, self.frozen_nodes, self.bn, tr),
-            device=self.device, seed=cfg.seed, on_epoch=on_epoch)
+            device=self.device, seed=cfg.seed)
         self.timing["train_seconds"] = time.perf_counter() - t0
         self.model.load_state_dict(ckpt.load_best())
         return self._finish(target, work, state, groups, resumed_from, overwrite, plots)

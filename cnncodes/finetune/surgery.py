@@ -40,7 +40,7 @@ from ..backbones import (
     build_model,
     classifier_node,
 )
-from ..errors import CacheMismatchError, UsageError
+from ..errors import CacheMismatchError, InvalidParameterError, UsageError
 
 __all__ = ["Head", "Normalise", "build_finetune_model", "head_from_run", "head_input_alias", "freeze_prefix",
            "set_modes", "param_groups", "resolve_bn", "BN_POLICIES"]
@@ -137,19 +137,19 @@ def head_from_run(run: str | Path, *, spec: BackboneSpec, base_spec: dict, class
     path = find_model(run, None if Path(run).is_file() else _softmax_name(run, in_alias))
     est, meta = load_model(path)
     if meta.get("classifier") != "softmax":
-        raise UsageError(f"--init-head-from needs a softmax model; {path} is a {meta.get('classifier')!r}. "
-                         f"Train one with: scripts/train_svm.py CACHE --layers {in_alias} --clf softmax")
+        raise UsageError(f"The 'init_head_from' parameter needs a softmax model; {path} is a "
+                         f"{meta.get('classifier')!r}. Train a softmax on layer {in_alias} first (train_svm).")
     recs = meta.get("records", {})
     aliases = [recs.get(k, {}).get("alias") for k in meta.get("layers", [])]
     if aliases != [in_alias] or int(meta.get("n_features", -1)) != in_features:
-        raise UsageError(f"--init-head-from: the head reads layer {in_alias!r} ({in_features}-D) of {spec.name}; "
+        raise UsageError(f"The 'init_head_from' parameter: the head reads layer {in_alias!r} ({in_features}-D) of {spec.name}; "
                          f"{path} was trained on {meta.get('layers')} ({meta.get('n_features')}-D).")
     diff = _spec_diff(meta.get("spec", {}), base_spec)
     if diff:
-        raise CacheMismatchError(f"--init-head-from: {path} was trained on codes of another extraction spec "
+        raise CacheMismatchError(f"The 'init_head_from' parameter: {path} was trained on codes of another extraction spec "
                                  f"({'; '.join(diff)}).")
     if list(meta.get("class_names", [])) != list(class_names):
-        raise UsageError(f"--init-head-from: {path} knows the classes {meta.get('class_names')}, this dataset has "
+        raise UsageError(f"The 'init_head_from' parameter: {path} knows the classes {meta.get('class_names')}, this dataset has "
                          f"{list(class_names)}.")
     norm = meta["norm"]
     clf = est.named_steps["clf"]
@@ -210,7 +210,7 @@ def freeze_prefix(model, stages: Sequence[Stage], split: int) -> list[str]:
 
 def resolve_bn(bn: str, weights: ResolvedWeights) -> str:
     if bn not in BN_POLICIES:
-        raise UsageError(f"--bn must be one of {', '.join(BN_POLICIES)}; got {bn!r}")
+        raise InvalidParameterError("bn", "finetune", f"must be one of {', '.join(BN_POLICIES)}. Got {bn!r} instead.")
     if bn == "auto":
         return "train" if weights.kind == "none" else "frozen"
     return bn

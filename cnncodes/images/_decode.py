@@ -141,8 +141,8 @@ def _refuse_over_limit(path_str: str, size: tuple[int, int], max_pixels: int | N
 
 
 def _limit_message(path_str: str, pixels: int | str, max_pixels: int | None) -> str:
-    return (f"{path_str}: {_LIMIT_MESSAGE.format(pixels=pixels, limit=max_pixels)}; raise it with --max-pixels "
-            "(max_pixels in Python) if you trust the file (a guard against decompression bombs)")
+    return (f"{path_str}: {_LIMIT_MESSAGE.format(pixels=pixels, limit=max_pixels)}; raise the "
+            "max_pixels setting if you trust the file (a guard against decompression bombs)")
 
 
 def is_plain_jpeg(
@@ -177,6 +177,52 @@ def is_plain_jpeg(
                 return not (isinstance(orientation, int) and 2 <= orientation <= 8)
     except Exception:  # noqa: BLE001 - load_image will say what is wrong
         return False
+
+
+def _check_nonempty_file(path_str: str) -> None:
+    try:
+        size = os.stat(path_str).st_size
+    except FileNotFoundError as e:
+        raise ImageDecodeError(f"{path_str}: file not found") from e
+    except OSError as e:
+        raise ImageDecodeError(f"{path_str}: cannot read file ({e})") from e
+    if size == 0:
+        raise ImageDecodeError(f"{path_str}: empty file (0 bytes)")
+
+
+def _format_notes(img: Image.Image, ext: str) -> list[str]:
+    """What is remarkable about the file's format: content of another format than its suffix says, frames."""
+    fmt = img.format or "unknown"
+    n_frames = getattr(img, "n_frames", 1)
+    expected = _EXPECTED_FORMAT.get(ext)
+    if expected is not None and expected != fmt:
+        note = f"{fmt} content in a {ext} file"
+        if fmt == "GIF" or n_frames > 1:
+            note += " (first frame used)"
+        return [note]
+    if n_frames > 1:
+        return [f"first of {n_frames} frames used"]
+    return []
+
+
+def _decode_rgb(img: Image.Image, draft: int | None, notes: list[str]) -> Image.Image:
+    """The open file's pixels, DCT-downscaled where ``draft`` allows, EXIF-oriented, made RGB and loaded;
+    what was done is appended to ``notes``."""
+    if draft is not None and img.format == "JPEG" and img.mode in ("RGB", "YCbCr") and min(img.size) > 2 * draft:
+        img.draft("RGB", (draft, draft))
+    img.load()
+    orientation = img.getexif().get(0x0112)
+    out: Image.Image = img
+    if isinstance(orientation, int) and 2 <= orientation <= 8:
+        transposed = ImageOps.exif_transpose(img)
+        if transposed is not None:
+            out = transposed
+        notes.append(f"EXIF orientation {orientation} applied")
+    rgb, note = _to_rgb(out)
+    if note:
+        notes.append(note)
+    rgb.load()
+    return rgb
 
 
 def load_image(
@@ -225,51 +271,15 @@ def load_image(
         raise UsageError(f"draft must be a positive integer or None; got {draft!r} instead.")
     _check_max_pixels(max_pixels)
     path_str = os.fspath(path)
-    try:
-        size = os.stat(path_str).st_size
-    except FileNotFoundError as e:
-        raise ImageDecodeError(f"{path_str}: file not found") from e
-    except OSError as e:
-        raise ImageDecodeError(f"{path_str}: cannot read file ({e})") from e
-    if size == 0:
-        raise ImageDecodeError(f"{path_str}: empty file (0 bytes)")
-
+    _check_nonempty_file(path_str)
     notes: list[str] = []
     try:
         with warnings.catch_warnings(), _pillow_allows(max_pixels):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path_str) as img:
                 _refuse_over_limit(path_str, img.size, max_pixels)
-                fmt = img.format or "unknown"
-                n_frames = getattr(img, "n_frames", 1)
-                ext = _ext(path_str)
-                expected = _EXPECTED_FORMAT.get(ext)
-                if expected is not None and expected != fmt:
-                    note = f"{fmt} content in a {ext} file"
-                    if fmt == "GIF" or n_frames > 1:
-                        note += " (first frame used)"
-                    notes.append(note)
-                elif n_frames > 1:
-                    notes.append(f"first of {n_frames} frames used")
-                if (
-                    draft is not None
-                    and fmt == "JPEG"
-                    and img.mode in ("RGB", "YCbCr")
-                    and min(img.size) > 2 * draft
-                ):
-                    img.draft("RGB", (draft, draft))
-                img.load()
-                orientation = img.getexif().get(0x0112)
-                out: Image.Image = img
-                if isinstance(orientation, int) and 2 <= orientation <= 8:
-                    transposed = ImageOps.exif_transpose(img)
-                    if transposed is not None:
-                        out = transposed
-                    notes.append(f"EXIF orientation {orientation} applied")
-                rgb, note = _to_rgb(out)
-                if note:
-                    notes.append(note)
-                rgb.load()
+                notes += _format_notes(img, _ext(path_str))
+                rgb = _decode_rgb(img, draft, notes)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

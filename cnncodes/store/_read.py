@@ -58,7 +58,7 @@ def _open(path: Path):
                 f"The extraction into {path} has not finished ({done}/{todo} images done). "
                 f"Re-run the same extract command to resume it."
             )
-        raise CacheError(f"No cache file at {path}. Create one with: python scripts/extract.py DATA --model NAME --layers L")
+        raise CacheError(f"No cache file at {path}: extract the codes first (extract(), scripts/extract.py).")
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -207,8 +207,8 @@ def _codes_from_open(f, path: Path, keys: list[str], dtype, verify: bool) -> Cod
     if missing:
         raise UsageError(
             f"{path} holds no layer {', '.join(repr(m) for m in missing)}. It holds: {', '.join(have) or 'none'}. "
-            f"Extract it with: python scripts/extract.py DATA --model {json.loads(f.attrs['spec_json']).get('backbone')}"
-            f" --layers {' '.join(missing)}"
+            f"Extract the missing layer(s) of {json.loads(f.attrs['spec_json']).get('backbone')} into it first "
+            f"(extract() with the same data and model)."
         )
     rows, class_names = _read_rows(f, path, verify)
     mats, records = [], {}

@@ -88,34 +88,10 @@ def write_cache(
     rows_sha = _rows_sha256(rows, class_names)
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
-            for name in ROW_FIELDS:
-                if name in _STR_FIELDS:
-                    f.create_dataset(name, data=np.asarray([str(v) for v in rows[name]], dtype=object), dtype=str_dt)
-                else:
-                    f.create_dataset(name, data=np.asarray(rows[name], dtype=np.int64))
-            f.create_dataset("class_names", data=np.asarray(list(class_names), dtype=object), dtype=str_dt)
+            _write_rows(f, rows, class_names, str_dt)
             g = f.create_group("codes")
             for key, (rec, blocks) in layers.items():
-                dim = int(rec.dim)
-                writer = (_SparseLayerWriter(g, key, n, dim, dtype, comp) if compression == "sparse"
-                          else _DenseLayerWriter(g, key, n, dim, dtype, comp))
-                ds = writer.node
-                h = hashlib.sha256()
-                start = 0
-                for block in blocks:
-                    block = np.ascontiguousarray(block, dtype=dtype)
-                    if block.ndim != 2 or block.shape[1] != dim or start + len(block) > n:
-                        raise CacheError(f"layer {key!r}: block of shape {block.shape} does not fit ({n}, {dim})")
-                    writer.write(start, block)
-                    h.update(block.tobytes())
-                    start += len(block)
-                if start != n:
-                    raise CacheError(f"layer {key!r}: {start} rows written, expected {n}")
-                writer.close()
-                for k, v in rec.to_dict().items():
-                    if k != "key":
-                        ds.attrs[k] = v if not isinstance(v, list) else np.asarray(v, dtype=np.int64)
-                ds.attrs["sha256"] = h.hexdigest()
+                _write_layer(g, key, rec, blocks, n, dtype, compression, comp)
             f.attrs.update({
                 "format": FORMAT,
                 "schema_version": SCHEMA_VERSION,
@@ -131,6 +107,42 @@ def write_cache(
                 "rows_sha256": rows_sha,
             })
     return read_info(path)
+
+
+def _write_rows(f, rows: Mapping[str, np.ndarray], class_names: Sequence[str], str_dt) -> None:
+    """The row table and the class names."""
+    for name in ROW_FIELDS:
+        if name in _STR_FIELDS:
+            f.create_dataset(name, data=np.asarray([str(v) for v in rows[name]], dtype=object), dtype=str_dt)
+        else:
+            f.create_dataset(name, data=np.asarray(rows[name], dtype=np.int64))
+    f.create_dataset("class_names", data=np.asarray(list(class_names), dtype=object), dtype=str_dt)
+
+
+def _write_layer(g, key: str, rec: LayerRecord, blocks: Iterable[np.ndarray], n: int, dtype: str, compression: str,
+                 comp: dict) -> None:
+    """Stream one layer's blocks into ``codes/<key>``, checking their shapes and count; its record and the
+    sha256 of its (N, dim) bytes as attributes."""
+    dim = int(rec.dim)
+    writer = (_SparseLayerWriter(g, key, n, dim, dtype, comp) if compression == "sparse"
+              else _DenseLayerWriter(g, key, n, dim, dtype, comp))
+    ds = writer.node
+    h = hashlib.sha256()
+    start = 0
+    for block in blocks:
+        block = np.ascontiguousarray(block, dtype=dtype)
+        if block.ndim != 2 or block.shape[1] != dim or start + len(block) > n:
+            raise CacheError(f"layer {key!r}: block of shape {block.shape} does not fit ({n}, {dim})")
+        writer.write(start, block)
+        h.update(block.tobytes())
+        start += len(block)
+    if start != n:
+        raise CacheError(f"layer {key!r}: {start} rows written, expected {n}")
+    writer.close()
+    for k, v in rec.to_dict().items():
+        if k != "key":
+            ds.attrs[k] = v if not isinstance(v, list) else np.asarray(v, dtype=np.int64)
+    ds.attrs["sha256"] = h.hexdigest()
 
 
 class _DenseLayerWriter:

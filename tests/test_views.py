@@ -8,7 +8,7 @@ import torch
 from conftest import HYMENOPTERA, link_subset, need
 
 from cnncodes import load_codes
-from cnncodes.backbones import get_backbone, resolve_weights
+from cnncodes.backbones import get_backbone
 from cnncodes.cli_extract import main as extract_main
 from cnncodes.errors import UsageError
 from cnncodes.extraction import extract, extract_images

@@ -28,8 +28,6 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
 from ..errors import ModelFileError
 from ..fileio import atomic_path, atomic_write_text, sha256_of_file
 

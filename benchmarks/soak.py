@@ -49,8 +49,6 @@ FLOWERS = REPO.parent / "shared" / "datasets" / "flowers5"
 
 from cnncodes import store
 
-EXTRACTION_MODULES = ("__init__.py", "backbones.py", "cli_extract.py", "errors.py", "extract.py", "fileio.py",
-                      "images.py", "store.py")
 DEFAULT_LAYERS = {"tiny": ["conv2", "fc1"], "alexnet": ["fc7"], "efficientnet_lite0": ["pool"]}
 
 
@@ -84,12 +82,14 @@ def link_flowers(dst: Path, per_class: int) -> Path:
 
 
 def code_digest() -> str:
-    """sha256 of the modules an extraction runs: someone editing them mid-soak would mix code versions."""
+    """sha256 of the package's modules: someone editing them mid-soak would mix code versions. (All of them,
+    not a list of the extractor's files: such a list went stale when modules became packages.)"""
     import hashlib
 
     h = hashlib.sha256()
-    for f in sorted(REPO / "cnncodes" / m for m in EXTRACTION_MODULES):
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    root = REPO / "cnncodes"
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
 
 

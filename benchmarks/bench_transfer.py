@@ -29,6 +29,9 @@ Usage::
 
     python benchmarks/bench_transfer.py                            # both datasets, defaults below
     python benchmarks/bench_transfer.py --datasets flowers5 --per-class 100 --epochs-all 6
+    # one arm per process (each under the shared lock); the rows combine in --out
+    python benchmarks/bench_transfer.py --datasets flowers5 --per-class 150 --arms probe top
+    python benchmarks/bench_transfer.py --datasets flowers5 --per-class 150 --arms all
 
 Writes ``artifacts/bench/transfer.json`` after every case (``--out``), prints one table per dataset.
 """

@@ -410,3 +410,15 @@ def test_a_failed_run_keeps_the_earlier_run_and_its_checkpoint(data, tiny_weight
     assert (out / "model.safetensors").read_bytes() == weights
     assert (tmp_path / "run.partial" / "checkpoint.pt").is_file()
     assert not list(tmp_path.glob(".run.*.tmp"))
+
+
+def test_default_run_draws_its_curves(data, tiny_weights, tmp_path):
+    # the other tests turn plots off for speed; this one is the default path a user takes
+    from PIL import Image
+
+    res = finetune(data, "tiny", weights=str(tiny_weights), out=tmp_path / "run", device="cpu", workers=0,
+                   cache_dir=tmp_path / "codes", epochs=2, batch_size=4)
+    with Image.open(res.run_dir / "curves.png") as im:
+        assert im.format == "PNG" and im.size == (990, 396)  # 9 x 3.6 inches at 110 dpi
+        px = np.asarray(im.convert("L"))
+    assert px.min() < 100 < px.max()  # lines and axes drawn on the white page, not an empty figure

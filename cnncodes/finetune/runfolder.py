@@ -79,7 +79,7 @@ def write_run_files(folder: Path, metrics: dict, test_rows: list[list], plots: b
 
 
 def _plot_history(path: Path, history: list[dict], best_epoch: int | None) -> None:
-    from ..classify import _figure, _save
+    from ..classify._plots import _figure, _save
 
     fig = _figure(9, 3.6)
     ep = [h["epoch"] for h in history]

@@ -139,15 +139,43 @@ def test_default_schedule_finds_a_peak_anywhere_to_half_a_decade_in_at_most_9_fi
 @pytest.mark.parametrize("tilt", [0.01, -0.01])
 @pytest.mark.parametrize("peak", np.arange(-1.0, 3.01, 0.25))
 def test_default_schedule_fits_no_more_and_no_larger_C_than_the_old_sweep(peak, tilt):
-    """Where L2-normalised codes' optimum lies (C = 0.1..1000), the default search fits no more C values
-    than the old decade sweep 1e-4..1e4 with its early stop, and no C more than a decade larger than it did
-    (large C: slow fits; the 2-decade grid's next value can lie a decade past the old sweep's stop)."""
+    """Where L2-normalised codes' optimum lies (C = 1..1000 in every benchmark row), the default search fits no
+    more C values than the old decade sweep 1e-4..1e4 with its early stop; at C = 0.1..0.3 one more (the first
+    refinement tries both sides of the best; none of those fits above C=100, they are the fast ones). No C more than a decade larger than the
+    old sweep's largest (large C: slow fits; the 2-decade grid's next value can lie a decade past its stop)."""
     def curve(c):
         return -abs(np.log10(c) - peak) + tilt * np.log10(c)
 
     new = _run_on(CSchedule(), curve)
     old = _run_on(CSchedule(start=tuple(np.logspace(-4, 4, 9)), widen=False, refine=0), curve)
-    assert len(new) <= len(old) and max(new) <= 10 * max(old) * (1 + 1e-9)
+    assert len(new) <= (len(old) if peak >= 0 else len(old) + 1) <= 9
+    assert max(new) <= 10 * max(old) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("tilt", [0.002, -0.002])
+@pytest.mark.parametrize("bump, top", [(0.75, 2.0), (1.0, 2.0), (1.0, 0.0), (1.25, 0.0)])
+def test_a_narrow_peak_between_two_grid_values_on_the_side_of_the_worse_neighbour_is_found(bump, top, tilt):
+    """A broad curve with its top at C=100 (or 1) and, a decade or so away, a narrower, higher peak that no
+    value of the 2-decade grid sees; the grid's neighbours of the best point the other way (the curve is
+    lopsided). The first refinement tries both sides of the best, so it lands on the narrow peak's slope; the
+    one-sided bracketing of the better neighbour refined away from it (flowers5 Lite0 block4.linear, softmax:
+    the grid's best 100, its better neighbour 1e4, the val optimum at 10: C=316 chosen, -0.99 pp test)."""
+    side = 1.0 if bump > top else -1.0
+
+    def curve(c):
+        x = np.log10(c)
+        broad = -0.01 * (x - top) ** 2 + 0.004 * side * -(x - top) + tilt * x  # lopsided: falls slower away from the bump
+        narrow = 0.03 * max(0.0, 1 - abs(x - bump) / 0.75)  # zero at the grid values around it
+        return 0.85 + broad + narrow
+
+    s = CSchedule()
+    tried = _run_on(s, curve)
+    assert len(tried) <= 9
+    lattice = np.arange(-4, 6.01, 0.5)
+    assert abs(np.log10(s.best_C) - bump) <= 0.25 + 1e-9
+    assert curve(s.best_C) >= max(curve(10 ** x) for x in lattice) - 1e-12  # the half-decade lattice's best
+    coarse = [c for c in tried[:5] if c in (1e-4, 1e-2, 1.0, 1e2, 1e4)]
+    assert max(coarse, key=curve) == 10 ** top  # the grid alone points at the broad top
 
 
 def test_softmax_refinement_warm_starts_each_C_from_the_nearest_fitted_C(monkeypatch):

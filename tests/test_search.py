@@ -180,7 +180,7 @@ def test_a_narrow_peak_between_two_grid_values_on_the_side_of_the_worse_neighbou
 
 def test_softmax_refinement_warm_starts_each_C_from_the_nearest_fitted_C(monkeypatch):
     """Each softmax fit starts from the coefficients of the nearest C fitted before it (3162 from 1000, not
-    from 316 fitted just before it in the same refinement batch)."""
+    from 316 fitted just before it in the same refinement batch); between two as near, the larger C."""
     X, y = load_digits(return_X_y=True)
     X = Normalizer().fit_transform(X).astype(np.float32)
     tr, va = np.arange(0, 1000), np.arange(1000, 1400)
@@ -196,15 +196,18 @@ def test_softmax_refinement_warm_starts_each_C_from_the_nearest_fitted_C(monkeyp
     monkeypatch.setattr(_sweep, "_softmax_path", spy)
     res = C.sweep_C(X[tr], y[tr], X[va], y[va], clf="softmax", norm="none", n_jobs=1, max_iter=200)
     assert any(t["phase"] == "refine2" for t in res.tried)
-    fitted = {}
+    fitted, ties = {}, 0
     for Cs, warm, coefs in calls:
         assert len(Cs) == 1
         if fitted:
-            nearest = min(fitted, key=lambda d: abs(np.log(d / Cs[0])))
+            dist = {d: abs(np.log10(d / Cs[0])) for d in fitted}
+            nearest = max(d for d in fitted if np.isclose(dist[d], min(dist.values())))  # a tie: the larger C
             np.testing.assert_array_equal(warm[0], fitted[nearest][0])
+            ties += sum(np.isclose(v, min(dist.values())) for v in dist.values()) > 1
         else:
             assert warm is None
         fitted[Cs[0]] = coefs[0]
+    assert ties  # the first refinement (both sides of a grid value) is a decade from two fitted C values
 
 
 def test_schedule_early_stop_and_bad_arguments():
@@ -263,3 +266,30 @@ def test_parallel_sweep_on_memory_mapped_codes_equals_the_serial_one():
     ser = C.sweep_C(X[tr], y[tr], X[va], y[va], n_jobs=1, **kw)
     np.testing.assert_array_equal(par.scores, ser.scores)
     np.testing.assert_array_equal(par.predictions, ser.predictions)
+
+
+def test_softmax_on_a_val_split_fits_in_this_process_and_equals_the_serial_sweep(monkeypatch):
+    """A val split is one fold: the softmax fits run here, one C after another, with no round trip to a joblib
+    worker per C (on a loaded machine each round trip waited for a worker to be scheduled); CV folds still go to
+    the workers. The results equal those of a sweep with one job."""
+    import joblib
+
+    X, y = load_digits(return_X_y=True)
+    X = Normalizer().fit_transform(X).astype(np.float32)
+    tr, va = np.arange(0, 1000), np.arange(1000, 1400)
+    calls, real = [], joblib.Parallel.__call__
+
+    def counting(self, iterable):
+        tasks = list(iterable)
+        calls.append(len(tasks))
+        return real(self, tasks)
+
+    monkeypatch.setattr(joblib.Parallel, "__call__", counting)
+    kw = dict(clf="softmax", norm="none", max_iter=200)
+    par = C.sweep_C(X[tr], y[tr], X[va], y[va], n_jobs=2, **kw)
+    assert calls == []
+    ser = C.sweep_C(X[tr], y[tr], X[va], y[va], n_jobs=1, **kw)
+    np.testing.assert_array_equal(par.scores, ser.scores)
+    np.testing.assert_array_equal(par.predictions, ser.predictions)
+    cv = C.sweep_C(X[:600], y[:600], n_jobs=2, cv=3, **kw)
+    assert calls and set(calls) == {3} and len(calls) == len(cv.tried)  # each C: the 3 folds in parallel

@@ -62,7 +62,10 @@ print(json.dumps({"module": C.__file__}))
 d = np.load(sys.argv[1])
 X, y, tr, va, te = d["X"], d["y"], d["tr"], d["va"], d["te"]
 from joblib import Parallel, delayed
-Parallel(n_jobs=int(sys.argv[2]))(delayed(abs)(i) for i in range(4))  # workers started before timing, as in the parent
+def warm(i):  # workers started and their imports done before timing, as in the parent
+    import sklearn.linear_model, sklearn.svm, cnncodes.classify  # noqa: F401
+    return i
+Parallel(n_jobs=int(sys.argv[2]))(delayed(warm)(i) for i in range(4))
 out = {}
 for clf in sys.argv[3].split(","):
     t0 = time.perf_counter()
@@ -77,6 +80,14 @@ for clf in sys.argv[3].split(","):
                 "tried": [{"C": float(c), "score": float(v)} for c, v, e in zip(sw.grid, sw.scores, sw.evaluated) if e]}
 print(json.dumps(out))
 """
+
+
+def _warm(i):
+    import sklearn.linear_model  # noqa: F401
+    import sklearn.svm  # noqa: F401
+
+    import cnncodes.classify  # noqa: F401
+    return i
 
 
 def old_sweep(rev: str, X, y, sp, n_jobs: int, clfs) -> dict:
@@ -201,7 +212,8 @@ def main(argv=None) -> int:
     print(f"machine: {report['machine']}, {report['cores']} cores; old = {args.old_rev} ({report['old_commit'][:7]})")
     from joblib import Parallel, delayed
 
-    Parallel(n_jobs=args.n_jobs)(delayed(abs)(i) for i in range(4))  # worker start-up is not timed (nor in old)
+    # worker start-up and imports are not timed (nor in old): else the first search of the run pays them
+    Parallel(n_jobs=args.n_jobs)(delayed(_warm)(i) for i in range(4))
     for cache in args.caches:
         for layer in args.layers:
             codes = load_codes(cache, layer)

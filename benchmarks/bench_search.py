@@ -4,18 +4,23 @@ and a tuned 3-fold GridSearchCV; and LinearSVC's dual vs primal solver on those 
 For each cache and layer, the rows are split as ``train_run`` does by default (the recorded
 split, else stratified: val 15 %, test 20 %, seed 0), the codes L2-normalised. Each method
 chooses C, refits on train+val and is scored once on test; wall seconds are for the search
-plus the refit, all with ``n_jobs`` workers (default 2), in one process, one after the other:
+plus the refit (old and new also give them apart), all with ``n_jobs`` workers (default 2), in one
+process, one after the other:
 
 - **old**: ``sweep_C`` + ``refit`` of ``--old-rev`` (default ``main``), run from a
   ``git archive`` of that revision in a subprocess (its own ``PYTHONPATH``); the 9-value
   decade grid 1e-4..1e4 with early stop (patience 2);
 - **new**: ``sweep_C`` + ``refit`` of this checkout (grid with early stop, widening, half
   decades around the best);
-- **CodesSearchCV**: the same schedule through sklearn's ``BaseSearchCV`` machinery
+- **CodesSearchCV** (SVM): the same schedule through sklearn's ``BaseSearchCV`` machinery
   (``PredefinedSplit``, a ``Normalizer`` + ``CodesLinearSVC`` pipeline cloned and fitted per C);
-- **GridSearchCV, equal protocol**: ``GridSearchCV(Normalizer + CodesLinearSVC, {"C": the
-  9-value grid}, cv=PredefinedSplit(the same val split))``;
-- **GridSearchCV 3-fold, 17 C**: ``GridSearchCV(..., {"C": half decades 1e-4..1e4}, cv=3)``
+- **GridSearchCV at equal protocol** with the new search, per classifier:
+  ``GridSearchCV(Normalizer + CodesLinearSVC or the softmax, {"C": the C values the new search
+  tried}, cv=PredefinedSplit(the same val split))``: the same fits, so the same choice, and the
+  time difference is the implementation's; and with the old sweep: the same split, its 9-value grid;
+- **GridSearchCV val split, 17 C** (SVM): half decades 1e-4..1e4 on the same val split, what any
+  search on that split would pick;
+- **GridSearchCV 3-fold, 17 C** (SVM): ``GridSearchCV(..., {"C": half decades 1e-4..1e4}, cv=3)``
   (stratified 3-fold on train+val): the tuned reference; the gap in test accuracy (pp) of
   the new search to it is the figure the goal (<= 0.5 pp) is about.
 
@@ -57,17 +62,32 @@ print(json.dumps({"module": C.__file__}))
 d = np.load(sys.argv[1])
 X, y, tr, va, te = d["X"], d["y"], d["tr"], d["va"], d["te"]
 from joblib import Parallel, delayed
-Parallel(n_jobs=int(sys.argv[2]))(delayed(abs)(i) for i in range(4))  # workers started before timing, as in the parent
+def warm(i):  # workers started and their imports done before timing, as in the parent
+    import sklearn.linear_model, sklearn.svm, cnncodes.classify  # noqa: F401
+    return i
+Parallel(n_jobs=int(sys.argv[2]))(delayed(warm)(i) for i in range(4))
 out = {}
 for clf in sys.argv[3].split(","):
     t0 = time.perf_counter()
     sw = C.sweep_C(X[tr], y[tr], X[va], y[va], clf=clf, norm="none", n_jobs=int(sys.argv[2]))
+    t1 = time.perf_counter()
     trva = np.concatenate([tr, va])
     pipe, _ = C.refit(X[trva], y[trva], clf=clf, norm="none", C=sw.best_C)
-    out[clf] = {"C": sw.best_C, "seconds": time.perf_counter() - t0, "n_fits": int(sw.evaluated.sum()),
-                "test": float(np.mean(pipe.predict(X[te]) == y[te])), "val": float(sw.scores[sw.best_index])}
+    t2 = time.perf_counter()
+    out[clf] = {"C": sw.best_C, "seconds": t2 - t0, "search_s": t1 - t0, "refit_s": t2 - t1,
+                "n_fits": int(sw.evaluated.sum()), "test": float(np.mean(pipe.predict(X[te]) == y[te])),
+                "val": float(sw.scores[sw.best_index]),
+                "tried": [{"C": float(c), "score": float(v)} for c, v, e in zip(sw.grid, sw.scores, sw.evaluated) if e]}
 print(json.dumps(out))
 """
+
+
+def _warm(i):
+    import sklearn.linear_model  # noqa: F401
+    import sklearn.svm  # noqa: F401
+
+    import cnncodes.classify  # noqa: F401
+    return i
 
 
 def old_sweep(rev: str, X, y, sp, n_jobs: int, clfs) -> dict:
@@ -91,40 +111,61 @@ def new_sweep(X, y, sp, n_jobs, clf, early_stop) -> dict:
     t0 = time.perf_counter()
     sw = C.sweep_C(X[sp.train], y[sp.train], X[sp.val], y[sp.val], clf=clf, norm="none", n_jobs=n_jobs,
                    early_stop=early_stop)
+    t1 = time.perf_counter()
     trva = np.concatenate([sp.train, sp.val])
     pipe, _ = C.refit(X[trva], y[trva], clf=clf, norm="none", C=sw.best_C)
-    return {"C": sw.best_C, "seconds": time.perf_counter() - t0, "n_fits": len(sw.tried),
+    t2 = time.perf_counter()
+    return {"C": sw.best_C, "seconds": t2 - t0, "search_s": t1 - t0, "refit_s": t2 - t1, "n_fits": len(sw.tried),
             "test": float(np.mean(pipe.predict(X[sp.test]) == y[sp.test])), "val": float(sw.scores[sw.best_index]),
             "tried": sw.tried, "stop_reason": sw.stop_reason}
 
 
-def sklearn_searches(X, y, sp, n_jobs) -> dict:
-    """CodesSearchCV and GridSearchCV (equal protocol; tuned 3-fold) on the SVM."""
-    from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold
+def _pipe(clf: str):
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import Normalizer
 
     from cnncodes import classify as C
+
+    est = C.CodesLinearSVC(random_state=0) if clf == "svm" else C.make_classifier("softmax")
+    return Pipeline([("norm", Normalizer()), ("clf", est)])
+
+
+def _timed_search(search, X, y, sp) -> dict:
+    trva = np.concatenate([sp.train, sp.val])
+    t0 = time.perf_counter()
+    search.fit(X[trva], y[trva])  # the search and the refit on train+val
+    return {"C": float(search.best_params_["clf__C"]), "seconds": time.perf_counter() - t0,
+            "n_fits": len(search.cv_results_["params"]) * search.n_splits_,
+            "test": float(search.score(X[sp.test], y[sp.test])), "val": float(search.best_score_)}
+
+
+def sklearn_searches(X, y, sp, n_jobs, new: dict, clfs) -> dict:
+    """GridSearchCV at equal protocol with the new search (the same PredefinedSplit val split, the same C
+    values it tried) and with the old sweep (the same split, its 9-value grid); GridSearchCV over 17 half
+    decades on the same val split (what any search on that split can pick) and 3-fold (the tuned reference,
+    SVM); CodesSearchCV (the new schedule through BaseSearchCV, SVM)."""
+    from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold
+
+    from cnncodes import classify as C
     from cnncodes.search import CodesSearchCV
 
-    trva = np.concatenate([sp.train, sp.val])
-    Xs, ys = X[trva], y[trva]
-    val_fold = np.r_[np.full(len(sp.train), -1), np.zeros(len(sp.val), dtype=int)]
-    pipe = Pipeline([("norm", Normalizer()), ("clf", C.CodesLinearSVC(random_state=0))])
-    searches = {
-        "CodesSearchCV": CodesSearchCV(pipe, cv=PredefinedSplit(val_fold), n_jobs=n_jobs),
-        "GridSearchCV equal protocol": GridSearchCV(pipe, {"clf__C": list(C.DEFAULT_GRID)},
-                                                    cv=PredefinedSplit(val_fold), n_jobs=n_jobs),
-        "GridSearchCV 3-fold 17 C": GridSearchCV(pipe, {"clf__C": list(np.logspace(-4, 4, 17))},
-                                                 cv=StratifiedKFold(3, shuffle=True, random_state=0), n_jobs=n_jobs),
-    }
+    val = PredefinedSplit(np.r_[np.full(len(sp.train), -1), np.zeros(len(sp.val), dtype=int)])
+    half = list(np.logspace(-4, 4, 17))
     out = {}
-    for name, s in searches.items():
-        t0 = time.perf_counter()
-        s.fit(Xs, ys)
-        out[name] = {"C": float(s.best_params_["clf__C"]), "seconds": time.perf_counter() - t0,
-                     "n_fits": len(s.cv_results_["params"]) * s.n_splits_,
-                     "test": float(s.score(X[sp.test], y[sp.test])), "val": float(s.best_score_)}
+    for clf in clfs:
+        pipe = _pipe(clf)
+        searches = {
+            "GridSearchCV val split, the new search's C": GridSearchCV(
+                pipe, {"clf__C": sorted(t["C"] for t in new[clf]["tried"])}, cv=val, n_jobs=n_jobs),
+            "GridSearchCV val split, the old 9-point grid": GridSearchCV(
+                pipe, {"clf__C": list(C.DEFAULT_GRID)}, cv=val, n_jobs=n_jobs),
+        }
+        if clf == "svm":
+            searches["CodesSearchCV val split"] = CodesSearchCV(pipe, cv=val, n_jobs=n_jobs)
+            searches["GridSearchCV val split, 17 C"] = GridSearchCV(pipe, {"clf__C": half}, cv=val, n_jobs=n_jobs)
+            searches["GridSearchCV 3-fold, 17 C"] = GridSearchCV(
+                pipe, {"clf__C": half}, cv=StratifiedKFold(3, shuffle=True, random_state=0), n_jobs=n_jobs)
+        out[clf] = {name: _timed_search(s, X, y, sp) for name, s in searches.items()}
     return out
 
 
@@ -171,7 +212,8 @@ def main(argv=None) -> int:
     print(f"machine: {report['machine']}, {report['cores']} cores; old = {args.old_rev} ({report['old_commit'][:7]})")
     from joblib import Parallel, delayed
 
-    Parallel(n_jobs=args.n_jobs)(delayed(abs)(i) for i in range(4))  # worker start-up is not timed (nor in old)
+    # worker start-up and imports are not timed (nor in old): else the first search of the run pays them
+    Parallel(n_jobs=args.n_jobs)(delayed(_warm)(i) for i in range(4))
     for cache in args.caches:
         for layer in args.layers:
             codes = load_codes(cache, layer)
@@ -181,8 +223,8 @@ def main(argv=None) -> int:
             res = {"cache": Path(cache).name, "layer": layer, "n": X.shape, "counts": sp.counts()}
             res["old"] = old_sweep(args.old_rev, X, y, sp, args.n_jobs, args.clf)
             res["new"] = {clf: new_sweep(X, y, sp, args.n_jobs, clf, 2) for clf in args.clf}
-            if "svm" in args.clf and not args.no_grid_search:
-                res["sklearn"] = sklearn_searches(X, y, sp, args.n_jobs)
+            if not args.no_grid_search:
+                res["sklearn"] = sklearn_searches(X, y, sp, args.n_jobs, res["new"], args.clf)
             if args.solvers:
                 res["solvers"] = solvers(X, y, sp)
             report["results"].append(res)
@@ -195,15 +237,19 @@ def main(argv=None) -> int:
 
 def _print(res: dict) -> None:
     print(f"\n{res['cache']} {res['layer']} {res['n']} {res['counts']}")
-    print(f"  {'method':40s} {'C':>9s} {'fits':>5s} {'val':>7s} {'test':>7s} {'seconds':>8s}")
+    print(f"  {'method':50s} {'C':>9s} {'fits':>5s} {'val':>7s} {'test':>7s} {'seconds':>8s}")
     rows = []
     for clf in res["new"]:
         rows += [(f"{clf}: old sweep", res["old"][clf]), (f"{clf}: new search", res["new"][clf])]
-    rows += [(f"svm: {k}", v) for k, v in res.get("sklearn", {}).items()]
+    rows += [(f"{clf}: {k}", v) for clf, d in res.get("sklearn", {}).items() for k, v in d.items()]
     for name, r in rows:
-        print(f"  {name:40s} {r['C']:9.3g} {r['n_fits']:5d} {r['val']:7.4f} {r['test']:7.4f} {r['seconds']:8.2f}")
+        split = f"  (search {r['search_s']:.2f} + refit {r['refit_s']:.2f})" if "refit_s" in r else ""
+        print(f"  {name:50s} {r['C']:9.3g} {r['n_fits']:5d} {r['val']:7.4f} {r['test']:7.4f} {r['seconds']:8.2f}{split}")
     for clf, r in res["new"].items():
-        print(f"  {clf} new search tried: " + ", ".join(f"{t['C']:.3g} ({t['phase'][0]})" for t in r["tried"]))
+        print(f"  {clf} new search tried: " + ", ".join(f"{t['C']:.3g} ({t['phase'][0]}) {t['score']:.4f}"
+                                                     for t in r["tried"]))
+        print(f"  {clf} old sweep tried: " + ", ".join(f"{t['C']:.3g} {t['score']:.4f}"
+                                                    for t in res["old"][clf].get("tried", [])))
         print(f"    {r['stop_reason']}")
     for row in res.get("solvers", []):
         print(f"  C={row['C']:g}: " + "; ".join(f"{k} {v['seconds']:.2f}s/{v['n_iter']} it{'' if v['converged'] else ' (not conv.)'}"

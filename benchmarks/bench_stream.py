@@ -4,9 +4,13 @@
    fresh subprocess, peak RSS from ``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`` (goal: 10x the
    rows for <= 1.2x the memory when streamed).
 2. Accuracy on real codes: test accuracy of the streamed SVM / softmax against the in-memory
-   LinearSVC / multinomial LogisticRegression, same cache, same split, same grid (goal: within 1 pp).
+   LinearSVC / multinomial LogisticRegression, same cache, same split, same grid (goal: within 1 pp);
+   each run in a fresh process (``n_jobs=1``) with its wall seconds and peak RSS. ``--fashion N``
+   adds the Fashion-MNIST codes of ``bench_memory.py`` (its first N images, extracted once into
+   artifacts/bench/stream-codes-N/).
 
     python benchmarks/bench_stream.py --caches CACHE:LAYER [CACHE:LAYER ...] --rows 10000 --dim 1024
+    python benchmarks/bench_stream.py --no-memory --fashion 7000
 """
 
 from __future__ import annotations
@@ -16,13 +20,13 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 _CHILD = """
 import sys
@@ -70,22 +74,61 @@ def peak_mb(cache: Path, out: Path, stream: bool) -> tuple[float, float]:
     return round(mb, 1), round(s, 1)
 
 
-def accuracy(cache: str, layer: str, tmp: Path) -> dict:
-    from cnncodes.classify import train_run
+_TRAIN_CHILD = """
+import json, sys
+from cnncodes.classify import train_run
+cache, layer, clf, out, stream = sys.argv[1:6]
+res = train_run(cache, [layer], classifiers=[clf], out=out, plots=False, stream=stream == "1", n_jobs=1)
+r = res.metrics["results"][layer][clf]
+print(json.dumps({"test": r["test"]["accuracy"], "val": r["val"]["accuracy"], "C": r["C"],
+                  "split": res.metrics["split"]["counts"]}))
+"""
 
-    out = {}
-    for stream in (False, True):
-        t = time.perf_counter()
-        res = train_run(cache, [layer], classifiers=["svm", "softmax"], out=tmp / f"{layer}-{stream}", plots=False,
-                        stream=stream)
-        r = res.metrics["results"][layer]
-        tag = "stream" if stream else "memory"
-        out[tag] = {c: {"test": round(r[c]["test"]["accuracy"], 4), "val": round(r[c]["val"]["accuracy"], 4),
-                        "C": r[c]["C"]} for c in r}
-        out[tag]["seconds"] = round(time.perf_counter() - t, 1)
-    out["diff_pp"] = {c: round(100 * (out["stream"][c]["test"] - out["memory"][c]["test"]), 2)
-                      for c in ("svm", "softmax")}
+
+def train_child(cache: str, layer: str, clf: str, out: Path, stream: bool) -> dict:
+    """One ``train_run`` in a fresh process: its results, wall seconds and peak RSS (MB)."""
+    code = ("import json, resource, subprocess, sys, time\n"
+            "t = time.perf_counter()\n"
+            f"r = subprocess.run([sys.executable, '-c', {_TRAIN_CHILD!r}, {cache!r}, {layer!r}, {clf!r}, "
+            f"{str(out)!r}, {('1' if stream else '0')!r}], capture_output=True, text=True)\n"
+            "assert r.returncode == 0, r.stderr[-3000:]\n"
+            "d = json.loads(r.stdout.strip().splitlines()[-1])\n"
+            "d.update(seconds=round(time.perf_counter() - t, 1),\n"
+            "         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1))\n"
+            "print(json.dumps(d))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    if r.returncode:
+        raise RuntimeError(r.stderr[-3000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def accuracy(cache: str, layer: str, tmp: Path) -> dict:
+    """In-memory vs streamed, svm and softmax, each in its own process (same cache, split and grid)."""
+    out: dict = {}
+    for clf in ("svm", "softmax"):
+        for stream in (False, True):
+            d = train_child(cache, layer, clf, tmp / f"{layer}-{clf}-{stream}", stream)
+            out.setdefault(clf, {})["stream" if stream else "memory"] = d
+            print(json.dumps({clf: out[clf]}), flush=True)
+        out[clf]["diff_pp"] = round(100 * (out[clf]["stream"]["test"] - out[clf]["memory"]["test"]), 2)
     return out
+
+
+def fashion_cache(n: int) -> str:
+    """Fashion-MNIST codes as ``bench_memory.py`` extracts them (tiny, random weights, conv2 unpooled,
+    4,096-D), of its first ``n`` images; the folder and cache are kept under artifacts/bench/."""
+    from bench_memory import write_folder
+
+    base = REPO / "artifacts" / "bench"
+    data = write_folder(n, base / f"fashion-{n}")
+    cmd = [sys.executable, str(REPO / "scripts" / "extract.py"), str(data), "--model", "tiny", "--weights", "none",
+           "--layers", "conv2", "--pool", "none", "--out", str(base / f"stream-codes-{n}"), "--device", "cpu",
+           "--batch-size", "256", "--workers", "2", "-q"]
+    r = subprocess.run(cmd, capture_output=True, text=True)  # a cache hit when it exists
+    if r.returncode:
+        raise RuntimeError(r.stderr[-3000:])
+    return r.stdout.strip().splitlines()[-1] + ":conv2@none"
 
 
 def main() -> int:
@@ -93,6 +136,8 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=10000, help="N of the memory test (it also runs 10 N)")
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--caches", nargs="*", default=[], metavar="CACHE:LAYER")
+    ap.add_argument("--fashion", type=int, default=0, metavar="N",
+                    help="also compare on the Fashion-MNIST codes of bench_memory.py, its first N images")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--skip-memory-10n", action="store_true",
                     help="skip the in-memory run on 10 N rows (LinearSVC on it takes long on a busy machine)")
@@ -111,7 +156,7 @@ def main() -> int:
                 mem[f"{tag}_{size}"] = peak_mb(cache, tmp / f"r-{tag}-{size}", tag == "stream")
                 print(json.dumps(mem), flush=True)
             mem["stream_ratio"] = round(mem["stream_10N"][0] / mem["stream_N"][0], 3)
-        for spec in args.caches:
+        for spec in args.caches + ([fashion_cache(args.fashion)] if args.fashion else []):
             cache, layer = spec.rsplit(":", 1)
             res[f"{Path(cache).name}:{layer}"] = accuracy(cache, layer, tmp)
             print(json.dumps(res, indent=1), flush=True)

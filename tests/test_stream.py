@@ -170,8 +170,7 @@ def test_streamed_peak_memory_does_not_grow_with_the_rows(tmp_path):
     s_small = _peak_rss_mb(small, tmp_path / "r1", True)
     s_big = _peak_rss_mb(big, tmp_path / "r2", True)
     m_big = _peak_rss_mb(big, tmp_path / "r3", False)
-    # The goal, 10x the rows for <= 1.2x the memory, is missed (1.21x here, 1.28x in
-    # benchmarks/bench_stream.py): the row table and per-row outputs (paths and messages as Python
-    # strings, the predictions CSV) still grow with N, about 1.7 KB per row. The codes do not:
+    # The goal: 10x the rows for <= 1.2x the memory. The row table is kept compact and the
+    # predictions CSV written by blocks (cnncodes/stream_rows.py), so only a few bytes a row remain:
+    assert s_big <= 1.2 * s_small, (s_small, s_big)
     assert m_big > s_big + 100, (s_big, m_big)  # the in-memory path grows by the codes (82 MB per copy)
-    assert s_big - s_small < (m_big - s_big) / 2, (s_small, s_big, m_big)

@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -186,5 +186,28 @@ def _rows_sha256(rows: Mapping[str, np.ndarray], class_names: Sequence[str],
             h.update(canonical_json([str(v) for v in arr]).encode())
         else:
             h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
+    h.update(canonical_json(list(class_names)).encode())
+    return h.hexdigest()
+
+
+def _rows_sha256_blocks(read: Callable[[str, int, int], np.ndarray], n: int, class_names: Sequence[str],
+                        fields: Sequence[str] = ROW_FIELDS, block: int = 65536) -> str:
+    """:func:`_rows_sha256` of a row table read ``block`` rows at a time by ``read(field, lo, hi)``.
+
+    Equal to it because the canonical JSON of a list of strings is ``[`` + the elements' JSON joined
+    by ``,`` + ``]``, so each block's list can be encoded on its own (its brackets dropped); memory
+    holds one block of one field, not the whole table as Python strings.
+    """
+    h = hashlib.sha256()
+    for name in fields:
+        if name in _STR_FIELDS:
+            h.update(b"[")
+            for lo in range(0, n, block):
+                part = canonical_json([str(v) for v in read(name, lo, min(n, lo + block))])[1:-1]
+                h.update(((b"," if lo else b"") + part.encode()))
+            h.update(b"]")
+        else:
+            for lo in range(0, n, block):
+                h.update(np.ascontiguousarray(read(name, lo, min(n, lo + block)), dtype=np.int64).tobytes())
     h.update(canonical_json(list(class_names)).encode())
     return h.hexdigest()

@@ -233,6 +233,32 @@ def test_head_from_train_svm_softmax_reproduces_its_probabilities(data, tiny_wei
     assert head.norm.kind == ("none" if norm == "standard" else norm)
 
 
+def test_head_from_a_probe_says_which_val_and_test_images_it_was_fitted_on(data, tiny_weights, tmp_path,
+                                                                            tmp_path_factory, caplog):
+    """train_svm refits on train+val: a head from a probe on the same split has seen every val image (the
+    best epoch would be picked on them) and no test image; a probe on other images has seen none."""
+    from cnncodes.classify import train_run
+    from cnncodes.extraction import extract
+
+    other = link_subset(FLOWERS, tmp_path_factory.mktemp("other") / "flowers", 8, ["daisy", "rose", "tulip"], offset=8)
+    seen = {}
+    for name, folder in (("same", data), ("other", other)):
+        res = extract(folder, "tiny", ["fc1"], weights=str(tiny_weights), out=tmp_path / "codes", device="cpu",
+                      workers=0)
+        run = train_run(res.path, ["fc1"], classifiers=["softmax"], out=tmp_path / f"lp-{name}", plots=False,
+                        n_jobs=1).run_dir
+        job = _Job(FinetuneConfig("tiny", weights=str(tiny_weights), init_head_from=str(run)), data,
+                   tmp_path / "codes", 0)
+        job.prepare_model()
+        with caplog.at_level("WARNING", logger="cnncodes"):
+            job.prepare_data()
+        seen[name] = job.head_init["images_seen"], len(job.rows.split.val)
+    (counts, n_val), (counts_other, _) = seen["same"], seen["other"]
+    assert n_val > 0 and counts == {"val": n_val, "test": 0}
+    assert counts_other == {"val": 0, "test": 0}
+    assert "was fitted on" in caplog.text and "val images" in caplog.text
+
+
 def test_head_from_an_svm_is_refused(data, tiny_weights, tmp_path):
     from cnncodes.classify import train_run
     from cnncodes.extraction import extract

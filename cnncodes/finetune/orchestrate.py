@@ -259,6 +259,7 @@ class _Job:
                                          class_names=self.manifest.class_names, in_alias=alias,
                                          in_features=head.linear.in_features)
         load_head(self.model, self.spec, norm, W, b)
+        self._probe_meta = info.pop("meta")
         self.head_init = dict(info, torch_norm=norm)
         log.info("Head initialised from %s (%s normaliser)", info["model"], info["norm"])
 
@@ -273,6 +274,27 @@ class _Job:
         self.rows = list_rows(self.data, status=status, messages=messages, seed=cfg.seed,
                               val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
         self.y = self.rows.labels
+        if getattr(self, "head_init", None) is not None:
+            self._check_probe_saw_val()
+
+    def _check_probe_saw_val(self) -> None:
+        """Warn (and record) when the initial head was fitted on this run's val or test images."""
+        from .surgery import probe_images
+
+        seen = probe_images(self.head_init["model"], self._probe_meta)
+        if seen is None:
+            self.head_init["images_seen"] = None
+            return
+        counts = {part: sum(str(Path(self.rows.paths[i]).resolve()) in seen for i in getattr(self.rows.split, part))
+                  for part in ("val", "test")}
+        self.head_init["images_seen"] = counts
+        for part, n in counts.items():
+            if n:
+                log.warning("The initial head (%s) was fitted on %d of this run's %d %s images (train_svm refits "
+                            "on train+val), so the %s accuracy is optimistic%s. For a clean start, train the probe "
+                            "on a copy of the data without them.", self.head_init["model"], n,
+                            len(getattr(self.rows.split, part)), part, part,
+                            " and the best epoch is picked on seen images" if part == "val" else "")
 
     def _cache_prefix(self):
         from ..extraction import extract

@@ -164,7 +164,35 @@ def head_from_run(run: str | Path, *, spec: BackboneSpec, base_spec: dict, class
         b = b - W @ sc.mean_
         norm = "none"
     return norm, W.astype(np.float32), b.astype(np.float32), {"model": str(path), "norm": meta["norm"],
-                                                              "C": meta.get("C")}
+                                                              "C": meta.get("C"), "meta": meta}
+
+
+def probe_images(model_path: str | Path, meta: dict) -> set[str] | None:
+    """The absolute paths of the images a ``train_svm.py`` model was fitted on, or None when its run
+    folder or cache no longer says.
+
+    ``train_svm.py`` refits its final model on train+val, so a head taken from it has seen the val images
+    of the same split: a fine-tuning that picks its best epoch on those images then reads an optimistic
+    score. The run's predictions file lists every row with its split; the cache gives the data root.
+    """
+    import csv
+
+    from ..store import read_info
+
+    model_path = Path(model_path)
+    run = model_path.parent.parent if model_path.parent.name == "models" else model_path.parent
+    stem = model_path.name.split(".")[0]
+    layers = "+".join(meta.get("layers", []))
+    candidates = [run / "predictions" / f"{stem}.csv", run / "predictions" / f"{layers}__softmax.csv"]
+    pred = next((c for c in candidates if c.is_file()), None)
+    try:
+        root = Path(read_info(meta["cache"]).dataset_root) if pred is not None and meta.get("cache") else None
+    except Exception:  # the cache was moved or deleted: the check cannot be made, training goes on
+        root = None
+    if pred is None or root is None:
+        return None
+    with open(pred, newline="", encoding="utf-8") as f:
+        return {str((root / r["path"]).resolve()) for r in csv.DictReader(f) if r["split"] in ("train", "val")}
 
 
 def _softmax_name(run, in_alias: str) -> str | None:

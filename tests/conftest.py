@@ -133,3 +133,20 @@ def alexnet_state_dict(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "alexnet-random.pth"
     torch.save(model.state_dict(), path)
     return path
+
+
+def tiny_fc1_by_hand(weights_path, views_u8) -> np.ndarray:
+    """fc1 (post-ReLU) of the tiny network on uint8 (V, 3, 32, 32) views, with plain torch: the independent
+    computation that stored view codes are compared with."""
+    import torch
+
+    from cnncodes.backbones import get_backbone
+
+    spec = get_backbone("tiny")
+    m = spec.build()
+    m.load_state_dict(torch.load(weights_path, weights_only=True))
+    m.eval()
+    pre = spec.preprocessing
+    x = (views_u8.float() / 255 - torch.tensor(pre.mean).view(1, 3, 1, 1)) / torch.tensor(pre.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return m.classifier[:3](m.features(x)).numpy()

@@ -14,6 +14,7 @@ from sklearn.pipeline import make_pipeline as sk_make_pipeline
 from sklearn.preprocessing import Normalizer
 from sklearn.svm import LinearSVC
 
+from conftest import tiny_fc1_by_hand
 from cnncodes import load_codes
 from cnncodes.backbones import get_backbone
 from cnncodes.classify import train_run
@@ -47,18 +48,6 @@ def _kw(tmp_path, tiny_weights, **more):
     return {**kw, **more}
 
 
-def _tiny_fc1_by_hand(weights_path, views_u8: torch.Tensor) -> np.ndarray:
-    """fc1 (post-ReLU) of the tiny network for uint8 views, with plain torch."""
-    spec = get_backbone("tiny")
-    m = spec.build()
-    m.load_state_dict(torch.load(weights_path, weights_only=True))
-    m.eval()
-    pre = spec.preprocessing
-    x = (views_u8.float() / 255 - torch.tensor(pre.mean).view(1, 3, 1, 1)) / torch.tensor(pre.std).view(1, 3, 1, 1)
-    with torch.no_grad():
-        return m.classifier[:3](m.features(x)).numpy()
-
-
 # ------------------------------------------------------------------ what is stored
 
 
@@ -82,7 +71,7 @@ def test_kept_views_are_each_views_code_by_hand_and_average_to_the_stored_code(p
         else:
             centre = T.CenterCrop(pre.crop)(img)
             crops = [centre, T.RandomHorizontalFlip(p=1.0)(centre)]
-        want = _tiny_fc1_by_hand(tiny_weights, torch.stack(crops))
+        want = tiny_fc1_by_hand(tiny_weights, torch.stack(crops))
         np.testing.assert_allclose(per_image[row], want, rtol=1e-4, atol=1e-5)
     # float32 storage: the stored combined code is the mean of the stored views
     np.testing.assert_allclose(per_image.mean(axis=1), c.X, rtol=1e-6, atol=1e-7)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import HYMENOPTERA, link_subset, need
 
+from conftest import tiny_fc1_by_hand
 from cnncodes import load_codes
 from cnncodes.backbones import get_backbone
 from cnncodes.cli_extract import main as extract_main
@@ -93,18 +94,6 @@ def test_combine_codes_takes_mean_or_max_over_adjacent_views():
 # ------------------------------------------------------------------ combined codes = combination of per-view codes
 
 
-def _tiny_fc1_by_hand(weights_path, views_u8):
-    """fc1 (post-ReLU) of the tiny network on uint8 (V, 3, 32, 32) views, computed directly."""
-    spec = get_backbone("tiny")
-    m = spec.build()
-    m.load_state_dict(torch.load(weights_path, weights_only=True))
-    m.eval()
-    pre = spec.preprocessing
-    x = (views_u8.float() / 255 - torch.tensor(pre.mean).view(1, 3, 1, 1)) / torch.tensor(pre.std).view(1, 3, 1, 1)
-    with torch.no_grad():
-        return m.classifier[:3](m.features(x)).numpy()
-
-
 @pytest.mark.parametrize("combine", ["mean", "max"])
 def test_combined_code_is_the_combination_of_each_views_code(photos, tmp_path, tiny_weights, combine):
     import torchvision.transforms.v2 as T
@@ -117,7 +106,7 @@ def test_combined_code_is_the_combination_of_each_views_code(photos, tmp_path, t
     for row, rel in enumerate(c.paths):
         img = decode_image(str(photos / rel), mode=ImageReadMode.RGB)
         views = torch.stack(list(T.TenCrop(pre.crop)(T.Resize(pre.resize, antialias=True)(img))))
-        per_view = _tiny_fc1_by_hand(tiny_weights, views)
+        per_view = tiny_fc1_by_hand(tiny_weights, views)
         want = per_view.mean(0) if combine == "mean" else per_view.max(0)
         np.testing.assert_allclose(c.X[row], want, rtol=1e-4, atol=1e-5)
 

@@ -23,10 +23,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _order(n, chunk_rows, seed, epoch):
-    """The documented feeding order, written again here: blocks of chunk_rows // 16 rows in a random
+    """The documented feeding order, written again here: blocks of chunk_rows // 128 rows in a random
     order, cut into chunks, rows shuffled within each chunk."""
     rng = np.random.default_rng([seed, epoch])
-    b = chunk_rows // 16
+    b = max(1, chunk_rows // 128)
     blocks = [np.arange(s, min(n, s + b)) for s in range(0, n, b)]
     pos = np.concatenate([blocks[i] for i in rng.permutation(len(blocks))])
     return [pos[s:s + chunk_rows][rng.permutation(len(pos[s:s + chunk_rows]))] for s in range(0, n, chunk_rows)]

@@ -35,12 +35,14 @@ from typing import Iterator, Mapping, Sequence
 from .errors import RunFolderLockedError, UsageError
 from .fileio import atomic_write_text
 
-__all__ = ["MARKER", "RUN_FORMAT", "settings_hash", "run_stamp", "default_run_name", "is_run_folder",
+__all__ = ["MARKER", "RUN_FORMAT", "PREDICTIONS_HEADER", "settings_hash", "run_stamp", "default_run_name", "is_run_folder",
            "check_target", "staged_run"]
 
 MARKER = ".cnncodes-run.json"
 RUN_FORMAT = "cnncodes.run/1"
 MAX_NAME_TRIES = 1000
+#: The columns of a run's predictions/*.csv (train_svm in memory and streamed, fine-tuning).
+PREDICTIONS_HEADER = ["path", "split", "true", "pred", "score"]
 
 
 def settings_hash(settings: Mapping) -> str:

@@ -17,6 +17,7 @@ holds one chunk, the models and O(N) row indices: it does not grow with the code
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -44,7 +45,10 @@ DEFAULT_PATIENCE = 5
 _GAP = 64  # rows between two reads of a chunk below which one read spans both
 
 
+@functools.lru_cache(maxsize=1)
 def _libc_malloc_trim():
+    """glibc's ``malloc_trim``, looked up on first use, not at import: ``find_library`` runs
+    ``ldconfig -p`` in a subprocess, which every importer of this module would pay."""
     import ctypes
     import ctypes.util
 
@@ -52,9 +56,6 @@ def _libc_malloc_trim():
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to call
         return None
-
-
-_MALLOC_TRIM = _libc_malloc_trim()
 
 
 def release_freed_memory() -> None:
@@ -66,8 +67,9 @@ def release_freed_memory() -> None:
     heap's holes grew the process by ~20 MB over a run of 100,000 rows (1024-D) more than over
     10,000; trimming once a chunk keeps the peak at what one chunk needs. A no-op elsewhere.
     """
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
+    trim = _libc_malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def chunk_order(n: int, chunk_rows: int, seed: int, epoch: int, block_rows: int | None = None) -> list[np.ndarray]:
@@ -75,9 +77,9 @@ def chunk_order(n: int, chunk_rows: int, seed: int, epoch: int, block_rows: int 
 
     Rows are sorted by path, hence by class, so consecutive rows would make one-class chunks.
     The list is cut into blocks of ``block_rows`` consecutive rows (default ``chunk_rows // 128``, 16
-    rows: a block is one contiguous read; with 128-row blocks a 2,048-row chunk held only 16 runs of one
-    class each, and val accuracy jumped 3-5 pp between epochs on Fashion-MNIST), the blocks are put in a random order, cut into chunks of
-    ``chunk_rows``, and the rows of each chunk are shuffled. Everything comes from
+    rows: a block is one contiguous read; with 128-row blocks a 2,048-row chunk held only 16 runs of
+    one class each, and val accuracy jumped 3-5 pp between epochs on Fashion-MNIST), the blocks are
+    put in a random order, cut into chunks of ``chunk_rows``, and the rows of each chunk are shuffled. Everything comes from
     ``np.random.default_rng([seed, epoch])``: first the block permutation, then one row
     permutation per chunk in the order fed.
     """

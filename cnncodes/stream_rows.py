@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from .fileio import atomic_path
-
-ROW_BLOCK = 8192  # rows of one field held as Python strings at a time (~0.6 MB of paths)
-PREDICTIONS_HEADER = ["path", "split", "true", "pred", "score"]
+from .runfolder import PREDICTIONS_HEADER
+from .store import ROW_BLOCK  # rows of one field held as Python strings at a time (~0.6 MB of paths)
 
 
 @dataclass

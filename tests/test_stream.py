@@ -113,6 +113,9 @@ def test_memory_budget_parameter_overrides_the_environment(tmp_path, monkeypatch
     assert res.metrics["settings"].get("stream") is True
     with pytest.raises(UsageError, match="'memory_budget' parameter of train_run must be a number of bytes > 0"):
         C.train_run(cache, ["fc7"], out=tmp_path / "bad", memory_budget=0, **kw)
+    with pytest.raises(UsageError, match="'memory_budget' parameter"):  # also where the run would not stream
+        C.train_run(cache, ["fc7"], out=tmp_path / "bad", memory_budget=-1, **dict(kw, stream=False))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_memory_budget_flag_is_named_on_the_command_line(tmp_path, capsys):

@@ -98,7 +98,7 @@ def test_streamed_run_never_holds_more_than_a_block_of_row_strings(tmp_path, mon
     path = _cache(tmp_path)
     block = 100
     monkeypatch.setattr(stream_rows, "ROW_BLOCK", block)
-    monkeypatch.setattr(_read, "_ROW_BLOCK", block)
+    monkeypatch.setattr(_read, "ROW_BLOCK", block)
     spans = []
     real = _read._field_block
 

@@ -176,6 +176,10 @@ def train_run(
                                                           n_jobs=n_jobs, max_iter=max_iter, max_iter_cap=max_iter_cap,
                                                           early_stop=early_stop)
     check_train_views(train_views, stream)
+    if memory_budget is not None:  # a bad budget is a mistake even in a run that would not stream
+        from ..stream import memory_budget as _memory_budget
+
+        _memory_budget(memory_budget)
     sets = _layer_sets(layers, concat)
     check_layers(sets)
     all_keys = [k for s in sets for k in s]
@@ -441,7 +445,7 @@ def _write_predictions(path: Path, codes, trval: np.ndarray, split: Split, pred_
 
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["path", "split", "true", "pred", "score"])
+    w.writerow(_runfolder.PREDICTIONS_HEADER)
     names = codes.class_names
     part_of = np.full(len(codes.labels), "", dtype=object)
     for part in SPLITS:

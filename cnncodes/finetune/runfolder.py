@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 from ..errors import ModelFileError
 from ..fileio import atomic_path, atomic_write_text, sha256_of_file
+from ..runfolder import PREDICTIONS_HEADER
 
 __all__ = ["SIDECAR", "WEIGHTS", "is_finetune_run", "save_weights", "write_run_files", "load_finetuned",
            "predict_finetuned"]
@@ -68,7 +69,7 @@ def write_run_files(folder: Path, metrics: dict, test_rows: list[list], plots: b
     atomic_write_text(folder / "metrics.json", json.dumps(_jsonable(metrics), indent=2) + "\n")
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["path", "split", "true", "pred", "score"])
+    w.writerow(PREDICTIONS_HEADER)
     w.writerows(test_rows)
     (folder / "predictions").mkdir(exist_ok=True)
     atomic_write_text(folder / "predictions" / "test.csv", buf.getvalue())

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 from ._lock import CacheLock
 from ._partial import ShardName, partial_dir, partial_progress
-from ._read import (CacheSnapshot, iter_layer_blocks, layer_storage_bytes, list_caches, load_codes, open_cache, read_info,
+from ._read import (ROW_BLOCK, CacheSnapshot, iter_layer_blocks, layer_storage_bytes, list_caches, load_codes, open_cache, read_info,
                     read_rows)
 from ._schema import (FORMAT, READABLE_SCHEMAS, ROW_FIELDS, ROW_IDENTITY_DEFAULTS, SCHEMA_VERSION, _ROW_FIELDS_V1,
                       CacheInfo, Codes, LayerRecord, _rows_sha256, canonical_json, fingerprint_of, layer_key, parse_pool)
@@ -61,6 +61,7 @@ from ._write import _compression_kwargs, write_cache
 
 __all__ = [
     "SCHEMA_VERSION",
+    "ROW_BLOCK",
     "Codes",
     "CacheInfo",
     "LayerRecord",

@@ -104,8 +104,8 @@ def _info_from_open(f, path: Path) -> CacheInfo:
     layers = {k: LayerRecord.from_attrs(k, f["codes"][k].attrs) for k in keys}  # in extraction order
     n = int(f.attrs["n_rows"])
     # counted by blocks: the whole column as Python strings costs ~60 bytes a row
-    n_failed = sum(int(np.sum(_field_block(f, "status", lo, min(n, lo + _ROW_BLOCK)) != "ok"))
-                   for lo in range(0, n, _ROW_BLOCK))
+    n_failed = sum(int(np.sum(_field_block(f, "status", lo, min(n, lo + ROW_BLOCK)) != "ok"))
+                   for lo in range(0, n, ROW_BLOCK))
     return CacheInfo(
         path=path,
         fingerprint=str(f.attrs["fingerprint"]),
@@ -152,7 +152,7 @@ def read_rows(path: str | os.PathLike, *, verify: bool = True) -> dict[str, np.n
     return rows
 
 
-_ROW_BLOCK = 8192  # rows of one field read at a time by the block readers of the row table (~0.6 MB as str)
+ROW_BLOCK = 8192  # rows of one field read at a time by the block readers of the row table (~0.6 MB as str)
 
 
 def _field_block(f, name: str, lo: int, hi: int) -> np.ndarray:
@@ -316,7 +316,7 @@ class CacheSnapshot:
             raise UsageError(f"No row field {name!r}; the row table has: {', '.join(ROW_FIELDS)}")
         return _field_block(self._f, name, lo, hi)
 
-    def verify_rows(self, block: int = _ROW_BLOCK) -> None:
+    def verify_rows(self, block: int = ROW_BLOCK) -> None:
         """Check the row table's sha256 as :meth:`rows` does, reading ``block`` rows of a field at a time.
 
         Raises

@@ -71,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rounds of refinement around the best C, each halving the log step "
                         "(default: down to half decades, 2 rounds for the default 2-decade grid; 0: the grid only)")
     p.add_argument("--stream", action="store_true",
-                   help="train from chunks of the cache without loading all codes (averaged SGD, hinge / logistic "
-                        "loss, C chosen on val); without it, done automatically when the codes would not fit in "
-                        "memory (--memory-budget)")
+                   help="train from chunks of the cache without loading all codes (the same LinearSVC / softmax "
+                        "objectives solved exactly by L-BFGS, one pass over the chunks per iteration, at most "
+                        "--max-iter iterations; C chosen on val); without it, done automatically when the codes "
+                        "would not fit in memory (--memory-budget)")
     p.add_argument("--no-stream", action="store_true", help="never stream, whatever the codes' size")
     p.add_argument("--train-views", default="combined", choices=["combined", "all"],
                    help="combined (default): one training row per image; all: every view kept by extract.py "
@@ -83,7 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes the codes may take in memory before training streams (e.g. 8e9; default "
                         "CNNCODES_MEMORY_BUDGET or else the memory available)")
     p.add_argument("--chunk-rows", type=int, default=2048, help="rows per chunk with --stream (default 2048)")
-    p.add_argument("--epochs", type=int, default=20, help="most epochs with --stream (default 20)")
     p.add_argument("--out", "-o", default=None,
                    help="run folder (default artifacts/runs/<cache>__<layers>__<UTC time>__<settings hash>)")
     p.add_argument("--runs-root", default="artifacts/runs", help="parent of the default run folder")
@@ -112,7 +112,7 @@ def _stream_args(args) -> dict:
     if args.stream and args.no_stream:
         raise UsageError("--stream and --no-stream exclude each other")
     stream = True if args.stream else (False if args.no_stream else None)
-    return {"stream": stream, "stream_options": {"chunk_rows": args.chunk_rows, "epochs": args.epochs},
+    return {"stream": stream, "stream_options": {"chunk_rows": args.chunk_rows},
             "memory_budget": args.memory_budget}
 
 

@@ -2,276 +2,165 @@
 
 Codes are read chunk by chunk through one snapshot of the cache (:func:`cnncodes.store.open_cache`)
 and never all at once; each chunk is normalised row by row as the in-memory path does (``l2``,
-``sqrt``, ``none``; ``standard`` first learns its mean and variance in a streamed pass). The
-classifiers are scikit-learn's ``SGDClassifier`` (averaged SGD, ``partial_fit``): ``hinge`` for
-``svm`` (a linear SVM, one-vs-rest as LinearSVC) and ``log_loss`` for ``softmax`` (logistic
-regression, but one-vs-rest: SGD has no multinomial loss). C maps to ``alpha = 1 / (C n)``.
+``sqrt``, ``none``; ``standard`` first learns its mean and variance in a streamed pass).
 
-Every C of the grid is trained in the same pass over the chunks; each epoch visits the training
-chunks in a random order, the rows of each chunk shuffled (:func:`chunk_order`), and scores every
-model on the val split; a model stops after ``patience`` epochs without a better val accuracy and
-keeps its best epoch. The chosen C is refit on train+val for its best number of epochs. Memory
-holds one chunk, the models and O(N) row indices: it does not grow with the codes' size.
+The classifiers are the in-memory ones, fitted exactly: :mod:`cnncodes.stream_solver` minimises
+LinearSVC's objective (``svm``: squared hinge, one-vs-rest) and LogisticRegression's (``softmax``:
+multinomial) by L-BFGS, the full gradient summed over one pass of the chunks per step, and hands back
+fitted ``LinearSVC`` / ``LogisticRegression`` objects. (Averaged SGD, tried first, stayed 1-2 pp below
+the in-memory fits on Fashion-MNIST codes after 20 epochs, whatever the row order.)
+
+C is searched as in memory (:class:`cnncodes.search.CSchedule`: the coarse grid with its early stop,
+widened past an edge, refined to half decades), by accuracy on the val split; the C values of one
+batch of the schedule are solved together, one pass over the chunks evaluating all of them, each
+warm-started from the nearest C solved before. The chosen C is refit on train+val, warm-started
+from its train solution. Memory holds one chunk, the models and O(N) row indices: it does not grow
+with the codes' size.
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import functools
-import hashlib
+import itertools
 import json
 import logging
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import SGDClassifier
-from sklearn.pipeline import Pipeline
-
-from .errors import CacheCorruptError, InvalidParameterError, TrainingDataError, UsageError
+from .errors import InvalidParameterError, TrainingDataError, UsageError
+from .stream_read import ChunkReader, SpilledRows, verify_and_check
+from .stream_solver import row_stats
 
 log = logging.getLogger(__name__)
 
-LOSSES = {"svm": "hinge", "softmax": "log_loss"}
+OBJECTIVES = {"svm": "squared hinge, one-vs-rest (LinearSVC)", "softmax": "multinomial log loss (LogisticRegression)"}
 DEFAULT_CHUNK_ROWS = 2048
-DEFAULT_EPOCHS = 20
-# 5, not 3: val accuracy of averaged SGD still moves a few points between epochs; at 3 the sweep stopped
-# on a poor epoch (flowers5 softmax chose C=1e4, -2.7 pp; with 5: C=100, equal to the in-memory fit)
-DEFAULT_PATIENCE = 5
-_GAP = 64  # rows between two reads of a chunk below which one read spans both
-
-
-@functools.lru_cache(maxsize=1)
-def _libc_malloc_trim():
-    """glibc's ``malloc_trim``, looked up on first use, not at import: ``find_library`` runs
-    ``ldconfig -p`` in a subprocess, which every importer of this module would pay."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to call
-        return None
-
-
-def release_freed_memory() -> None:
-    """Hand the heap pages freed by the last chunk back to the OS (glibc's ``malloc_trim``).
-
-    A chunk's arrays (a few MB each: the read block, its float32 copy, the normalised rows,
-    sklearn's copies) are freed and allocated again for every chunk. glibc serves them from
-    the heap once one of that size has been freed (its mmap threshold rises to it), and the
-    heap's holes grew the process by ~20 MB over a run of 100,000 rows (1024-D) more than over
-    10,000; trimming once a chunk keeps the peak at what one chunk needs. A no-op elsewhere.
-    """
-    trim = _libc_malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-def chunk_order(n: int, chunk_rows: int, seed: int, epoch: int, block_rows: int | None = None) -> list[np.ndarray]:
-    """Positions (into a sorted row list of length ``n``) fed in one epoch, chunk by chunk.
-
-    Rows are sorted by path, hence by class, so consecutive rows would make one-class chunks.
-    The list is cut into blocks of ``block_rows`` consecutive rows (default ``chunk_rows // 128``, 16
-    rows: a block is one contiguous read; with 128-row blocks a 2,048-row chunk held only 16 runs of
-    one class each, and val accuracy jumped 3-5 pp between epochs on Fashion-MNIST), the blocks are
-    put in a random order, cut into chunks of ``chunk_rows``, and the rows of each chunk are shuffled. Everything comes from
-    ``np.random.default_rng([seed, epoch])``: first the block permutation, then one row
-    permutation per chunk in the order fed.
-    """
-    block_rows = max(1, chunk_rows // 128) if block_rows is None else block_rows
-    rng = np.random.default_rng([seed, epoch])
-    starts = np.arange(0, n, block_rows)
-    pos = np.concatenate([np.arange(s, min(n, s + block_rows)) for s in starts[rng.permutation(len(starts))]]
-                         or [np.array([], dtype=np.int64)])
-    out = []
-    for s in range(0, n, chunk_rows):
-        part = pos[s:s + chunk_rows]
-        out.append(part[rng.permutation(len(part))])
-    return out
-
-
-class ChunkReader:
-    """Normalised float32 rows of a layer set, read through one cache snapshot."""
-
-    def __init__(self, snap, keys, norm: str):
-        from .classify._estimators import make_normaliser
-
-        self.snap, self.keys, self.norm = snap, list(keys), norm
-        self.normaliser = make_normaliser(norm)
-        self.fitted = norm != "standard"  # the others are row-wise: nothing to learn
-
-    def raw(self, rows: np.ndarray) -> np.ndarray:
-        """Rows ``rows`` (any order) as float32, read in one contiguous block per layer."""
-        release_freed_memory()  # the previous chunk's arrays (see there)
-        rows = np.asarray(rows, dtype=np.int64)
-        order = np.argsort(rows, kind="stable")
-        srt = rows[order]
-        # one read per run of nearby rows (a chunk's blocks lie far apart in the file)
-        cuts = np.flatnonzero(np.diff(srt) > _GAP) + 1
-        segs = np.split(srt, cuts)
-        parts = [np.concatenate([self.snap.read_block(k, int(g[0]), int(g[-1]) + 1)[g - g[0]] for g in segs])
-                 for k in self.keys]
-        block = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
-        out = np.empty(block.shape, dtype=np.float32)
-        out[order] = block
-        return out
-
-    def fit(self, rows: np.ndarray, chunk_rows: int) -> None:
-        """Learn ``standard``'s mean and variance over ``rows`` in a streamed pass."""
-        if not self.fitted:
-            for s in range(0, len(rows), chunk_rows):
-                self.normaliser.partial_fit(self.raw(rows[s:s + chunk_rows]))
-            self.fitted = True
-
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        X = self.raw(rows)
-        return self.normaliser.transform(X) if self.norm != "none" else X
-
-
-def verify_and_check(snap, keys, used: np.ndarray, chunk_rows: int) -> None:
-    """One sequential pass: each layer's sha256 (as :func:`load_codes` checks it) and finite codes on ``used``."""
-    from .splits import check_codes
-
-    n = snap.info.n_rows
-    for k in keys:
-        h = hashlib.sha256()
-        for s in range(0, n, chunk_rows):
-            release_freed_memory()
-            block = snap.read_block(k, s, min(n, s + chunk_rows))
-            h.update(np.ascontiguousarray(block).tobytes())
-            sel = used[(used >= s) & (used < s + len(block))]
-            if len(sel):
-                check_codes(block.astype(np.float32), sel - s, what=f"layer {k}")
-        if h.hexdigest() != snap.layer_sha256(k):
-            raise CacheCorruptError(f"The codes of layer {k!r} in {snap.path} changed after they were written "
-                                    f"(sha256 mismatch). Do not use them; delete the file and extract again.")
-
-
-def make_sgd(clf: str, C: float, n: int, seed: int) -> SGDClassifier:
-    if clf not in LOSSES:
-        raise UsageError(f"The classifier must be one of {', '.join(LOSSES)}. Got {clf!r} instead.")
-    return SGDClassifier(loss=LOSSES[clf], alpha=1.0 / (C * n), average=True, random_state=seed, tol=None)
-
-
-def _partial_fit(model, X, y, classes) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        model.partial_fit(X, y, classes=classes)
+STREAM_OPTIONS = ("chunk_rows", "tol")  # what train_run's stream_options may hold
 
 
 def predict_rows(model, reader: ChunkReader, rows: np.ndarray, chunk_rows: int):
     """Predicted classes and top decision values of ``rows``, chunk by chunk (in ``rows``' order)."""
+    xs = (reader.take(rows[s:s + chunk_rows]) for s in range(0, len(rows), chunk_rows))
+    return predict_chunks([model], xs)[0]
+
+
+def predict_chunks(models: list, xs) -> list:
+    """``(predictions, top scores)`` of each model over the normalised chunks ``xs``, in one pass."""
     from .classify._estimators import top_scores
 
-    preds, scores = [], []
-    for s in range(0, len(rows), chunk_rows):
-        p, sc = top_scores(model, reader.take(rows[s:s + chunk_rows]))
-        preds.append(p)
-        scores.append(sc)
-    if not preds:
-        return np.array([], dtype=np.int64), np.array([])
-    return np.concatenate(preds), np.concatenate(scores)
+    parts = [([np.array([], dtype=np.int64)], [np.array([])]) for _ in models]
+    for X in xs:
+        for (preds, scores), m in zip(parts, models):
+            p, sc = top_scores(m, X)
+            preds.append(p)
+            scores.append(sc)
+    return [(np.concatenate(p), np.concatenate(sc)) for p, sc in parts]
+
+
+def _nearest_warm(solved: dict, C: float):
+    """The parameters of the solved C nearest to ``C`` on a log scale (None if nothing is solved yet)."""
+    if not solved:
+        return None
+    near = min(solved, key=lambda c: abs(np.log(c) - np.log(C)))
+    return solved[near].params()
 
 
 @dataclass
-class StreamSweep:
-    """What :func:`sweep_stream` found, shaped like :class:`cnncodes.classify.SweepResult` for the run folder."""
+class StreamedRows:
+    """The rows one layer set is trained on, as the solver reads them.
 
-    grid: np.ndarray
-    scores: np.ndarray
-    best_epochs: list[int]
-    models: list  # each C's model at its best epoch
-    epochs_run: list[int]
-    seconds: float
-    method: str = "val"
-    n_folds: int = 0
-    notes: list = field(default_factory=list)
-    stopped_at: int | None = None
-
-    @property
-    def best_index(self) -> int:
-        return int(np.argmax(self.scores))  # the first (smallest C) of equals
-
-    @property
-    def best_C(self) -> float:
-        return float(self.grid[self.best_index])
-
-    @property
-    def at_edge(self) -> bool:
-        return self.best_index in (0, len(self.grid) - 1)
-
-    @property
-    def scores_std(self) -> np.ndarray:
-        return np.zeros_like(self.scores)
-
-    def curve(self) -> list[dict]:
-        return [{"C": float(c), "score": float(s), "best_epoch": e, "epochs_run": r}
-                for c, s, e, r in zip(self.grid, self.scores, self.best_epochs, self.epochs_run)]
-
-
-def fit_epochs(reader: ChunkReader, y: np.ndarray, rows: np.ndarray, models: list, classes, *, epochs: int,
-               chunk_rows: int, seed: int, on_epoch=None) -> None:
-    """``partial_fit`` every model of ``models`` on the chunks of ``rows`` for ``epochs`` epochs.
-
-    ``on_epoch(epoch)`` after each epoch may return the indices of models to stop (or True: all).
+    ``train`` / ``val``: scratch copies (:class:`~cnncodes.stream_read.SpilledRows`) of the training and
+    val rows; ``reader`` normalises as fitted on train (the sweep), ``refit_reader`` as fitted on
+    train+val (the final model); ``t``: class indices (0..K-1) of every row of the cache.
     """
-    active = set(range(len(models)))
-    for epoch in range(epochs):
-        for pos in chunk_order(len(rows), chunk_rows, seed, epoch):
-            r = rows[pos]
-            X, yy = reader.take(r), y[r]
-            for i in active:
-                _partial_fit(models[i], X, yy, classes)
-        if on_epoch is not None:
-            stop = on_epoch(epoch)
-            active -= set(range(len(models))) if stop is True else set(stop or ())
-        if not active:
-            return
+
+    reader: ChunkReader
+    refit_reader: ChunkReader
+    train: SpilledRows
+    val: SpilledRows
+    t: np.ndarray
+    n_features: int
+    n_classes: int
+
+    def sweep_chunks(self):
+        return self.train.chunks(self.reader.normalise, self.t)
+
+    @functools.cached_property
+    def sweep_stats(self):
+        """:class:`~cnncodes.stream_solver.RowStats` of the sweep's rows (one pass, once for every classifier)."""
+        return row_stats(self.sweep_chunks(), self.n_features, self.n_classes)
+
+    @functools.cached_property
+    def refit_stats(self):
+        return row_stats(self.refit_chunks(), self.n_features, self.n_classes)
+
+    def val_codes(self):
+        return (self.reader.normalise(raw) for _, raw in self.val.blocks())
+
+    def refit_chunks(self):
+        a, b = self.train.chunks(self.refit_reader.normalise, self.t), self.val.chunks(self.refit_reader.normalise, self.t)
+        return lambda: itertools.chain(a(), b())  # a sum over rows: the order does not matter
 
 
-def sweep_stream(reader: ChunkReader, y: np.ndarray, train: np.ndarray, val: np.ndarray, *, clf: str, grid,
-                 classes, seed: int, chunk_rows: int, epochs: int, patience: int) -> StreamSweep:
-    """Train one SGD model per C in one streamed pass per epoch; keep each at its best val epoch."""
+def sweep_stream(data: StreamedRows, *, clf: str, grid, n_classes: int, early_stop: int, widen: bool, refine,
+                 max_iter: int, tol=None):
+    """Choose C on the val split with :class:`~cnncodes.search.CSchedule`, each batch of C values solved
+    exactly in shared passes (:func:`cnncodes.stream_solver.solve_path`).
+
+    Returns ``(SweepResult, solutions)``: the result as the in-memory sweep shapes it (method
+    ``"val"``, predictions as class indices) and every C's :class:`~cnncodes.stream_solver.Solution`.
+    """
+    from .classify._sweep import _sweep_result
+    from .search import CSchedule, _key
+    from .stream_solver import solve_path, to_estimator
+
+    val = data.val.rows
     if len(val) == 0:
         raise TrainingDataError("The streamed training (stream=True) chooses C on a val split, and this split has "
                                 "none; give the cache a val split or draw one (e.g. val_fraction=0.15)")
     t0 = time.perf_counter()
-    grid = np.asarray(grid, dtype=float)
-    models = [make_sgd(clf, C, len(train), seed) for C in grid]
-    best = [(-1.0, 0, None)] * len(grid)
-    ran = [0] * len(grid)
-    stopped: set[int] = set()
-
-    def on_epoch(epoch: int):
-        for i, m in enumerate(models):
-            if i in stopped:
-                continue
-            ran[i] = epoch + 1
-            pred, _ = predict_rows(m, reader, val, chunk_rows)
-            acc = float(np.mean(pred == y[val]))
-            if acc > best[i][0]:
-                best[i] = (acc, epoch + 1, copy.deepcopy(m))
-            elif epoch + 1 - best[i][1] >= patience:
-                stopped.add(i)
-        return stopped
-
-    fit_epochs(reader, y, train, models, classes, epochs=epochs, chunk_rows=chunk_rows, seed=seed,
-               on_epoch=on_epoch)
-    return StreamSweep(grid, np.array([b[0] for b in best]), [b[1] for b in best], [b[2] for b in best], ran,
-                       time.perf_counter() - t0)
+    g = np.asarray(grid, dtype=float)
+    # a batch is one set of passes over the rows: the whole initial grid at once (reading the codes is what
+    # a streamed fit pays for; more models cost only their share of the matrix products)
+    schedule = CSchedule(tuple(g), early_stop, bool(widen), refine, batch=len(g))
+    solved: dict = {}
+    points: dict = {}
+    while batch := [_key(c) for c in schedule.next_batch()]:
+        warm = {c: w for c in batch if (w := _nearest_warm(solved, c)) is not None}
+        sols = solve_path(clf, data.sweep_chunks(), n_rows=len(data.train.rows), n_features=data.n_features,
+                          n_classes=n_classes, Cs=batch, warm=warm, tol=tol, max_iter=max_iter,
+                          stats=data.sweep_stats, on_pass=_log_pass)
+        ests = [to_estimator(s, clf, np.arange(n_classes), max_iter=max_iter, tol=tol) for s in sols]
+        for s, (p, _) in zip(sols, predict_chunks(ests, data.val_codes())):
+            solved[s.C] = s
+            points[s.C] = (np.array([np.mean(p == data.t[val])]), p, s.converged)
+            log.info("  C=%g: val %.4f, %d iterations%s", s.C, points[s.C][0][0], s.n_iter,
+                     "" if s.converged else f" ({s.message})")
+        schedule.record({s.C: points[s.C][0][0] for s in sols})
+    return _sweep_result(g, points, schedule, "val", 1, len(val), time.perf_counter() - t0, []), solved
 
 
-def refit_stream(reader: ChunkReader, y: np.ndarray, rows: np.ndarray, *, clf: str, C: float, epochs: int, classes,
-                 seed: int, chunk_rows: int) -> Pipeline:
-    """The final model on ``rows`` (train+val) for ``epochs`` epochs, as a pipeline that predicts from raw codes."""
-    model = make_sgd(clf, C, len(rows), seed)
-    fit_epochs(reader, y, rows, [model], classes, epochs=epochs, chunk_rows=chunk_rows, seed=seed)
-    return Pipeline([("norm", reader.normaliser), ("clf", model)])
+def _log_pass(passes: int, active: int) -> None:
+    if passes % 100 == 0:
+        log.info("  %d passes over the training rows, %d C value(s) still improving", passes, active)
+
+
+def refit_stream(data: StreamedRows, *, clf: str, C: float, classes, max_iter: int, tol=None, warm=None):
+    """The final model on train+val: a pipeline that predicts from raw codes, and its Solution."""
+    from sklearn.pipeline import Pipeline
+
+    from .stream_solver import solve_path, to_estimator
+
+    sol, = solve_path(clf, data.refit_chunks(), n_rows=len(data.train.rows) + len(data.val.rows),
+                      n_features=data.n_features, n_classes=len(classes), Cs=[C],
+                      warm=None if warm is None else {C: warm}, tol=tol, max_iter=max_iter,
+                      stats=data.refit_stats, on_pass=_log_pass)
+    est = to_estimator(sol, clf, classes, max_iter=max_iter, tol=tol)
+    return Pipeline([("norm", data.refit_reader.normaliser), ("clf", est)]), sol
 
 
 # --------------------------------------------------------------------------- a whole run
@@ -323,24 +212,42 @@ def needs_streaming(cache, sets, budget: float | None = None) -> bool:
     return False
 
 
+def check_stream_options(options) -> dict:
+    """``stream_options`` with their defaults, every key and value checked."""
+    from .classify._run import _check_int
+
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(STREAM_OPTIONS))
+    if unknown:
+        raise InvalidParameterError("stream_options", "train_run", f"may hold {', '.join(STREAM_OPTIONS)}; got "
+                                    f"{', '.join(map(repr, unknown))}. (The streamed fit is exact: its iterations "
+                                    f"are the 'max_iter' parameter, its C search that of the in-memory path.)")
+    out = {"chunk_rows": _check_int("chunk_rows", options.get("chunk_rows", DEFAULT_CHUNK_ROWS), 2), "tol": None}
+    tol = options.get("tol")
+    if tol is not None:
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (np.isfinite(tol) and tol > 0):
+            raise InvalidParameterError("tol", "train_run", f"must be a float > 0. Got {tol!r} instead.")
+        out["tol"] = float(tol)
+    return out
+
+
 def train_run_stream(cache, sets, *, classifiers, norm, grid, seed, val_fraction, test_fraction, out, target,
-                     overwrite, marker, plots, chunk_rows: int = DEFAULT_CHUNK_ROWS, epochs: int = DEFAULT_EPOCHS,
-                     patience: int = DEFAULT_PATIENCE):
-    """:func:`cnncodes.classify.train_run` with every layer set trained by :func:`sweep_stream`."""
+                     overwrite, marker, plots, early_stop: int = 2, widen: bool = True, refine=None,
+                     max_iter: int = 1000, stream_options=None):
+    """:func:`cnncodes.classify.train_run` with every layer set trained from chunks (see the module docstring)."""
     from . import runfolder
     from ._provenance import _jsonable, _now, _versions
     from .classify._metrics import format_summary
     from .classify._plots import _plot_confusions, _plot_curves, _plot_layers
-    from .classify._run import METRICS_SCHEMA, RunResult, _check_int
+    from .classify._run import METRICS_SCHEMA, RunResult
     from .fileio import atomic_write_text
     from .modelfile import BEST_MODEL, copy_model
     from .store import open_cache
     from .stream_rows import make_compact_split, read_compact_rows
 
-    for name, v, low in (("chunk_rows", chunk_rows, 2), ("epochs", epochs, 1), ("patience", patience, 1)):
-        _check_int(name, v, low)
-    marker = dict(marker, settings=dict(marker["settings"], stream={"chunk_rows": chunk_rows, "epochs": epochs,
-                                                                     "patience": patience}))
+    opts = check_stream_options(stream_options)
+    search = {"early_stop": early_stop, "widen": widen, "refine": refine, "max_iter": max_iter}
+    marker = dict(marker, settings=dict(marker["settings"], stream=opts))
     t_run = time.perf_counter()
     results, curves, cms = {}, [], []
     with open_cache(cache) as snap, runfolder.staged_run(target, overwrite=overwrite, cache=cache,
@@ -357,18 +264,19 @@ def train_run_stream(cache, sets, *, classifiers, norm, grid, seed, val_fraction
             log.warning("Warning: %s", w)
         y = table.labels
         trval = np.sort(np.concatenate([split.train, split.val]))
-        train, val, test = np.sort(split.train), np.sort(split.val), np.sort(split.test)
+        rows = {"train": np.sort(split.train), "val": np.sort(split.val), "test": np.sort(split.test), "trval": trval}
         classes = np.unique(y[trval])
+        t = np.searchsorted(classes, y)  # class indices of the training rows (test rows may hold other labels)
         for lset in sets:
             name = "+".join(lset)
-            verify_and_check(snap, lset, np.sort(np.concatenate([trval, test])), chunk_rows)
+            verify_and_check(snap, lset, np.sort(np.concatenate([trval, rows["test"]])), opts["chunk_rows"])
             results[name] = {}
-            for clf in classifiers:
-                r, sw = _one(snap, lset, name, clf, norm, grid, y, train, val, test, trval, classes, seed, chunk_rows,
-                             epochs, patience, info, class_names, tmp, cache)
-                results[name][clf] = r
-                curves.append((name, clf, sw))
-                cms.append((name, clf, r["test"]))
+            with _streamed_rows(snap, lset, norm, rows, t, len(classes), opts["chunk_rows"], tmp) as data:
+                for clf in classifiers:
+                    r, sw = _one(data, name, clf, grid, y, rows, classes, opts, search, seed, info, tmp, cache)
+                    results[name][clf] = r
+                    curves.append((name, clf, sw))
+                    cms.append((name, clf, r["test"]))
         best = max(((n, c, r) for n, d in results.items() for c, r in d.items()), key=lambda t: t[2]["val"]["accuracy"])
         copy_model(tmp / best[2]["model"], tmp / BEST_MODEL)
         metrics = {
@@ -379,8 +287,7 @@ def train_run_stream(cache, sets, *, classifiers, norm, grid, seed, val_fraction
                       "rows_sha256": info.rows_sha256, "class_names": class_names},
             "split": split.to_dict(),
             "settings": {"norm": norm, "grid": list(grid), "seed": seed, "classifiers": list(classifiers),
-                         "layer_sets": ["+".join(s) for s in sets], "stream": True, "chunk_rows": chunk_rows,
-                         "epochs": epochs, "patience": patience},
+                         "layer_sets": ["+".join(s) for s in sets], "stream": True, **opts, **search},
             "results": results,
             "best": {"layers": best[0], "clf": best[1], "val_accuracy": best[2]["val"]["accuracy"],
                      "test_accuracy": best[2]["test"]["accuracy"], "model": best[2]["model"], "file": BEST_MODEL},
@@ -396,57 +303,70 @@ def train_run_stream(cache, sets, *, classifiers, norm, grid, seed, val_fraction
     return RunResult(target, metrics, format_summary(metrics))
 
 
-STREAM_NOTE = ("streamed: averaged SGD (partial_fit) over chunks of the cache; svm = hinge loss, softmax = "
-               "one-vs-rest logistic loss; C chosen on val with early stopping, refit on train+val")
+STREAM_NOTE = ("streamed: LinearSVC's / LogisticRegression's objective minimised exactly by L-BFGS over chunks of "
+               "the cache (one pass per step); C chosen on val as in memory, refit on train+val")
 
 
-def _one(snap, lset, name, clf, norm, grid, y, train, val, test, trval, classes, seed, chunk_rows, epochs, patience,
-         info, class_names, tmp, cache):
+@contextlib.contextmanager
+def _streamed_rows(snap, lset, norm, rows, t, n_classes, chunk_rows, scratch_dir):
+    """The :class:`StreamedRows` of a layer set, its scratch copies deleted on exit."""
+    reader = ChunkReader(snap, lset, norm)
+    reader.fit(rows["train"], chunk_rows)
+    refit_reader = ChunkReader(snap, lset, norm)
+    refit_reader.fit(rows["trval"], chunk_rows)
+    with SpilledRows(reader, rows["train"], Path(scratch_dir) / ".train-codes.tmp", chunk_rows) as train, \
+            SpilledRows(reader, rows["val"], Path(scratch_dir) / ".val-codes.tmp", chunk_rows) as val:
+        yield StreamedRows(reader, refit_reader, train, val, t, sum(snap.info.layers[k].dim for k in lset), n_classes)
+
+
+def _one(data: StreamedRows, name, clf, grid, y, rows, classes, opts, search, seed, info, tmp, cache):
     """Sweep, refit and evaluate one (layer set, classifier); save its model; return its results entry."""
     from .classify._metrics import compute_metrics
     from .modelfile import MODEL_SUFFIX, save_model
     from .stream_rows import write_predictions
 
-    reader = ChunkReader(snap, lset, norm)
-    reader.fit(train, chunk_rows)
-    log.info("Streaming %s on %s: %d C values, up to %d epochs over chunks of %d rows", clf, name, len(grid),
-             epochs, chunk_rows)
-    sw = sweep_stream(reader, y, train, val, clf=clf, grid=grid, classes=classes, seed=seed, chunk_rows=chunk_rows,
-                      epochs=epochs, patience=patience)
-    val_pred, _ = predict_rows(sw.models[sw.best_index], reader, val, chunk_rows)
-    val_metrics = compute_metrics(y[val], val_pred, class_names)
+    class_names = info.class_names
+    lset, norm = data.reader.keys, data.reader.norm
+    chunk_rows, tol, max_iter = opts["chunk_rows"], opts["tol"], search["max_iter"]
+    val, test, trval = rows["val"], rows["test"], rows["trval"]
+    log.info("Streaming %s on %s: exact fits, one pass over %d training rows per iteration", clf, name,
+             len(rows["train"]))
+    sw, solved = sweep_stream(data, clf=clf, grid=grid, n_classes=len(classes), early_stop=search["early_stop"],
+                              widen=search["widen"], refine=search["refine"], max_iter=max_iter, tol=tol)
+    val_metrics = compute_metrics(y[val], classes[sw.predictions[sw.best_index]], class_names)
     val_metrics["method"] = "val"
-    n_ep = sw.best_epochs[sw.best_index]
     t0 = time.perf_counter()
-    refit_reader = ChunkReader(snap, lset, norm)
-    refit_reader.fit(trval, chunk_rows)
-    pipe = refit_stream(refit_reader, y, trval, clf=clf, C=sw.best_C, epochs=n_ep, classes=classes, seed=seed,
-                        chunk_rows=chunk_rows)
+    pipe, sol = refit_stream(data, clf=clf, C=sw.best_C, classes=classes, max_iter=max_iter, tol=tol,
+                             warm=solved[sw.best_C].params())
     fit_s = time.perf_counter() - t0
-    pred_all = {s: predict_rows(pipe[-1], refit_reader, r, chunk_rows) for s, r in (("train", trval), ("test", test))}
+    if not sol.converged:
+        log.warning("%s / %s: %s", name, clf, sol.message)
+    pred_all = {s: predict_rows(pipe[-1], data.refit_reader, r, chunk_rows) for s, r in (("train", trval), ("test", test))}
     stem = f"{name}__{clf}"
     rel_model = f"models/{stem}{MODEL_SUFFIX}"
-    dim = sum(info.layers[k].dim for k in lset)
+    dim = data.n_features
     save_model(pipe, tmp / rel_model, {
         "classifier": clf, "norm": norm, "C": sw.best_C, "layers": list(lset),
         "records": {k: info.layers[k].to_dict() for k in lset}, "spec": info.spec, "fingerprint": info.fingerprint,
         "cache": str(Path(cache).resolve()), "class_names": list(class_names), "n_features": int(dim),
-        "max_iter": n_ep, "converged": True, "seed": seed, "stream": True,
+        "max_iter": max_iter, "converged": sol.converged, "seed": seed, "stream": True,
     })
     is_val = lambda r: np.isin(r, val)  # noqa: E731  (val is sorted, as trval and test)
-    write_predictions(tmp / "predictions" / f"{stem}.csv", snap, y, class_names, [
+    write_predictions(tmp / "predictions" / f"{stem}.csv", data.reader.snap, y, class_names, [
         (trval, lambda r: np.where(is_val(r), "val", "train"), *pred_all["train"]),
         (test, lambda r: np.full(len(r), "test"), *pred_all["test"])])
     r = {
         "C": sw.best_C, "c_index": sw.best_index, "c_at_edge": sw.at_edge, "c_curve": sw.curve(),
-        "selection": {"method": "val", "n_folds": 0, "notes": [], "stream": True, "epochs": n_ep},
+        "selection": {"method": "val", "n_folds": 0, "notes": sw.notes, "early_stop": search["early_stop"],
+                      "stopped_at": sw.stopped_at, "tried": sw.tried, "stop_reason": sw.stop_reason, "stream": True},
         "train": compute_metrics(y[trval], pred_all["train"][0], class_names), "val": val_metrics,
         "test": compute_metrics(y[test], pred_all["test"][0], class_names),
-        "converged": True, "convergence_message": "", "max_iter": n_ep,
+        "converged": sol.converged, "convergence_message": sol.message, "max_iter": max_iter,
         "sweep_seconds": sw.seconds, "fit_seconds": fit_s, "n_features": int(dim), "norm": norm, "model": rel_model,
-        "stream": {"epochs": n_ep, "chunk_rows": chunk_rows, "loss": LOSSES[clf]},
+        "stream": {"chunk_rows": chunk_rows, "objective": OBJECTIVES[clf], "iterations": sol.n_iter,
+                   "sweep_iterations": {f"{c:g}": s.n_iter for c, s in sorted(solved.items())}},
     }
     r["train"]["rows"] = "train+val"
-    log.info("%s / %s (streamed): C=%g, %d epochs, val %.4f, test %.4f (sweep %.1fs, fit %.1fs)", name, clf,
-             sw.best_C, n_ep, val_metrics["accuracy"], r["test"]["accuracy"], sw.seconds, fit_s)
+    log.info("%s / %s (streamed): C=%g, val %.4f, test %.4f (sweep %.1fs, fit %.1fs, %d iterations)", name, clf,
+             sw.best_C, val_metrics["accuracy"], r["test"]["accuracy"], sw.seconds, fit_s, sol.n_iter)
     return r, sw

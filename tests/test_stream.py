@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sklearn.linear_model import SGDClassifier
+from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import normalize
+from sklearn.svm import LinearSVC
 
 from cnncodes import classify as C
 from cnncodes.cli_train import main as train_main
@@ -22,60 +23,52 @@ from conftest import SPEC, digits_cache
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _order(n, chunk_rows, seed, epoch):
-    """The documented feeding order, written again here: blocks of chunk_rows // 128 rows in a random
-    order, cut into chunks, rows shuffled within each chunk."""
-    rng = np.random.default_rng([seed, epoch])
-    b = max(1, chunk_rows // 128)
-    blocks = [np.arange(s, min(n, s + b)) for s in range(0, n, b)]
-    pos = np.concatenate([blocks[i] for i in rng.permutation(len(blocks))])
-    return [pos[s:s + chunk_rows][rng.permutation(len(pos[s:s + chunk_rows]))] for s in range(0, n, chunk_rows)]
-
-
-def _hand_loop(X, y, rows, C_, epochs, classes, chunk_rows, seed, val=None):
-    """partial_fit by hand over the same chunks; with ``val``: the model and epoch of the best val accuracy."""
-    m = SGDClassifier(loss="hinge", alpha=1.0 / (C_ * len(rows)), average=True, random_state=seed, tol=None)
-    best = (-1.0, 0, None)
-    for e in range(epochs):
-        for pos in _order(len(rows), chunk_rows, seed, e):
-            m.partial_fit(X[rows[pos]], y[rows[pos]], classes=classes)
-        if val is not None:
-            acc = float(np.mean(m.predict(X[val]) == y[val]))
-            if acc > best[0]:
-                best = (acc, e + 1, m.coef_.copy())
-    return m, best
-
-
-def test_streamed_run_equals_a_hand_written_partial_fit_loop(tmp_path):
+def test_streamed_run_equals_the_in_memory_run(tmp_path):
+    """The streamed fit minimises the in-memory objectives: same C search, same val/test predictions, and the
+    saved model's coefficients equal to LinearSVC / LogisticRegression refit on train+val by scikit-learn."""
     cache = digits_cache(tmp_path / "digits.h5")
-    grid, epochs, chunk = [0.1, 10.0], 4, 256
-    res = C.train_run(cache, ["fc7"], classifiers=["svm"], grid=grid, seed=0, out=tmp_path / "run", plots=False,
-                      stream=True, stream_options={"chunk_rows": chunk, "epochs": epochs, "patience": epochs})
-    r = res.metrics["results"]["fc7"]["svm"]
+    kw = dict(classifiers=["svm", "softmax"], plots=False, n_jobs=1)
+    mem = C.train_run(cache, ["fc7"], out=tmp_path / "memory", stream=False, **kw)
+    st = C.train_run(cache, ["fc7"], out=tmp_path / "stream", stream=True, stream_options={"chunk_rows": 300, "tol": 1e-8},
+                     **kw)
 
     codes = load_codes(cache, "fc7")
-    X, y = normalize(codes.X), codes.labels
+    X, y = normalize(codes.X).astype(np.float64), codes.labels
     sp = C.make_split(y, codes.splits, codes.status, class_names=codes.class_names, paths=codes.paths,
                       messages=codes.messages, val_fraction=0.15, test_fraction=0.2, seed=0)
-    train, val, test = np.sort(sp.train), np.sort(sp.val), np.sort(sp.test)
-    trval = np.sort(np.concatenate([train, val]))
-    classes = np.unique(y[trval])
-    bests = [_hand_loop(X, y, train, c, epochs, classes, chunk, 0, val=val)[1] for c in grid]
-    assert [p["score"] for p in r["c_curve"]] == [b[0] for b in bests]
-    assert [p["best_epoch"] for p in r["c_curve"]] == [b[1] for b in bests]
-    k = int(np.argmax([b[0] for b in bests]))
-    assert r["C"] == grid[k]
-    final, _ = _hand_loop(X, y, trval, grid[k], bests[k][1], classes, chunk, 0)
-    pipe, meta = C.load_model(res.run_dir / r["model"])
-    assert np.array_equal(pipe[-1].coef_, final.coef_) and np.array_equal(pipe[-1].intercept_, final.intercept_)
-    assert r["test"]["accuracy"] == pytest.approx(float(np.mean(final.predict(X[test]) == y[test])))
-    assert meta["stream"] is True and meta["C"] == grid[k]
+    trval = np.sort(np.concatenate([sp.train, sp.val]))
+    for clf in ("svm", "softmax"):
+        m, s = mem.metrics["results"]["fc7"][clf], st.metrics["results"]["fc7"][clf]
+        assert s["C"] == m["C"] and s["val"]["accuracy"] == m["val"]["accuracy"]
+        assert s["test"]["accuracy"] == m["test"]["accuracy"]
+        assert s["converged"] and s["selection"]["method"] == "val"
+        ref = (LinearSVC(C=s["C"], dual=False, tol=1e-8, max_iter=100_000) if clf == "svm"
+               else LogisticRegression(C=s["C"], tol=1e-10, max_iter=100_000)).fit(X[trval], y[trval])
+        pipe, meta = C.load_model(st.run_dir / s["model"])
+        est = pipe[-1]
+        scale = np.abs(ref.coef_).max()
+        assert np.abs(est.coef_ - ref.coef_).max() <= 1e-3 * scale
+        assert np.abs(est.intercept_ - ref.intercept_).max() <= 1e-3 * scale
+        assert np.array_equal(pipe.predict(codes.X), ref.predict(X))
+        assert meta["stream"] is True and meta["C"] == s["C"]
+
+
+def test_stream_options_are_checked_before_any_work(tmp_path, capsys):
+    cache = digits_cache(tmp_path / "digits.h5")
+    for bad, match in (({"epochs": 3}, "'stream_options' parameter of train_run may hold chunk_rows, tol; got 'epochs'"),
+                       ({"tol": 0}, "'tol' parameter of train_run must be a float > 0"),
+                       ({"chunk_rows": 1}, "'chunk_rows' parameter of train_run must be an int >= 2")):
+        with pytest.raises(UsageError, match=match):
+            C.train_run(cache, ["fc7"], out=tmp_path / "bad", stream=False, stream_options=bad, plots=False)
+    assert not (tmp_path / "bad").exists()
+    assert train_main([str(cache), "--layers", "fc7", "--out", str(tmp_path / "r"), "--stream", "--epochs", "3"]) == 2
+    assert "unrecognized arguments: --epochs 3" in capsys.readouterr().err
 
 
 def test_streamed_models_predict_from_raw_codes_like_their_run(tmp_path):
     cache = digits_cache(tmp_path / "digits.h5")
     res = C.train_run(cache, ["fc6", "fc7"], classifiers=["svm", "softmax"], grid=[1.0, 100.0], out=tmp_path / "run",
-                      plots=False, stream=True, stream_options={"chunk_rows": 512, "epochs": 3})
+                      plots=False, stream=True, stream_options={"chunk_rows": 512})
     codes = load_codes(cache, ["fc6"])
     for clf in ("svm", "softmax"):
         pipe, meta = C.load_model(res.run_dir / "models" / f"fc6__{clf}{C.MODEL_SUFFIX}")
@@ -97,7 +90,7 @@ def test_stream_switches_on_above_the_memory_budget(tmp_path, monkeypatch, caplo
     monkeypatch.setenv("CNNCODES_MEMORY_BUDGET", "1e5")  # 1797 x 64 x 4 x 3 bytes = 1.4e6 > 1e5
     with caplog.at_level("WARNING"):
         res = C.train_run(cache, ["fc7"], classifiers=["svm"], grid=[1.0, 10.0], out=tmp_path / "run", plots=False,
-                          stream=None, stream_options={"epochs": 2})
+                          stream=None, max_iter=50)
     assert res.metrics["settings"].get("stream") is True
     assert any("training streamed" in r.getMessage() for r in caplog.records)
 
@@ -105,7 +98,7 @@ def test_stream_switches_on_above_the_memory_budget(tmp_path, monkeypatch, caplo
 def test_memory_budget_parameter_overrides_the_environment(tmp_path, monkeypatch):
     cache = digits_cache(tmp_path / "digits.h5")
     monkeypatch.setenv("CNNCODES_MEMORY_BUDGET", "1e5")
-    kw = dict(classifiers=["svm"], grid=[1.0, 10.0], plots=False, stream=None, stream_options={"epochs": 2})
+    kw = dict(classifiers=["svm"], grid=[1.0, 10.0], plots=False, stream=None, max_iter=50)
     res = C.train_run(cache, ["fc7"], out=tmp_path / "big", memory_budget=1e12, **kw)  # 1.4e6 bytes fit
     assert res.metrics["settings"].get("stream") is None
     monkeypatch.delenv("CNNCODES_MEMORY_BUDGET")
@@ -130,7 +123,7 @@ _CHILD = """
 import sys
 from cnncodes.classify import train_run
 train_run(sys.argv[1], ["fc7"], classifiers=["svm"], grid=[1.0, 10.0], out=sys.argv[2], plots=False,
-          stream=sys.argv[3] == "1", stream_options={"epochs": 2, "chunk_rows": 1024} if sys.argv[3] == "1" else None,
+          stream=sys.argv[3] == "1", stream_options={"chunk_rows": 1024} if sys.argv[3] == "1" else None, max_iter=5,
           n_jobs=1)
 """
 
@@ -177,3 +170,29 @@ def test_streamed_peak_memory_does_not_grow_with_the_rows(tmp_path):
     # predictions CSV written by blocks (cnncodes/stream_rows.py), so only a few bytes a row remain:
     assert s_big <= 1.2 * s_small, (s_small, s_big)
     assert m_big > s_big + 100, (s_big, m_big)  # the in-memory path grows by the codes (82 MB per copy)
+
+
+def test_spilled_rows_read_back_what_the_cache_holds_and_are_deleted(tmp_path):
+    from cnncodes.store import open_cache
+    from cnncodes.stream_read import ChunkReader, SpilledRows
+
+    cache = digits_cache(tmp_path / "digits.h5")
+    rows = np.sort(np.random.default_rng(0).choice(1797, 700, replace=False))
+    t = np.arange(1797) % 7
+    with open_cache(cache) as snap:
+        reader = ChunkReader(snap, ["fc6", "fc7"], "standard")
+        reader.fit(rows, 128)
+        with SpilledRows(reader, rows, tmp_path / "spill.tmp", 128) as sp:
+            got = list(sp.chunks(reader.normalise, t)())
+            assert (tmp_path / "spill.tmp").stat().st_size == 700 * sp.dim * sp.dtype.itemsize
+            with pytest.raises(FileExistsError):  # never over a file that is not its own
+                SpilledRows(reader, rows, tmp_path / "spill.tmp", 128)
+        assert not (tmp_path / "spill.tmp").exists()
+    codes = load_codes(cache, ["fc6", "fc7"])
+    X = codes.X[rows].astype(np.float64)  # fc6 and fc7 side by side, as the reader reads them
+    assert X.shape[1] == sp.dim
+    mean, std = X.mean(axis=0), X.std(axis=0)
+    expect = (X - mean) / np.where(std == 0, 1, std)
+    assert [len(x) for x, _ in got] == [128] * 5 + [60]
+    assert np.allclose(np.concatenate([x for x, _ in got]), expect, atol=1e-4)
+    assert np.array_equal(np.concatenate([tt for _, tt in got]), t[rows])

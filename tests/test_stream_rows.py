@@ -111,7 +111,7 @@ def test_streamed_run_never_holds_more_than_a_block_of_row_strings(tmp_path, mon
     monkeypatch.setattr(_read, "_field_block", spy)
     monkeypatch.setattr(CacheSnapshot, "rows", lambda *a, **k: pytest.fail("the whole row table was read"))
     res = C.train_run(path, ["fc7"], classifiers=["svm"], grid=[1.0, 10.0], out=tmp_path / "run", plots=False,
-                      stream=True, stream_options={"epochs": 1, "chunk_rows": 256})
+                      stream=True, stream_options={"chunk_rows": 256}, max_iter=5)
     assert res.metrics["split"]["counts"]["test"] > 0
     assert {n for n, _ in spans} >= {"paths", "split", "status", "message"}
     assert max(k for _, k in spans) <= block, max(spans, key=lambda t: t[1])

@@ -145,10 +145,13 @@ def train_run(
         Write the PNG figures.
     stream : bool or None
         True: train from chunks of the cache without loading all codes (:mod:`cnncodes.stream`:
-        averaged SGD, C chosen on val); None: only when the codes would not fit the memory budget
-        (:func:`cnncodes.stream.needs_streaming`); False (default): in memory.
+        the same LinearSVC / LogisticRegression objectives minimised exactly by L-BFGS, one pass over
+        the chunks per step, at most ``max_iter`` steps; the same C search, on the val split); None:
+        only when the codes would not fit the memory budget (:func:`cnncodes.stream.needs_streaming`);
+        False (default): in memory.
     stream_options : mapping, optional
-        ``chunk_rows``, ``epochs``, ``patience`` of the streamed training.
+        ``chunk_rows`` (rows per read, default 2048) and ``tol`` (stop at ``max |gradient| <= tol``
+        of the objective scaled as scikit-learn's, default 1e-6) of the streamed training.
     memory_budget : float, optional
         Bytes the in-memory path may use before ``stream=None`` streams; default
         ``CNNCODES_MEMORY_BUDGET`` or else the memory available (:func:`cnncodes.stream.memory_budget`).
@@ -180,6 +183,10 @@ def train_run(
         from ..stream import memory_budget as _memory_budget
 
         _memory_budget(memory_budget)
+    if stream_options is not None:  # likewise a bad option
+        from ..stream import check_stream_options
+
+        check_stream_options(stream_options)
     sets = _layer_sets(layers, concat)
     check_layers(sets)
     all_keys = [k for s in sets for k in s]
@@ -197,7 +204,8 @@ def train_run(
             return _stream.train_run_stream(cache, sets, classifiers=classifiers, norm=norm, grid=g, seed=seed,
                                             val_fraction=val_fraction, test_fraction=test_fraction, out=out,
                                             target=target, overwrite=overwrite, marker=marker, plots=plots,
-                                            **dict(stream_options or {}))
+                                            early_stop=patience, widen=widen, refine=refine, max_iter=max_iter,
+                                            stream_options=stream_options)
     return _train_in_memory(cache, sets, classifiers, fit, val_fraction=val_fraction, test_fraction=test_fraction,
                             concat=concat, target=target, reserve=out is None, overwrite=overwrite, marker=marker,
                             plots=plots)

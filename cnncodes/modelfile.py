@@ -116,7 +116,8 @@ def trusted_types() -> dict[str, frozenset[str]]:
     from sklearn.svm import LinearSVC
 
     estimators = frozenset(_type_name(t) for t in (Pipeline, Normalizer, StandardScaler, FunctionTransformer,
-                                                   LinearSVC, LogisticRegression, SGDClassifier))
+                                                   LinearSVC, LogisticRegression,
+                                                   SGDClassifier))  # earlier streamed runs (see LossNode)
     # what make_classifier("svm") returns (LinearSVC, dual decided at fit), by the name cnncodes.classify pins
     # for it, as for signed_sqrt below: named, not imported, so that model files need not import classify
     estimators |= {"cnncodes.classify.CodesLinearSVC"}
@@ -126,7 +127,8 @@ def trusted_types() -> dict[str, frozenset[str]]:
     return {
         "ObjectNode": estimators,
         "FunctionNode": frozenset({"cnncodes.classify.signed_sqrt"}),
-        # the loss objects of the streamed classifiers (cnncodes.stream: hinge for svm, log_loss for softmax)
+        # the loss objects of SGDClassifier, which streamed runs wrote before they fitted LinearSVC /
+        # LogisticRegression exactly (hinge for svm, log_loss for softmax): their model files still load
         "LossNode": frozenset(_type_name(SGDClassifier.loss_functions[loss][0]) for loss in ("hinge", "log_loss")),
         "DictNode": frozenset({"builtins.dict"}),
         "ListNode": frozenset({"builtins.list"}),

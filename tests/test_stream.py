@@ -196,3 +196,19 @@ def test_spilled_rows_read_back_what_the_cache_holds_and_are_deleted(tmp_path):
     assert [len(x) for x, _ in got] == [128] * 5 + [60]
     assert np.allclose(np.concatenate([x for x, _ in got]), expect, atol=1e-4)
     assert np.array_equal(np.concatenate([tt for _, tt in got]), t[rows])
+
+
+def test_model_files_of_earlier_sgd_streamed_runs_still_load(tmp_path):
+    """Streamed runs wrote SGDClassifier pipelines before they fitted LinearSVC / LogisticRegression exactly."""
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import SGDClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import Normalizer
+
+    X, y = load_digits(return_X_y=True)
+    for loss in ("hinge", "log_loss"):
+        pipe = Pipeline([("norm", Normalizer()), ("clf", SGDClassifier(loss=loss, average=True, random_state=0))])
+        pipe.fit(X, y)
+        C.save_model(pipe, tmp_path / f"{loss}{C.MODEL_SUFFIX}", {"classifier": loss, "stream": True})
+        back, meta = C.load_model(tmp_path / f"{loss}{C.MODEL_SUFFIX}")
+        assert np.array_equal(back.predict(X), pipe.predict(X)) and meta["stream"] is True

@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the fraction of train drawn as val; ignored if the cache records train/val/test")
     p.add_argument("--test-fraction", type=float, default=0.2, help="test fraction of a drawn split")
     p.add_argument("--n-jobs", type=int, default=-1, help="parallel fits (default -1: all cores)")
-    p.add_argument("--max-iter", type=int, default=1000, help="starting iteration limit (raised x4 if needed)")
+    p.add_argument("--max-iter", type=int, default=1000,
+                   help="starting iteration limit (raised x4 if needed); with --stream, the most L-BFGS iterations "
+                        "(passes over the training rows) per C")
     p.add_argument("--early-stop", type=int, default=2, metavar="N",
                    help="stop the C sweep once the score has fallen below its best for N consecutive larger C "
                         "(default 2; 0: evaluate the whole grid)")

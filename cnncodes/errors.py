@@ -27,6 +27,7 @@ __all__ = [
     "CacheLockedError",
     "ExtractionWriteError",
     "ModelFileError",
+    "ScratchSpaceError",
     "TrainingDataError",
     "RunFolderLockedError",
 ]
@@ -115,6 +116,10 @@ class ExtractionWriteError(CacheError):
 
 class ModelFileError(CnnCodesError, OSError):
     """A trained-model file is missing, corrupt, does not match its sidecar, or names a type cnncodes does not write."""
+
+
+class ScratchSpaceError(CnnCodesError, OSError):
+    """The streamed training could not write its scratch copy of the codes (disk full, permissions)."""
 
 
 class TrainingDataError(CnnCodesError, ValueError):

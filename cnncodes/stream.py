@@ -26,6 +26,7 @@ import itertools
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,6 +217,9 @@ def check_stream_options(options) -> dict:
     """``stream_options`` with their defaults, every key and value checked."""
     from .classify._run import _check_int
 
+    if options is not None and not isinstance(options, Mapping):
+        raise InvalidParameterError("stream_options", "train_run", f"must be a mapping such as "
+                                    f"{{'chunk_rows': 2048}}. Got {options!r} instead.")
     options = dict(options or {})
     unknown = sorted(set(options) - set(STREAM_OPTIONS))
     if unknown:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CacheCorruptError
+from .errors import CacheCorruptError, CacheError, ScratchSpaceError
 
 _GAP = 64  # rows between two reads of a chunk below which one read spans both
 
@@ -118,12 +118,26 @@ class SpilledRows:
 
     def __init__(self, reader: ChunkReader, rows: np.ndarray, path: Path, chunk_rows: int):
         self.reader, self.rows, self.path, self.chunk_rows = reader, np.asarray(rows), Path(path), chunk_rows
-        self.dtype, self.dim = None, 0
+        self.dtype = None  # as stored: known from the first block
+        self.dim = sum(reader.snap.info.layers[k].dim for k in reader.keys)
         with open(self.path, "xb") as f:  # x: never over a file that is not ours
-            for s in range(0, len(self.rows), chunk_rows):
-                block = np.ascontiguousarray(reader.raw(self.rows[s:s + chunk_rows], dtype=None))
-                self.dtype, self.dim = block.dtype, block.shape[1]
-                f.write(block.data)
+            try:
+                for s in range(0, len(self.rows), chunk_rows):
+                    block = np.ascontiguousarray(reader.raw(self.rows[s:s + chunk_rows], dtype=None))
+                    self.dtype = block.dtype
+                    f.write(block.data)
+                f.flush()
+            except CacheError:  # reading the cache failed: its own error, and no scratch file left behind
+                self.path.unlink(missing_ok=True)
+                raise
+            except OSError as e:
+                self.path.unlink(missing_ok=True)
+                need = len(self.rows) * self.dim * np.dtype(self.dtype or np.float32).itemsize
+                raise ScratchSpaceError(
+                    f"The streamed training copies the codes it reads on every pass, uncompressed, to {self.path} "
+                    f"(about {need / 1e9:.2f} GB); writing it failed: {e}. Free that much space beside the run "
+                    f"folder, or give the run a folder on another disk (the 'out' parameter)."
+                ) from e
 
     def __enter__(self):
         return self

@@ -55,7 +55,8 @@ def test_streamed_run_equals_the_in_memory_run(tmp_path):
 
 def test_stream_options_are_checked_before_any_work(tmp_path, capsys):
     cache = digits_cache(tmp_path / "digits.h5")
-    for bad, match in (({"epochs": 3}, "'stream_options' parameter of train_run may hold chunk_rows, tol; got 'epochs'"),
+    for bad, match in (([("chunk_rows", 8)], "must be a mapping such as"),
+                       ({"epochs": 3}, "'stream_options' parameter of train_run may hold chunk_rows, tol; got 'epochs'"),
                        ({"tol": 0}, "'tol' parameter of train_run must be a float > 0"),
                        ({"chunk_rows": 1}, "'chunk_rows' parameter of train_run must be an int >= 2")):
         with pytest.raises(UsageError, match=match):
@@ -212,3 +213,38 @@ def test_model_files_of_earlier_sgd_streamed_runs_still_load(tmp_path):
         C.save_model(pipe, tmp_path / f"{loss}{C.MODEL_SUFFIX}", {"classifier": loss, "stream": True})
         back, meta = C.load_model(tmp_path / f"{loss}{C.MODEL_SUFFIX}")
         assert np.array_equal(back.predict(X), pipe.predict(X)) and meta["stream"] is True
+
+
+def test_a_full_disk_while_spilling_is_a_clear_error_and_leaves_no_file(tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    from cnncodes.errors import ScratchSpaceError
+    from cnncodes.store import open_cache
+    from cnncodes.stream_read import ChunkReader, SpilledRows
+
+    cache = digits_cache(tmp_path / "digits.h5")
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(builtins, "open", lambda p, mode="r", *a, **k:
+                        Full(real_open(p, mode, *a, **k)) if str(p).endswith("spill.tmp") else real_open(p, mode, *a, **k))
+    with open_cache(cache) as snap:
+        with pytest.raises(ScratchSpaceError, match=r"spill.tmp \(about 0.00 GB\); writing it failed: .*No space left"):
+            SpilledRows(ChunkReader(snap, ["fc7"], "l2"), np.arange(100), tmp_path / "spill.tmp", 32)
+    assert not (tmp_path / "spill.tmp").exists()

@@ -120,9 +120,6 @@ def sweep_stream(data: StreamedRows, *, clf: str, grid, n_classes: int, early_st
     from .stream_solver import solve_path, to_estimator
 
     val = data.val.rows
-    if len(val) == 0:
-        raise TrainingDataError("The streamed training (stream=True) chooses C on a val split, and this split has "
-                                "none; give the cache a val split or draw one (e.g. val_fraction=0.15)")
     t0 = time.perf_counter()
     g = np.asarray(grid, dtype=float)
     # a batch is one set of passes over the rows: the whole initial grid at once (reading the codes is what
@@ -267,6 +264,9 @@ def train_run_stream(cache, sets, *, classifiers, norm, grid, seed, val_fraction
         for w in split.warnings:
             log.warning("Warning: %s", w)
         y = table.labels
+        if len(split.val) == 0:  # before any pass over the codes
+            raise TrainingDataError("The streamed training (stream=True) chooses C on a val split, and this split "
+                                    "has none; give the cache a val split or draw one (e.g. val_fraction=0.15)")
         trval = np.sort(np.concatenate([split.train, split.val]))
         rows = {"train": np.sort(split.train), "val": np.sort(split.val), "test": np.sort(split.test), "trval": trval}
         classes = np.unique(y[trval])

@@ -248,3 +248,12 @@ def test_a_full_disk_while_spilling_is_a_clear_error_and_leaves_no_file(tmp_path
         with pytest.raises(ScratchSpaceError, match=r"spill.tmp \(about 0.00 GB\); writing it failed: .*No space left"):
             SpilledRows(ChunkReader(snap, ["fc7"], "l2"), np.arange(100), tmp_path / "spill.tmp", 32)
     assert not (tmp_path / "spill.tmp").exists()
+
+
+def test_streaming_without_a_val_split_is_refused_before_any_pass(tmp_path):
+    from cnncodes.errors import TrainingDataError
+
+    cache = digits_cache(tmp_path / "digits.h5")
+    with pytest.raises(TrainingDataError, match="chooses C on a val split, and this split has none"):
+        C.train_run(cache, ["fc7"], out=tmp_path / "run", stream=True, val_fraction=0, plots=False)
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".run.*"))

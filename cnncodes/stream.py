@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InvalidParameterError, TrainingDataError, UsageError
+from .errors import InvalidParameterError, UsageError
 from .stream_read import ChunkReader, SpilledRows, verify_and_check
 from .stream_solver import row_stats
 
@@ -265,8 +265,8 @@ def train_run_stream(cache, sets, *, classifiers, norm, grid, seed, val_fraction
             log.warning("Warning: %s", w)
         y = table.labels
         if len(split.val) == 0:  # before any pass over the codes
-            raise TrainingDataError("The streamed training (stream=True) chooses C on a val split, and this split "
-                                    "has none; give the cache a val split or draw one (e.g. val_fraction=0.15)")
+            raise UsageError("The streamed training (stream=True) chooses C on a val split, and this split has none; "
+                             "give the cache a val split or draw one (e.g. val_fraction=0.15)")
         trval = np.sort(np.concatenate([split.train, split.val]))
         rows = {"train": np.sort(split.train), "val": np.sort(split.val), "test": np.sort(split.test), "trval": trval}
         classes = np.unique(y[trval])

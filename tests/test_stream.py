@@ -250,10 +250,11 @@ def test_a_full_disk_while_spilling_is_a_clear_error_and_leaves_no_file(tmp_path
     assert not (tmp_path / "spill.tmp").exists()
 
 
-def test_streaming_without_a_val_split_is_refused_before_any_pass(tmp_path):
-    from cnncodes.errors import TrainingDataError
-
+def test_streaming_without_a_val_split_is_refused_before_any_pass(tmp_path, capsys):
     cache = digits_cache(tmp_path / "digits.h5")
-    with pytest.raises(TrainingDataError, match="chooses C on a val split, and this split has none"):
+    with pytest.raises(UsageError, match="chooses C on a val split, and this split has none"):
         C.train_run(cache, ["fc7"], out=tmp_path / "run", stream=True, val_fraction=0, plots=False)
     assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".run.*"))
+    assert train_main([str(cache), "--layers", "fc7", "--out", str(tmp_path / "run"), "--stream",
+                       "--val-fraction", "0"]) == 2
+    assert "draw one (e.g. --val-fraction 0.15)" in capsys.readouterr().err

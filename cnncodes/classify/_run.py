@@ -132,7 +132,8 @@ def train_run(
     n_jobs : int
         joblib workers for the sweep.
     max_iter, max_iter_cap : int
-        See :func:`fit_with_retries`.
+        See :func:`fit_with_retries`. A streamed run stops each C at ``max_iter`` L-BFGS iterations
+        (passes over the training rows) and marks it unconverged there.
     early_stop : int or None
         Patience of the C sweep (see :func:`sweep_C`; 0 or None: the whole grid).
     widen, refine

@@ -61,19 +61,27 @@ def synthetic(path: Path, n: int, dim: int, k: int = 10) -> Path:
     return path
 
 
-def peak_mb(cache: Path, out: Path, stream: bool) -> tuple[float, float]:
-    code = ("import resource, subprocess, sys, time\n"
+def measured(child: str, *args: str) -> tuple[str, float, float]:
+    """Run ``python -c child *args`` in a fresh process (under a middle process, so that
+    ``RUSAGE_CHILDREN`` holds only it): its last stdout line, peak RSS (MB) and wall seconds."""
+    code = ("import json, resource, subprocess, sys, time\n"
             "t = time.perf_counter()\n"
-            f"r = subprocess.run([sys.executable, '-c', {_CHILD!r}, {str(cache)!r}, {str(out)!r}, "
-            f"{('1' if stream else '0')!r}])\n"
-            "assert r.returncode == 0\n"
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, time.perf_counter() - t)\n")
+            f"r = subprocess.run([sys.executable, '-c', {child!r}, *{list(args)!r}], capture_output=True, text=True)\n"
+            "assert r.returncode == 0, r.stderr[-3000:]\n"
+            "print(json.dumps([r.stdout.strip().splitlines()[-1] if r.stdout.strip() else '',\n"
+            "                  resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,\n"
+            "                  time.perf_counter() - t]))\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     if r.returncode:
         raise RuntimeError(r.stderr[-3000:])
-    mb, s = map(float, r.stdout.split())
-    return round(mb, 1), round(s, 1)
+    last, mb, s = json.loads(r.stdout.strip().splitlines()[-1])
+    return last, round(mb, 1), round(s, 1)
+
+
+def peak_mb(cache: Path, out: Path, stream: bool) -> tuple[float, float]:
+    _, mb, s = measured(_CHILD, str(cache), str(out), "1" if stream else "0")
+    return mb, s
 
 
 _TRAIN_CHILD = """
@@ -92,20 +100,8 @@ print(json.dumps({"test": r["test"]["accuracy"], "val": r["val"]["accuracy"], "C
 
 def train_child(cache: str, layer: str, clf: str, out: Path, stream: bool) -> dict:
     """One ``train_run`` in a fresh process: its results, wall seconds and peak RSS (MB)."""
-    code = ("import json, resource, subprocess, sys, time\n"
-            "t = time.perf_counter()\n"
-            f"r = subprocess.run([sys.executable, '-c', {_TRAIN_CHILD!r}, {cache!r}, {layer!r}, {clf!r}, "
-            f"{str(out)!r}, {('1' if stream else '0')!r}], capture_output=True, text=True)\n"
-            "assert r.returncode == 0, r.stderr[-3000:]\n"
-            "d = json.loads(r.stdout.strip().splitlines()[-1])\n"
-            "d.update(seconds=round(time.perf_counter() - t, 1),\n"
-            "         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1))\n"
-            "print(json.dumps(d))\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                       env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
-    if r.returncode:
-        raise RuntimeError(r.stderr[-3000:])
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    last, mb, s = measured(_TRAIN_CHILD, cache, layer, clf, str(out), "1" if stream else "0")
+    return dict(json.loads(last), seconds=s, peak_rss_mb=mb)
 
 
 def accuracy(cache: str, layer: str, tmp: Path) -> dict:
